@@ -1,0 +1,334 @@
+//! Socket → BPF filter text (pure).
+//!
+//! - A connected socket (remote end known): both directions of exactly that
+//!   address/port pair.
+//! - An unconnected socket (TCP listener, unconnected UDP): everything to or
+//!   from its local address and port; a wildcard address means any address,
+//!   so the filter is on the port alone (an outgoing connection from this
+//!   namespace to some other host's port of the same number matches too: the
+//!   price of not tracking every local address). A `[::]` socket that is not
+//!   IPv6-only also carries IPv4.
+//! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) travel as IPv4 packets,
+//!   so they are matched as IPv4.
+//! - Raw sockets match their IP protocol; ping sockets (the icmp tables)
+//!   match echo requests and replies carrying their identifier.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::names::Proto;
+
+/// What a filter is made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterTarget {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// For an unconnected socket on `[::]`: whether IPv4 reaches it too
+    /// (it is not IPV6_V6ONLY).
+    pub dual_stack: bool,
+}
+
+/// The socket cannot be captured by a filter (a send-only raw socket, say).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Family {
+    V4,
+    V6,
+    /// A dual-stack wildcard: either.
+    Any,
+}
+
+/// An address as it appears on the wire: IPv4-mapped IPv6 becomes IPv4;
+/// an unspecified address becomes None (any).
+fn wire_ip(ip: IpAddr) -> Option<IpAddr> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+fn family_of(ip: IpAddr) -> Family {
+    match ip {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+pub fn is_connected(remote: SocketAddr) -> bool {
+    remote.port() != 0 || !remote.ip().is_unspecified()
+}
+
+/// The BPF filter for one socket's traffic.
+pub fn bpf_filter_for(target: &FilterTarget) -> Result<String, Unsupported> {
+    let local_ip = wire_ip(target.local.ip());
+    let remote_ip = wire_ip(target.remote.ip());
+    let connected = is_connected(target.remote);
+    let family = match (local_ip, remote_ip) {
+        (Some(ip), _) | (None, Some(ip)) => family_of(ip),
+        (None, None) if !target.proto.is_ipv6() => Family::V4,
+        (None, None) if target.dual_stack && !connected => Family::Any,
+        (None, None) => Family::V6,
+    };
+
+    let mut filter = match target.proto {
+        Proto::Tcp | Proto::Tcp6 => qualified(family, "tcp"),
+        Proto::Udp | Proto::Udp6 => qualified(family, "udp"),
+        Proto::Raw | Proto::Raw6 => raw_protocol(family, target.local.port())?,
+        Proto::Icmp | Proto::Icmp6 => echo_identifier(family, target.local.port()),
+    };
+    let ports = matches!(
+        target.proto,
+        Proto::Tcp | Proto::Tcp6 | Proto::Udp | Proto::Udp6
+    );
+    let local = Endpoint::new(local_ip, ports.then_some(target.local.port()));
+    let remote = Endpoint::new(remote_ip, ports.then_some(target.remote.port()));
+
+    let clause = if connected {
+        let outgoing = [local.clause("src"), remote.clause("dst")].concat();
+        let incoming = [remote.clause("src"), local.clause("dst")].concat();
+        both_ways(&outgoing, &incoming)
+    } else {
+        both_ways(&local.clause("src"), &local.clause("dst"))
+    };
+    if let Some(clause) = clause {
+        write!(filter, " and {clause}").expect("writing to a String");
+    }
+    Ok(filter)
+}
+
+/// One end of a flow: an address (None: any) and, for TCP and UDP, a port.
+struct Endpoint {
+    ip: Option<IpAddr>,
+    port: Option<u16>,
+}
+
+impl Endpoint {
+    fn new(ip: Option<IpAddr>, port: Option<u16>) -> Self {
+        Endpoint { ip, port }
+    }
+
+    /// The primitives that pin this end as source or destination.
+    fn clause(&self, direction: &str) -> Vec<String> {
+        let mut parts = Vec::new();
+        if let Some(ip) = self.ip {
+            parts.push(format!("{direction} host {ip}"));
+        }
+        if let Some(port) = self.port {
+            parts.push(format!("{direction} port {port}"));
+        }
+        parts
+    }
+}
+
+/// `(a and b) or (c and d)`, collapsed where the two directions are one
+/// (`port 80` rather than `(src port 80) or (dst port 80)`).
+fn both_ways(first: &[String], second: &[String]) -> Option<String> {
+    if first.is_empty() || second.is_empty() {
+        return None;
+    }
+    let undirected = |parts: &[String]| -> Vec<String> {
+        parts
+            .iter()
+            .map(|p| {
+                p.trim_start_matches("src ")
+                    .trim_start_matches("dst ")
+                    .to_owned()
+            })
+            .collect()
+    };
+    if first.len() == 1 && second.len() == 1 && undirected(first) == undirected(second) {
+        return Some(undirected(first).remove(0));
+    }
+    if first == second {
+        return Some(format!("({})", first.join(" and ")));
+    }
+    Some(format!(
+        "(({}) or ({}))",
+        first.join(" and "),
+        second.join(" and ")
+    ))
+}
+
+fn qualified(family: Family, transport: &str) -> String {
+    match family {
+        Family::V4 => format!("ip and {transport}"),
+        Family::V6 => format!("ip6 and {transport}"),
+        Family::Any => transport.to_owned(),
+    }
+}
+
+fn raw_protocol(family: Family, protocol: u16) -> Result<String, Unsupported> {
+    // IPPROTO_RAW (255) sockets only send, with any protocol; 0 is not a
+    // protocol a raw socket can receive.
+    if protocol == 0 || protocol >= 255 {
+        return Err(Unsupported(format!(
+            "a raw socket of protocol {protocol} receives nothing a filter can select"
+        )));
+    }
+    Ok(match family {
+        Family::V4 => format!("ip proto {protocol}"),
+        Family::V6 | Family::Any => format!("ip6 proto {protocol}"),
+    })
+}
+
+/// Ping sockets: the table's "port" is the ICMP echo identifier.
+fn echo_identifier(family: Family, identifier: u16) -> String {
+    match family {
+        Family::V4 => format!(
+            "icmp and (icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply) and icmp[4:2] == {identifier}"
+        ),
+        // The fixed IPv6 header is 40 bytes; echo request 128, reply 129.
+        Family::V6 | Family::Any => {
+            format!("icmp6 and (ip6[40] == 128 or ip6[40] == 129) and ip6[44:2] == {identifier}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(proto: Proto, local: &str, remote: &str, dual_stack: bool) -> String {
+        bpf_filter_for(&FilterTarget {
+            proto,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            dual_stack,
+        })
+        .unwrap()
+    }
+
+    /// libpcap itself must accept every filter: compile each on a dead
+    /// handle of the link types we capture with.
+    fn compiles(text: &str) {
+        for linktype in [pcap::Linktype::LINUX_SLL, pcap::Linktype::ETHERNET] {
+            let dead = pcap::Capture::dead(linktype).unwrap();
+            if let Err(err) = dead.compile(text, true) {
+                panic!("{text:?} does not compile: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn connected_tcp_v4_is_exactly_one_pair() {
+        let text = filter(Proto::Tcp, "127.0.0.1:41234", "127.0.0.1:8080", true);
+        assert_eq!(
+            text,
+            "ip and tcp and ((src host 127.0.0.1 and src port 41234 and dst host 127.0.0.1 and dst port 8080) \
+             or (src host 127.0.0.1 and src port 8080 and dst host 127.0.0.1 and dst port 41234))"
+        );
+        compiles(&text);
+    }
+
+    #[test]
+    fn connected_tcp_v6() {
+        let text = filter(Proto::Tcp6, "[::1]:5000", "[::1]:6000", true);
+        assert_eq!(
+            text,
+            "ip6 and tcp and ((src host ::1 and src port 5000 and dst host ::1 and dst port 6000) \
+             or (src host ::1 and src port 6000 and dst host ::1 and dst port 5000))"
+        );
+        compiles(&text);
+    }
+
+    #[test]
+    fn ipv4_mapped_tcp6_is_matched_as_ipv4() {
+        let text = filter(
+            Proto::Tcp6,
+            "[::ffff:127.0.0.1]:8080",
+            "[::ffff:127.0.0.1]:51000",
+            true,
+        );
+        assert!(text.starts_with("ip and tcp and "), "{text}");
+        assert!(text.contains(
+            "src host 127.0.0.1 and src port 8080 and dst host 127.0.0.1 and dst port 51000"
+        ));
+        assert!(!text.contains("::ffff"));
+        compiles(&text);
+    }
+
+    #[test]
+    fn connected_udp_v4_and_v6() {
+        let v4 = filter(Proto::Udp, "127.0.0.1:5000", "127.0.0.2:53", true);
+        assert!(v4.starts_with("ip and udp and (("), "{v4}");
+        assert!(v4.contains("dst host 127.0.0.2 and dst port 53"));
+        compiles(&v4);
+        let v6 = filter(Proto::Udp6, "[::1]:5000", "[::1]:53", true);
+        assert!(v6.starts_with("ip6 and udp and (("), "{v6}");
+        compiles(&v6);
+    }
+
+    #[test]
+    fn listener_on_a_specific_address() {
+        let text = filter(Proto::Tcp, "127.0.0.1:8080", "0.0.0.0:0", true);
+        assert_eq!(
+            text,
+            "ip and tcp and ((src host 127.0.0.1 and src port 8080) or (dst host 127.0.0.1 and dst port 8080))"
+        );
+        compiles(&text);
+    }
+
+    #[test]
+    fn wildcard_listeners_match_the_port() {
+        assert_eq!(
+            filter(Proto::Tcp, "0.0.0.0:22", "0.0.0.0:0", true),
+            "ip and tcp and port 22"
+        );
+        // Dual stack: IPv4 too.
+        let dual = filter(Proto::Tcp6, "[::]:22", "[::]:0", true);
+        assert_eq!(dual, "tcp and port 22");
+        compiles(&dual);
+        // IPv6-only.
+        assert_eq!(
+            filter(Proto::Tcp6, "[::]:22", "[::]:0", false),
+            "ip6 and tcp and port 22"
+        );
+        let udp = filter(Proto::Udp, "0.0.0.0:5353", "0.0.0.0:0", true);
+        assert_eq!(udp, "ip and udp and port 5353");
+        compiles(&udp);
+    }
+
+    #[test]
+    fn unconnected_udp6_on_a_specific_address() {
+        let text = filter(Proto::Udp6, "[::1]:9999", "[::]:0", true);
+        assert_eq!(
+            text,
+            "ip6 and udp and ((src host ::1 and src port 9999) or (dst host ::1 and dst port 9999))"
+        );
+        compiles(&text);
+    }
+
+    #[test]
+    fn raw_and_ping_sockets() {
+        let raw = filter(Proto::Raw, "0.0.0.0:1", "0.0.0.0:0", true);
+        assert_eq!(raw, "ip proto 1");
+        compiles(&raw);
+        let raw6 = filter(Proto::Raw6, "[::1]:58", "[::]:0", true);
+        assert_eq!(raw6, "ip6 proto 58 and host ::1");
+        compiles(&raw6);
+        let ping = filter(Proto::Icmp, "127.0.0.1:77", "127.0.0.1:0", true);
+        assert!(ping.contains("icmp[4:2] == 77"), "{ping}");
+        assert!(
+            ping.ends_with("and (src host 127.0.0.1 and dst host 127.0.0.1)"),
+            "{ping}"
+        );
+        compiles(&ping);
+        let ping6 = filter(Proto::Icmp6, "[::]:77", "[::]:0", true);
+        assert!(ping6.contains("ip6[44:2] == 77"));
+        compiles(&ping6);
+        let send_only = bpf_filter_for(&FilterTarget {
+            proto: Proto::Raw,
+            local: "0.0.0.0:255".parse().unwrap(),
+            remote: "0.0.0.0:0".parse().unwrap(),
+            dual_stack: true,
+        });
+        assert!(send_only.is_err());
+    }
+}

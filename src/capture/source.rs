@@ -1,0 +1,253 @@
+//! A live capture: one libpcap handle on its own thread, opened in the
+//! socket's network namespace, handing each packet to a [`PacketSink`].
+//!
+//! The thread owns the handle (`pcap::Capture` is `Send`, not `Sync`); other
+//! threads talk to it only through a [`CaptureControl`], which wakes a
+//! blocked `next_packet` with `pcap_breakloop` and then stops the loop or
+//! swaps the filter. Setup happens on the thread too (a thread, not the
+//! process, enters the namespace with setns), and its outcome is handed to
+//! the caller's `on_ready` callback, so the caller never blocks on it.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, warn};
+use pcap::{Active, Capture, Precision};
+
+/// How every capture is opened (from the command line).
+#[derive(Clone, Debug)]
+pub struct CaptureSettings {
+    /// "any" by default: every interface of the namespace.
+    pub interface: String,
+    pub snaplen: u32,
+}
+
+/// What to capture.
+pub struct CaptureRequest {
+    /// The socket's namespace (an open /proc/<pid>/ns/net), or None to stay
+    /// in the daemon's own.
+    pub netns: Option<OwnedFd>,
+    pub filter: String,
+    /// For log lines: which file this capture feeds.
+    pub label: String,
+}
+
+/// A packet's capture time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp {
+    pub seconds: u32,
+    /// Nanoseconds when [`Opened::nanosecond_timestamps`], else microseconds.
+    pub fraction: u32,
+}
+
+/// Where packets go. Called on the capture thread.
+pub trait PacketSink: Send + Sync + 'static {
+    fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]);
+    /// The capture ended (stopped, or failed after starting).
+    fn ended(&self, stats: CaptureStats);
+}
+
+/// The kernel's counts at the end of a capture.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureStats {
+    pub received: u32,
+    pub dropped_by_kernel: u32,
+    pub dropped_by_interface: u32,
+}
+
+/// A capture that opened.
+pub struct Opened {
+    /// The DLT/LINKTYPE of every record.
+    pub linktype: i32,
+    pub snaplen: u32,
+    pub nanosecond_timestamps: bool,
+    pub control: CaptureControl,
+}
+
+/// Why a capture did not open.
+#[derive(Clone, Debug)]
+pub enum CaptureError {
+    /// The daemon lacks the capability to capture (CAP_NET_RAW).
+    Permission(String),
+    /// The socket's namespace could not be entered (CAP_SYS_ADMIN).
+    Namespace(String),
+    /// The filter was refused, the device is missing, or libpcap failed.
+    Failed(String),
+}
+
+enum Command {
+    Stop,
+    SetFilter(String),
+}
+
+/// Stops a running capture or changes its filter, from any thread.
+#[derive(Clone)]
+pub struct CaptureControl {
+    commands: Sender<Command>,
+    wake: Arc<pcap::BreakLoop>,
+}
+
+impl CaptureControl {
+    /// Ends the capture; the thread exits within tens of milliseconds and
+    /// calls [`PacketSink::ended`]. Idempotent.
+    pub fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+        self.wake.breakloop();
+    }
+
+    /// Replaces the kernel filter of the running capture.
+    pub fn set_filter(&self, filter: String) {
+        let _ = self.commands.send(Command::SetFilter(filter));
+        self.wake.breakloop();
+    }
+}
+
+/// Starts a capture thread. `on_ready` gets the outcome of opening it; the
+/// sink gets the packets from then on.
+pub fn start(
+    request: CaptureRequest,
+    settings: &CaptureSettings,
+    sink: Arc<dyn PacketSink>,
+    on_ready: impl FnOnce(Result<Opened, CaptureError>) + Send + 'static,
+) -> std::io::Result<()> {
+    let settings = settings.clone();
+    thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let label = request.label.clone();
+            let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+            match open(request, &settings) {
+                Ok((mut capture, linktype, nanosecond_timestamps)) => {
+                    let control = CaptureControl {
+                        commands: commands_tx,
+                        wake: Arc::new(capture.breakloop_handle()),
+                    };
+                    on_ready(Ok(Opened {
+                        linktype,
+                        snaplen: settings.snaplen,
+                        nanosecond_timestamps,
+                        control,
+                    }));
+                    let stats = run(&mut capture, &commands_rx, sink.as_ref(), &label);
+                    sink.ended(stats);
+                }
+                Err(err) => on_ready(Err(err)),
+            }
+        })
+        .map(|_| ())
+}
+
+/// Opens the handle in the request's namespace: the capture, its link
+/// type, and whether timestamps are in nanoseconds.
+fn open(
+    request: CaptureRequest,
+    settings: &CaptureSettings,
+) -> Result<(Capture<Active>, i32, bool), CaptureError> {
+    if let Some(netns) = &request.netns {
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| {
+            CaptureError::Namespace(format!(
+                "cannot enter the socket's network namespace: {err}"
+            ))
+        })?;
+    }
+    let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
+    let inactive = || {
+        Capture::from_device(settings.interface.as_str())
+            .map(|capture| capture.snaplen(snaplen).promisc(false).immediate_mode(true))
+            .map_err(|err| {
+                CaptureError::Failed(format!("no capture device {:?}: {err}", settings.interface))
+            })
+    };
+    // Nanosecond timestamps where the kernel gives them, else microseconds.
+    let (mut capture, nanos) = match inactive()?.precision(Precision::Nano).open() {
+        Ok(capture) => (capture, true),
+        Err(first) => match inactive()?.open() {
+            Ok(capture) => (capture, false),
+            Err(_) => return Err(classify(first)),
+        },
+    };
+    capture.filter(&request.filter, true).map_err(|err| {
+        CaptureError::Failed(format!("filter {:?} refused: {err}", request.filter))
+    })?;
+    let linktype = capture.get_datalink().0;
+    Ok((capture, linktype, nanos))
+}
+
+fn classify(err: pcap::Error) -> CaptureError {
+    let text = err.to_string();
+    let denied = matches!(err, pcap::Error::PcapError(_) | pcap::Error::IoError(_))
+        && (text.contains("Operation not permitted")
+            || text.contains("Permission denied")
+            || text.contains("permission"));
+    if denied {
+        CaptureError::Permission(text)
+    } else {
+        CaptureError::Failed(text)
+    }
+}
+
+fn run(
+    capture: &mut Capture<Active>,
+    commands: &Receiver<Command>,
+    sink: &dyn PacketSink,
+    label: &str,
+) -> CaptureStats {
+    loop {
+        match capture.next_packet() {
+            Ok(packet) => {
+                let timestamp = Timestamp {
+                    seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
+                    fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
+                };
+                sink.packet(timestamp, packet.header.len, packet.data);
+            }
+            Err(pcap::Error::TimeoutExpired) => {}
+            // pcap_breakloop was called: a command is waiting.
+            Err(pcap::Error::NoMorePackets) => {
+                if !apply_commands(capture, commands, label) {
+                    break;
+                }
+            }
+            Err(err) => {
+                warn!("{label}: capture failed: {err}");
+                break;
+            }
+        }
+    }
+    let stats = capture.stats().ok();
+    stats
+        .map(|stat| CaptureStats {
+            received: stat.received,
+            dropped_by_kernel: stat.dropped,
+            dropped_by_interface: stat.if_dropped,
+        })
+        .unwrap_or_default()
+}
+
+/// Applies queued commands; false when the capture must stop.
+fn apply_commands(
+    capture: &mut Capture<Active>,
+    commands: &Receiver<Command>,
+    label: &str,
+) -> bool {
+    let mut keep_running = true;
+    for command in commands.try_iter() {
+        match command {
+            Command::Stop => keep_running = false,
+            Command::SetFilter(filter) => {
+                debug!("{label}: filter now {filter}");
+                if let Err(err) = capture.filter(&filter, true) {
+                    warn!("{label}: filter {filter:?} refused: {err}");
+                }
+            }
+        }
+    }
+    // A disconnected command channel means every control was dropped.
+    keep_running
+        && !matches!(
+            commands.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+}

@@ -1,0 +1,157 @@
+//! The command line (clap): every option, its default and its help text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+const ABOUT: &str = "Mount the machine's network connections as files.";
+
+const LONG_ABOUT: &str = "\
+Mount the machine's network connections as files.
+
+Every process that holds an inet socket is a directory, <pid>_<comm>; every
+socket it holds is a file, <proto>_<local>_<remote> (tcp, tcp6, udp, udp6,
+raw, raw6, icmp, icmp6). getfattr -d shows a socket's state, queues, fds and
+namespace. Reading a socket file streams that socket's live traffic as pcap:
+
+    tcpdump -r m/<pid>_<comm>/<socket>
+    wireshark -k -i <(cat m/<pid>_<comm>/<socket>)
+
+netstatfs runs in the foreground; Ctrl-C, SIGTERM or an unmount
+(umount m, fusermount3 -u m) stops it.";
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "netstatfs", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// Directory to mount on.
+    #[arg(value_name = "MOUNTPOINT", required_unless_present = "mount")]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Directory to mount on (the original netstatfs's spelling of MOUNTPOINT).
+    #[arg(long = "mount", value_name = "DIR", conflicts_with = "mountpoint")]
+    pub mount: Option<PathBuf>,
+
+    /// List every process, not only those holding an inet socket.
+    #[arg(long)]
+    pub all_processes: bool,
+
+    /// How long one /proc snapshot answers listings and lookups (and how
+    /// long the kernel may cache what it said), e.g. 1s, 250ms, 0.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// Let every user list the tree, as /proc does. A socket's stream stays
+    /// readable only by the socket's owner and root.
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Capture on this interface of the socket's network namespace instead
+    /// of all of them.
+    #[arg(long, value_name = "NAME", default_value = "any")]
+    pub interface: String,
+
+    /// Bytes of each packet to keep.
+    #[arg(long, value_name = "BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(64..=262_144))]
+    pub snaplen: u32,
+
+    /// Bytes a stream queues for a reader that falls behind; beyond it
+    /// packets are dropped (and counted in the log), e.g. 4MiB, 512K.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    pub buffer: usize,
+
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less log output (-q warnings and errors only, -qq errors only).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub quiet: u8,
+}
+
+impl Cli {
+    pub fn mountpoint(&self) -> PathBuf {
+        self.mountpoint
+            .clone()
+            .or_else(|| self.mount.clone())
+            .unwrap_or_default()
+    }
+
+    /// The log filter the flags ask for (RUST_LOG, if set, wins).
+    pub fn log_filter(&self) -> &'static str {
+        match (self.verbose, self.quiet) {
+            (0, 0) => "netstatfs=info,warn",
+            (0, 1) => "warn",
+            (0, _) => "error",
+            (1, _) => "netstatfs=debug,info",
+            _ => "trace",
+        }
+    }
+}
+
+/// "1s", "250ms", "1m30s" (humantime), or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string());
+    }
+    humantime::parse_duration(text).map_err(|err| err.to_string())
+}
+
+/// A byte count: "4096", "512K", "4M", "4MiB", "1G" (binary multiples).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (try 4MiB or 65536)"))?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use K, M or G)")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mountpoint_by_position_or_flag() {
+        let cli = Cli::try_parse_from(["netstatfs", "m"]).unwrap();
+        assert_eq!(cli.mountpoint(), PathBuf::from("m"));
+        let cli = Cli::try_parse_from(["netstatfs", "--mount", "x"]).unwrap();
+        assert_eq!(cli.mountpoint(), PathBuf::from("x"));
+        assert!(Cli::try_parse_from(["netstatfs"]).is_err());
+        assert!(Cli::try_parse_from(["netstatfs", "a", "--mount", "b"]).is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}

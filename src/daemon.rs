@@ -1,0 +1,251 @@
+//! The daemon's life: start-up checks, the mount, then a wait for a signal
+//! (Ctrl-C, SIGTERM, SIGHUP) or an unmount by someone else, and a clean
+//! exit either way: waiting reads answered, captures stopped, nothing left
+//! in the mount table.
+//!
+//! Where fusermount3 can do it, the mount uses FUSE's auto-unmount: a small
+//! fusermount3 process that outlives a killed daemon and removes the mount,
+//! so even SIGKILL leaves no "Transport endpoint is not connected" behind.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crossbeam_channel::select;
+use fuser::{Config, MountOption, Session, SessionACL};
+use log::{debug, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::capture::source::CaptureSettings;
+use crate::cli::Cli;
+use crate::fs::{FsOptions, NetstatFs};
+use crate::stream::table::StreamTable;
+
+/// How long an exit waits for the kernel to finish the unmount.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(3);
+
+/// Runs netstatfs until it is stopped. Err is one line for the user.
+pub fn run(cli: &Cli) -> Result<(), String> {
+    let mountpoint = cli.mountpoint();
+    check_mountpoint(&mountpoint)?;
+    check_dev_fuse()?;
+
+    let streams = StreamTable::new();
+    let options = FsOptions {
+        cache_ttl: cli.cache_ttl,
+        all_processes: cli.all_processes,
+        capture: CaptureSettings {
+            interface: cli.interface.clone(),
+            snaplen: cli.snaplen,
+        },
+        stream_buffer: cli.buffer,
+    };
+    let fs = NetstatFs::new(options, streams.clone());
+    let (processes, sockets) = {
+        let tree = fs.tree();
+        (
+            tree.dirs.len(),
+            tree.dirs.iter().map(|dir| dir.files.len()).sum::<usize>(),
+        )
+    };
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|err| format!("cannot install signal handlers: {err}"))?;
+    let signals_handle = signals.handle();
+    let session = mount(fs, &mountpoint, cli.allow_other)?;
+    let watchdog = streams
+        .spawn_watchdog()
+        .map_err(|err| format!("cannot start a thread: {err}"))?;
+
+    let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("fuse".into())
+        .spawn(move || {
+            let _ = ended_tx.send(session.run());
+        })
+        .map_err(|err| format!("cannot start a thread: {err}"))?;
+    let (signal_tx, signal_rx) = crossbeam_channel::bounded(4);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal_tx.send(signal).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|err| format!("cannot start a thread: {err}"))?;
+
+    info!(
+        "mounted at {}: {processes} processes, {sockets} sockets. Stop with Ctrl-C or umount {}",
+        mountpoint.display(),
+        mountpoint.display()
+    );
+    select! {
+        recv(ended_rx) -> ended => {
+            if let Ok(Err(err)) = ended {
+                warn!("the FUSE session ended with an error: {err}");
+            }
+            info!("{} was unmounted; exiting", mountpoint.display());
+            streams.shutdown();
+        }
+        recv(signal_rx) -> signal => {
+            let name = signal.ok().and_then(signal_name).unwrap_or("a signal");
+            info!("{name}: unmounting {}", mountpoint.display());
+            // Answer waiting reads first: the unmount cannot finish while a
+            // reader is stuck in the file system.
+            streams.shutdown();
+            unmount(&mountpoint);
+            if ended_rx.recv_timeout(UNMOUNT_WAIT).is_err() {
+                debug!("a reader still holds a file open; exiting with the mount detached");
+            }
+        }
+    }
+    signals_handle.close();
+    let _ = watchdog.join();
+    Ok(())
+}
+
+fn signal_name(signal: i32) -> Option<&'static str> {
+    match signal {
+        SIGINT => Some("SIGINT"),
+        SIGTERM => Some("SIGTERM"),
+        SIGHUP => Some("SIGHUP"),
+        _ => None,
+    }
+}
+
+/// The mountpoint must be an existing directory that nothing is mounted on.
+fn check_mountpoint(mountpoint: &Path) -> Result<(), String> {
+    let shown = mountpoint.display();
+    match std::fs::metadata(mountpoint) {
+        Ok(metadata) if metadata.is_dir() => {}
+        Ok(_) => return Err(format!("mountpoint {shown} is not a directory")),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(format!(
+                "mountpoint {shown} does not exist (create it with: mkdir {shown})"
+            ));
+        }
+        Err(err) if err.raw_os_error() == Some(nix::libc::ENOTCONN) => {
+            return Err(format!(
+                "mountpoint {shown} is a dead FUSE mount (its daemon is gone); clear it with: fusermount3 -u {shown}"
+            ));
+        }
+        Err(err) => return Err(format!("mountpoint {shown}: {err}")),
+    }
+    if let Some(fs_type) = mounted_fs_type(mountpoint) {
+        return Err(format!(
+            "{shown} is already a mount point ({fs_type}); unmount it first (umount {shown})"
+        ));
+    }
+    Ok(())
+}
+
+fn check_dev_fuse() -> Result<(), String> {
+    if Path::new("/dev/fuse").exists() {
+        Ok(())
+    } else {
+        Err("/dev/fuse is missing: load the fuse module (modprobe fuse), or in a container pass the device in (--device /dev/fuse)".into())
+    }
+}
+
+/// The file system type mounted at `path`, if something is.
+fn mounted_fs_type(path: &Path) -> Option<String> {
+    let canonical: PathBuf = path.canonicalize().ok()?;
+    let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
+    mounts
+        .into_iter()
+        .rfind(|mount| mount.mount_point == canonical)
+        .map(|mount| match mount.fs_type.as_str() {
+            "fuse" => format!("fuse.{}", mount.mount_source.unwrap_or_default()),
+            other => other.to_owned(),
+        })
+}
+
+/// Unmounts, or where a file is still open (EBUSY), detaches the mount: it
+/// leaves the tree now and the kernel when the last open file closes.
+///
+/// fuser's own unmount is not used: with auto-unmount it only closes the
+/// socket to fusermount3, which then unmounts nothing while the daemon is
+/// still answering.
+fn unmount(path: &Path) {
+    use nix::mount::{MntFlags, umount2};
+    let unmounted = if nix::unistd::geteuid().is_root() {
+        umount2(path, MntFlags::empty()).is_ok() || umount2(path, MntFlags::MNT_DETACH).is_ok()
+    } else {
+        let fusermount = |lazy: bool| {
+            let mut command = std::process::Command::new("fusermount3");
+            command.arg("-u").arg("-q");
+            if lazy {
+                command.arg("-z");
+            }
+            command
+                .arg("--")
+                .arg(path)
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        fusermount(false) || fusermount(true)
+    };
+    if !unmounted {
+        warn!(
+            "could not unmount {}; run: fusermount3 -u -z {}",
+            path.display(),
+            path.display()
+        );
+    }
+}
+
+/// Mounts read-only, private to the mounting user (and root) unless
+/// `allow_other`, with auto-unmount where fusermount3 can provide it.
+fn mount(
+    fs: NetstatFs,
+    mountpoint: &Path,
+    allow_other: bool,
+) -> Result<Session<NetstatFs>, String> {
+    let auto_unmount = auto_unmount_available(allow_other);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("netstatfs".into()),
+        MountOption::Subtype("netstatfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    config.acl = match (allow_other, auto_unmount) {
+        (true, _) => SessionACL::All,
+        // auto_unmount needs the kernel's allow_other; fuser then refuses
+        // other users itself, so the mount stays private.
+        (false, true) => SessionACL::RootAndOwner,
+        (false, false) => SessionACL::Owner,
+    };
+    if auto_unmount {
+        config.mount_options.push(MountOption::AutoUnmount);
+    } else {
+        warn!(
+            "fusermount3 cannot auto-unmount here: if netstatfs is killed, clear the mount with fusermount3 -u"
+        );
+    }
+    Session::new(fs, mountpoint, &config)
+        .map_err(|err| format!("cannot mount on {}: {err}", mountpoint.display()))
+}
+
+/// Auto-unmount goes through fusermount3, and needs the kernel's
+/// allow_other: always allowed for root, for others only where
+/// /etc/fuse.conf says user_allow_other.
+fn auto_unmount_available(allow_other: bool) -> bool {
+    let has_fusermount3 = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("fusermount3").is_file())
+    });
+    if !has_fusermount3 {
+        return false;
+    }
+    if nix::unistd::geteuid().is_root() || allow_other {
+        return true;
+    }
+    std::fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|conf| conf.lines().any(|line| line.trim() == "user_allow_other"))
+}

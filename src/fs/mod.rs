@@ -1,0 +1,701 @@
+//! The fuser `Filesystem`: inode numbers, attributes, extended attributes,
+//! directory listings, and open/read/release of socket files.
+//!
+//! Requests are answered from one [`Tree`] (one /proc snapshot) for as long
+//! as the snapshot is valid (`--cache-ttl`), and the kernel is told it may
+//! cache entries and attributes for that long too. A directory listing is
+//! pinned to the tree it started with, so its pages never shift under a
+//! refresh. A name that is not in the tree triggers a fresh snapshot (at
+//! most every [`MISS_REFRESH`]), so a process started a moment ago can be
+//! entered at once.
+//!
+//! The mount is read-only: everything that would modify it is EROFS.
+//! Streams (open/read/release) are handed to `crate::stream`; this module
+//! only maps them to file handles and errors to errno.
+
+pub mod attrs;
+pub mod tree;
+pub mod xattrs;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use log::{debug, warn};
+
+use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
+use crate::capture::source::{self, CaptureError, CaptureRequest, CaptureSettings};
+use crate::inventory::probe::SocketOwner;
+use crate::inventory::{Inventory, NetnsId, ProcessInfo, SocketInfo};
+use crate::names::Proto;
+use crate::stream::table::StreamTable;
+use crate::stream::{Answer, Stream};
+use attrs::{MountIdentity, attr_of, file_type_of};
+use tree::{InodeTable, Node, ROOT_INO, Tree};
+use xattrs::Subject;
+
+/// The shortest interval between snapshots that a lookup miss may force.
+pub const MISS_REFRESH: Duration = Duration::from_millis(100);
+
+/// How the file system behaves (from the command line).
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    pub cache_ttl: Duration,
+    pub all_processes: bool,
+    pub capture: CaptureSettings,
+    /// Bytes a stream may queue for a reader that is not reading.
+    pub stream_buffer: usize,
+}
+
+/// What makes snapshots and gives inode numbers; one at a time.
+struct Refresher {
+    inventory: Inventory,
+    inodes: InodeTable,
+}
+
+pub struct NetstatFs {
+    options: FsOptions,
+    identity: MountIdentity,
+    own_netns: Option<NetnsId>,
+    current: RwLock<Arc<Tree>>,
+    refresher: Mutex<Refresher>,
+    /// Open directories, each pinned to the tree it was opened on.
+    dir_handles: Mutex<HashMap<u64, Arc<Tree>>>,
+    next_dir_handle: AtomicU64,
+    streams: Arc<StreamTable>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl NetstatFs {
+    /// Takes the first snapshot, so the first `ls` is already answered.
+    pub fn new(options: FsOptions, streams: Arc<StreamTable>) -> NetstatFs {
+        let mut refresher = Refresher {
+            inventory: Inventory::new(),
+            inodes: InodeTable::default(),
+        };
+        let first = Tree::build(
+            refresher.inventory.snapshot(),
+            &mut refresher.inodes,
+            options.all_processes,
+        );
+        NetstatFs {
+            options,
+            identity: MountIdentity {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                mounted_at: SystemTime::now(),
+            },
+            own_netns: crate::inventory::own_netns(),
+            current: RwLock::new(Arc::new(first)),
+            refresher: Mutex::new(refresher),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_dir_handle: AtomicU64::new(1),
+            streams,
+        }
+    }
+
+    /// The tree as of now: the current one while its snapshot is valid.
+    pub fn tree(&self) -> Arc<Tree> {
+        self.tree_younger_than(self.options.cache_ttl)
+    }
+
+    fn tree_younger_than(&self, max_age: Duration) -> Arc<Tree> {
+        let current = self.current_tree();
+        if current.snapshot.age() < max_age {
+            return current;
+        }
+        let mut refresher = lock(&self.refresher);
+        // Another request may have refreshed while this one waited.
+        let current = self.current_tree();
+        if current.snapshot.age() < max_age {
+            return current;
+        }
+        let Refresher { inventory, inodes } = &mut *refresher;
+        let tree = Arc::new(Tree::build(
+            inventory.snapshot(),
+            inodes,
+            self.options.all_processes,
+        ));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&tree);
+        tree
+    }
+
+    fn current_tree(&self) -> Arc<Tree> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// How long the kernel may trust what this tree says.
+    fn ttl(&self, tree: &Tree) -> Duration {
+        self.options.cache_ttl.saturating_sub(tree.snapshot.age())
+    }
+
+    /// Finds `name` in `parent`, refreshing once if it is not there.
+    fn lookup_node(&self, parent: u64, name: &OsStr) -> Result<(Arc<Tree>, Node), Errno> {
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let mut tree = self.tree();
+        for attempt in 0..2 {
+            let parent_node = tree.node(parent).ok_or(Errno::ENOENT)?;
+            if matches!(parent_node, Node::File(..)) {
+                return Err(Errno::ENOTDIR);
+            }
+            if let Some(node) = tree.lookup(parent_node, name) {
+                return Ok((tree, node));
+            }
+            if attempt == 0 {
+                debug!(
+                    "lookup of {name:?} missed a snapshot {:?} old; refreshing",
+                    tree.snapshot.age()
+                );
+                tree = self.tree_younger_than(MISS_REFRESH.min(self.options.cache_ttl));
+            }
+        }
+        Err(Errno::ENOENT)
+    }
+
+    fn subject<'t>(tree: &'t Tree, node: Node) -> Subject<'t> {
+        match node {
+            Node::Root => Subject::Root,
+            Node::Dir(dir) => Subject::Process(tree.process_of(&tree.dirs[dir])),
+            Node::File(dir, file) => {
+                let dir = &tree.dirs[dir];
+                Subject::Socket(tree.socket_of(dir, &dir.files[file]))
+            }
+        }
+    }
+
+    /// The entries of a directory as (ino, name, node), "." and ".." first.
+    fn entries(tree: &Tree, dir: Node) -> Vec<(u64, &str, Node)> {
+        match dir {
+            Node::Root => {
+                let mut entries = vec![(ROOT_INO, ".", Node::Root), (ROOT_INO, "..", Node::Root)];
+                entries.extend(
+                    tree.dirs
+                        .iter()
+                        .enumerate()
+                        .map(|(index, d)| (d.ino, d.name.as_str(), Node::Dir(index))),
+                );
+                entries
+            }
+            Node::Dir(dir_index) => {
+                let d = &tree.dirs[dir_index];
+                let mut entries = vec![(d.ino, ".", dir), (ROOT_INO, "..", Node::Root)];
+                entries.extend(
+                    d.files
+                        .iter()
+                        .enumerate()
+                        .map(|(index, f)| (f.ino, f.name.as_str(), Node::File(dir_index, index))),
+                );
+                entries
+            }
+            Node::File(..) => Vec::new(),
+        }
+    }
+
+    fn dir_tree(&self, fh: FileHandle) -> Arc<Tree> {
+        lock(&self.dir_handles)
+            .get(&fh.0)
+            .cloned()
+            .unwrap_or_else(|| self.tree())
+    }
+
+    /// Whether an unconnected `[::]` socket also takes IPv4: not if an IPv4
+    /// socket of the same kind holds the same port in the same namespace
+    /// (it could not, unless the IPv6 one is IPV6_V6ONLY).
+    fn dual_stack(tree: &Tree, socket: &SocketInfo) -> bool {
+        let v4_twin = match socket.proto() {
+            Proto::Tcp6 => Proto::Tcp,
+            Proto::Udp6 => Proto::Udp,
+            _ => return true,
+        };
+        !tree
+            .snapshot
+            .processes
+            .iter()
+            .flat_map(|p| &p.sockets)
+            .any(|other| {
+                other.proto() == v4_twin
+                    && other.local().port() == socket.local().port()
+                    && other.netns == socket.netns
+                    && !is_connected(other.remote())
+            })
+    }
+
+    /// The socket's namespace, opened, if it is not the daemon's own.
+    fn socket_netns(
+        &self,
+        process: &ProcessInfo,
+        socket: &SocketInfo,
+    ) -> Result<Option<OwnedFd>, Errno> {
+        if socket.netns.is_some() && socket.netns == self.own_netns {
+            return Ok(None);
+        }
+        File::open(format!("/proc/{}/ns/net", process.pid))
+            .map(|file| Some(OwnedFd::from(file)))
+            .map_err(|err| {
+                debug!(
+                    "cannot open the network namespace of process {}: {err}",
+                    process.pid
+                );
+                Errno::ENOENT
+            })
+    }
+
+    fn open_stream(&self, ino: u64, reply: ReplyOpen) {
+        let tree = self.tree();
+        let Some(Node::File(dir_index, file_index)) = tree.node(ino) else {
+            reply.error(if tree.node(ino).is_some() {
+                Errno::EISDIR
+            } else {
+                Errno::ENOENT
+            });
+            return;
+        };
+        let dir = &tree.dirs[dir_index];
+        let file = &dir.files[file_index];
+        let process = tree.process_of(dir);
+        let socket = tree.socket_of(dir, file);
+        let label = format!("{}/{}", dir.name, file.name);
+        let target = FilterTarget {
+            proto: socket.proto(),
+            local: socket.local(),
+            remote: socket.remote(),
+            dual_stack: Self::dual_stack(&tree, socket),
+        };
+        let filter = match bpf_filter_for(&target) {
+            Ok(filter) => filter,
+            Err(unsupported) => {
+                warn!("{label}: cannot be captured: {}", unsupported.0);
+                reply.error(Errno::EOPNOTSUPP);
+                return;
+            }
+        };
+        let netns = match self.socket_netns(process, socket) {
+            Ok(netns) => netns,
+            Err(errno) => {
+                reply.error(errno);
+                return;
+            }
+        };
+        debug!("{label}: opening a capture with filter: {filter}");
+        let owner = SocketOwner {
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+            inode: socket.row.inode,
+            fds: socket.fds.clone(),
+        };
+        let stream = Arc::new(Stream::new(
+            label.clone(),
+            owner,
+            self.options.stream_buffer,
+        ));
+        let request = CaptureRequest {
+            netns,
+            filter,
+            label: label.clone(),
+        };
+        let streams = Arc::clone(&self.streams);
+        let sink = Arc::clone(&stream);
+        let started =
+            source::start(
+                request,
+                &self.options.capture,
+                sink,
+                move |outcome| match outcome {
+                    Ok(opened) => {
+                        stream.opened(opened);
+                        let handle = streams.insert(stream);
+                        reply.opened(
+                            FileHandle(handle),
+                            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
+                        );
+                    }
+                    Err(err) => reply.error(capture_errno(&label, &err)),
+                },
+            );
+        if let Err(err) = started {
+            warn!("cannot start a capture thread: {err}");
+        }
+    }
+}
+
+/// Logs why a capture did not open, in words a user can act on, and picks
+/// the errno.
+fn capture_errno(label: &str, err: &CaptureError) -> Errno {
+    let program = std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "netstatfs".into());
+    match err {
+        CaptureError::Permission(detail) => {
+            warn!(
+                "{label}: capturing needs CAP_NET_RAW, which netstatfs lacks ({detail}); \
+                 grant it with: sudo setcap cap_net_raw,cap_net_admin+ep {program}"
+            );
+            Errno::EPERM
+        }
+        CaptureError::Namespace(detail) => {
+            warn!(
+                "{label}: {detail}; entering another network namespace needs CAP_SYS_ADMIN \
+                 (run as root, or: sudo setcap cap_sys_admin,cap_net_raw,cap_net_admin+ep {program})"
+            );
+            Errno::EPERM
+        }
+        CaptureError::Failed(detail) => {
+            warn!("{label}: cannot capture: {detail}");
+            Errno::EIO
+        }
+    }
+}
+
+impl Filesystem for NetstatFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Listings carry each entry's attributes: one round trip per page
+        // instead of one lookup per entry.
+        if let Err(unsupported) = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS) {
+            debug!("kernel lacks {unsupported:?}: listings fall back to plain readdir");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_node(parent.0, name) {
+            Ok((tree, node)) => reply.entry(
+                &self.ttl(&tree),
+                &attr_of(&tree, node, &self.identity),
+                Generation(0),
+            ),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let tree = self.tree();
+        match tree.node(ino.0) {
+            Some(node) => reply.attr(&self.ttl(&tree), &attr_of(&tree, node, &self.identity)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let tree = self.tree();
+        match tree.node(ino.0) {
+            Some(Node::File(..)) => reply.error(Errno::ENOTDIR),
+            Some(_) => {
+                let handle = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dir_handles).insert(handle, tree);
+                reply.opened(FileHandle(handle), FopenFlags::empty());
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let tree = self.dir_tree(fh);
+        let Some(dir) = tree.node(ino.0) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        for (index, (entry_ino, name, node)) in Self::entries(&tree, dir)
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(
+                INodeNo(entry_ino),
+                index as u64 + 1,
+                file_type_of(node),
+                name,
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let tree = self.dir_tree(fh);
+        let Some(dir) = tree.node(ino.0) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let ttl = self.ttl(&tree);
+        for (index, (entry_ino, name, node)) in Self::entries(&tree, dir)
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let attr = attr_of(&tree, node, &self.identity);
+            if reply.add(
+                INodeNo(entry_ino),
+                index as u64 + 1,
+                name,
+                &ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dir_handles).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        self.open_stream(ino.0, reply);
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(stream) = self.streams.get(fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        stream.read(
+            size,
+            req.pid(),
+            Box::new(move |answer| match answer {
+                Answer::Data(bytes) => reply.data(bytes),
+                Answer::Interrupted => reply.error(Errno::EINTR),
+            }),
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(stream) = self.streams.remove(fh.0) {
+            stream.release();
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let tree = self.tree();
+        let Some(node) = tree.node(ino.0) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        match xattrs::get(&Self::subject(&tree, node), name.as_bytes()) {
+            Some(value) => reply_sized(reply, size, &value),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let tree = self.tree();
+        match tree.node(ino.0) {
+            Some(node) => reply_sized(reply, size, &xattrs::list(&Self::subject(&tree, node))),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    // A read-only file system: every change is EROFS (the mount is `ro`
+    // too, so the kernel usually answers before asking).
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// The getxattr/listxattr size protocol: size 0 asks for the length; a
+/// buffer too small is ERANGE.
+fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
+    let length = u32::try_from(value.len()).unwrap_or(u32::MAX);
+    if size == 0 {
+        reply.size(length);
+    } else if length > size {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,382 @@
+//! Snapshot → tree: which directories and files the mount shows, their
+//! names and their inode numbers.
+//!
+//! A [`Tree`] is immutable once built; the file system swaps in a new one
+//! when the snapshot expires. Inode numbers come from an [`InodeTable`] that
+//! outlives trees, so an object keeps its number while it lives and a number
+//! is never given to a second object.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::time::SystemTime;
+
+use crate::inventory::{ProcessInfo, Snapshot, SocketInfo};
+use crate::names;
+
+/// Inode number of the mount's root directory.
+pub const ROOT_INO: u64 = 1;
+
+/// What a directory entry is, independent of snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeKey {
+    Process {
+        pid: i32,
+        start_ticks: u64,
+    },
+    Socket {
+        pid: i32,
+        start_ticks: u64,
+        inode: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Assigned {
+    ino: u64,
+    first_seen: SystemTime,
+    /// The build that last saw the object alive.
+    generation: u64,
+}
+
+/// Inode numbers by object, kept across snapshots. Numbers only grow, so a
+/// stale number held by the kernel can never name a different object.
+#[derive(Debug)]
+pub struct InodeTable {
+    by_key: HashMap<NodeKey, Assigned>,
+    next_ino: u64,
+    generation: u64,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        InodeTable {
+            by_key: HashMap::new(),
+            next_ino: ROOT_INO + 1,
+            generation: 0,
+        }
+    }
+}
+
+impl InodeTable {
+    fn assign(&mut self, key: NodeKey, now: SystemTime) -> Assigned {
+        let generation = self.generation;
+        let next_ino = &mut self.next_ino;
+        let assigned = self.by_key.entry(key).or_insert_with(|| {
+            let ino = *next_ino;
+            *next_ino += 1;
+            Assigned {
+                ino,
+                first_seen: now,
+                generation,
+            }
+        });
+        assigned.generation = generation;
+        *assigned
+    }
+
+    /// Marks an object alive without giving it a number.
+    fn touch(&mut self, key: &NodeKey) {
+        if let Some(assigned) = self.by_key.get_mut(key) {
+            assigned.generation = self.generation;
+        }
+    }
+
+    fn start_build(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Forgets every object the last build did not see alive.
+    fn finish_build(&mut self) {
+        let generation = self.generation;
+        self.by_key
+            .retain(|_, assigned| assigned.generation == generation);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// A node of the tree, by position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    /// Index into [`Tree::dirs`].
+    Dir(usize),
+    /// Directory index, file index within it.
+    File(usize, usize),
+}
+
+/// One process directory.
+#[derive(Debug)]
+pub struct ProcessDir {
+    pub ino: u64,
+    pub name: String,
+    /// Index into the snapshot's processes.
+    pub process: usize,
+    /// Sorted by name.
+    pub files: Vec<SocketFile>,
+}
+
+/// One socket file.
+#[derive(Debug)]
+pub struct SocketFile {
+    pub ino: u64,
+    pub name: String,
+    /// Index into the process's sockets.
+    pub socket: usize,
+    pub first_seen: SystemTime,
+}
+
+/// What the mount shows for one snapshot.
+#[derive(Debug)]
+pub struct Tree {
+    pub snapshot: Snapshot,
+    /// Sorted by pid.
+    pub dirs: Vec<ProcessDir>,
+    by_ino: HashMap<u64, Node>,
+}
+
+impl Tree {
+    /// Builds the tree: one directory per process holding an inet socket
+    /// (every readable process with `all_processes`).
+    pub fn build(snapshot: Snapshot, inodes: &mut InodeTable, all_processes: bool) -> Tree {
+        inodes.start_build();
+        let now = snapshot.taken_wall;
+        let mut dirs = Vec::new();
+        for (process_index, process) in snapshot.processes.iter().enumerate() {
+            let key = NodeKey::Process {
+                pid: process.pid,
+                start_ticks: process.start_ticks,
+            };
+            if process.sockets.is_empty() && !all_processes {
+                inodes.touch(&key);
+                continue;
+            }
+            let ino = inodes.assign(key, now).ino;
+            dirs.push(ProcessDir {
+                ino,
+                name: names::process_dir_name(process.pid, &process.comm),
+                process: process_index,
+                files: socket_files(process, inodes, now),
+            });
+        }
+        inodes.finish_build();
+
+        let mut by_ino = HashMap::with_capacity(dirs.len() + snapshot.socket_count());
+        for (dir_index, dir) in dirs.iter().enumerate() {
+            by_ino.insert(dir.ino, Node::Dir(dir_index));
+            for (file_index, file) in dir.files.iter().enumerate() {
+                by_ino.insert(file.ino, Node::File(dir_index, file_index));
+            }
+        }
+        by_ino.insert(ROOT_INO, Node::Root);
+        Tree {
+            snapshot,
+            dirs,
+            by_ino,
+        }
+    }
+
+    pub fn node(&self, ino: u64) -> Option<Node> {
+        self.by_ino.get(&ino).copied()
+    }
+
+    /// The entry `name` of directory `parent`.
+    pub fn lookup(&self, parent: Node, name: &OsStr) -> Option<Node> {
+        let name = name.to_str()?;
+        match parent {
+            Node::Root => {
+                let (pid, _) = names::parse_process_dir_name(name)?;
+                let index = self
+                    .dirs
+                    .binary_search_by_key(&pid, |dir| self.process_of(dir).pid)
+                    .ok()?;
+                (self.dirs[index].name == name).then_some(Node::Dir(index))
+            }
+            Node::Dir(dir_index) => {
+                let files = &self.dirs[dir_index].files;
+                let index = files
+                    .binary_search_by(|file| file.name.as_str().cmp(name))
+                    .ok()?;
+                Some(Node::File(dir_index, index))
+            }
+            Node::File(..) => None,
+        }
+    }
+
+    pub fn process_of(&self, dir: &ProcessDir) -> &ProcessInfo {
+        &self.snapshot.processes[dir.process]
+    }
+
+    pub fn socket_of(&self, dir: &ProcessDir, file: &SocketFile) -> &SocketInfo {
+        &self.process_of(dir).sockets[file.socket]
+    }
+}
+
+fn socket_files(
+    process: &ProcessInfo,
+    inodes: &mut InodeTable,
+    now: SystemTime,
+) -> Vec<SocketFile> {
+    let endpoints: Vec<_> = process
+        .sockets
+        .iter()
+        .map(|socket| {
+            (
+                socket.proto(),
+                socket.local(),
+                socket.remote(),
+                socket.row.inode,
+            )
+        })
+        .collect();
+    let mut files: Vec<SocketFile> = names::unique_socket_names(&endpoints)
+        .into_iter()
+        .enumerate()
+        .map(|(socket_index, name)| {
+            let assigned = inodes.assign(
+                NodeKey::Socket {
+                    pid: process.pid,
+                    start_ticks: process.start_ticks,
+                    inode: process.sockets[socket_index].row.inode,
+                },
+                now,
+            );
+            SocketFile {
+                ino: assigned.ino,
+                name,
+                socket: socket_index,
+                first_seen: assigned.first_seen,
+            }
+        })
+        .collect();
+    files.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::inventory::SocketRow;
+    use crate::names::Proto;
+
+    fn process(pid: i32, start_ticks: u64, comm: &str, sockets: &[(u64, &str)]) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            start_ticks,
+            started: SystemTime::UNIX_EPOCH,
+            comm: comm.into(),
+            uid: 0,
+            gid: 0,
+            netns: Some(1),
+            sockets: sockets
+                .iter()
+                .map(|&(inode, local)| SocketInfo {
+                    row: SocketRow {
+                        proto: Proto::Tcp,
+                        local: local.parse().unwrap(),
+                        remote: "0.0.0.0:0".parse().unwrap(),
+                        state: 10,
+                        uid: 0,
+                        rx_queue: 0,
+                        tx_queue: 0,
+                        inode,
+                    },
+                    fds: vec![3],
+                    netns: Some(1),
+                })
+                .collect(),
+        }
+    }
+
+    fn snapshot(processes: Vec<ProcessInfo>) -> Snapshot {
+        Snapshot {
+            taken: Instant::now(),
+            taken_wall: SystemTime::now(),
+            processes,
+        }
+    }
+
+    #[test]
+    fn lists_only_processes_with_sockets_unless_asked() {
+        let mut inodes = InodeTable::default();
+        let processes = vec![
+            process(10, 1, "quiet", &[]),
+            process(20, 1, "server", &[(500, "127.0.0.1:80")]),
+        ];
+        let tree = Tree::build(snapshot(processes.clone()), &mut inodes, false);
+        assert_eq!(tree.dirs.len(), 1);
+        assert_eq!(tree.dirs[0].name, "20_server");
+        let all = Tree::build(snapshot(processes), &mut inodes, true);
+        assert_eq!(all.dirs.len(), 2);
+    }
+
+    #[test]
+    fn lookup_needs_pid_and_name() {
+        let mut inodes = InodeTable::default();
+        let tree = Tree::build(
+            snapshot(vec![process(20, 1, "a/b c", &[(500, "127.0.0.1:80")])]),
+            &mut inodes,
+            false,
+        );
+        let dir = tree.lookup(Node::Root, OsStr::new("20_a_b c")).unwrap();
+        assert_eq!(dir, Node::Dir(0));
+        assert_eq!(tree.lookup(Node::Root, OsStr::new("20_other")), None);
+        assert_eq!(tree.lookup(Node::Root, OsStr::new("21_a_b c")), None);
+        assert_eq!(
+            tree.lookup(dir, OsStr::new("tcp_127.0.0.1:80_0.0.0.0:0")),
+            Some(Node::File(0, 0))
+        );
+        assert_eq!(
+            tree.lookup(dir, OsStr::new("tcp_127.0.0.1:81_0.0.0.0:0")),
+            None
+        );
+    }
+
+    #[test]
+    fn inodes_are_stable_and_never_reused() {
+        let mut inodes = InodeTable::default();
+        let first = Tree::build(
+            snapshot(vec![process(20, 1, "server", &[(500, "127.0.0.1:80")])]),
+            &mut inodes,
+            false,
+        );
+        let (dir_ino, file_ino) = (first.dirs[0].ino, first.dirs[0].files[0].ino);
+        // Same objects: same numbers.
+        let second = Tree::build(
+            snapshot(vec![process(20, 1, "server", &[(500, "127.0.0.1:80")])]),
+            &mut inodes,
+            false,
+        );
+        assert_eq!(
+            (second.dirs[0].ino, second.dirs[0].files[0].ino),
+            (dir_ino, file_ino)
+        );
+        // The pid reused by a new process: new numbers, old ones forgotten.
+        let third = Tree::build(
+            snapshot(vec![process(20, 99, "server", &[(501, "127.0.0.1:80")])]),
+            &mut inodes,
+            false,
+        );
+        assert!(third.dirs[0].ino > file_ino);
+        assert!(third.node(dir_ino).is_none());
+        assert_eq!(inodes.len(), 2);
+    }
+
+    #[test]
+    fn a_process_between_sockets_keeps_its_number() {
+        let mut inodes = InodeTable::default();
+        let with = snapshot(vec![process(20, 1, "s", &[(500, "127.0.0.1:80")])]);
+        let ino = Tree::build(with, &mut inodes, false).dirs[0].ino;
+        Tree::build(snapshot(vec![process(20, 1, "s", &[])]), &mut inodes, false);
+        let again = snapshot(vec![process(20, 1, "s", &[(600, "127.0.0.1:81")])]);
+        assert_eq!(Tree::build(again, &mut inodes, false).dirs[0].ino, ino);
+    }
+}

@@ -1,0 +1,120 @@
+//! Extended attributes: a table of small entries, one per attribute, so
+//! adding one is adding a line.
+//!
+//! Socket files carry `user.netstatfs.{proto,state,inode,uid,local,remote,
+//! rx_queue,tx_queue,fds,netns}`; process directories carry
+//! `user.netstatfs.{pid,comm,uid,netns,sockets}`. Values are plain text, as
+//! `getfattr -d` shows them.
+
+use crate::inventory::{ProcessInfo, SocketInfo};
+
+type SocketGetter = fn(&SocketInfo) -> String;
+type ProcessGetter = fn(&ProcessInfo) -> String;
+
+const SOCKET_ATTRIBUTES: &[(&str, SocketGetter)] = &[
+    ("user.netstatfs.proto", |s| s.proto().to_string()),
+    ("user.netstatfs.state", |s| s.state_name().to_owned()),
+    ("user.netstatfs.inode", |s| s.row.inode.to_string()),
+    ("user.netstatfs.uid", |s| s.row.uid.to_string()),
+    ("user.netstatfs.local", |s| s.local().to_string()),
+    ("user.netstatfs.remote", |s| s.remote().to_string()),
+    ("user.netstatfs.rx_queue", |s| s.row.rx_queue.to_string()),
+    ("user.netstatfs.tx_queue", |s| s.row.tx_queue.to_string()),
+    ("user.netstatfs.fds", |s| join(&s.fds)),
+    ("user.netstatfs.netns", |s| optional(s.netns)),
+];
+
+const PROCESS_ATTRIBUTES: &[(&str, ProcessGetter)] = &[
+    ("user.netstatfs.pid", |p| p.pid.to_string()),
+    ("user.netstatfs.comm", |p| p.comm.clone()),
+    ("user.netstatfs.uid", |p| p.uid.to_string()),
+    ("user.netstatfs.netns", |p| optional(p.netns)),
+    ("user.netstatfs.sockets", |p| p.sockets.len().to_string()),
+];
+
+fn join(fds: &[i32]) -> String {
+    fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn optional(value: Option<u64>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Whose attributes are asked for.
+pub enum Subject<'a> {
+    Root,
+    Process(&'a ProcessInfo),
+    Socket(&'a SocketInfo),
+}
+
+/// The NUL-terminated names, as listxattr returns them.
+pub fn list(subject: &Subject<'_>) -> Vec<u8> {
+    let names: Vec<&str> = match subject {
+        Subject::Root => Vec::new(),
+        Subject::Process(_) => PROCESS_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+        Subject::Socket(_) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// One attribute's value, or None if the subject has no such attribute.
+pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
+    let value = match subject {
+        Subject::Root => None,
+        Subject::Process(process) => PROCESS_ATTRIBUTES
+            .iter()
+            .find(|(known, _)| known.as_bytes() == name)
+            .map(|(_, getter)| getter(process)),
+        Subject::Socket(socket) => SOCKET_ATTRIBUTES
+            .iter()
+            .find(|(known, _)| known.as_bytes() == name)
+            .map(|(_, getter)| getter(socket)),
+    };
+    value.map(String::into_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::SocketRow;
+    use crate::names::Proto;
+
+    #[test]
+    fn socket_attributes_read_as_text() {
+        let socket = SocketInfo {
+            row: SocketRow {
+                proto: Proto::Tcp6,
+                local: "[::1]:8080".parse().unwrap(),
+                remote: "[::]:0".parse().unwrap(),
+                state: 10,
+                uid: 1000,
+                rx_queue: 0,
+                tx_queue: 128,
+                inode: 4242,
+            },
+            fds: vec![3, 7],
+            netns: Some(4026531840),
+        };
+        let subject = Subject::Socket(&socket);
+        let value =
+            |name: &str| String::from_utf8(get(&subject, name.as_bytes()).unwrap()).unwrap();
+        assert_eq!(value("user.netstatfs.proto"), "tcp6");
+        assert_eq!(value("user.netstatfs.state"), "LISTEN");
+        assert_eq!(value("user.netstatfs.local"), "[::1]:8080");
+        assert_eq!(value("user.netstatfs.fds"), "3,7");
+        assert_eq!(value("user.netstatfs.netns"), "4026531840");
+        assert_eq!(value("user.netstatfs.tx_queue"), "128");
+        assert_eq!(get(&subject, b"user.netstatfs.nope"), None);
+        let listed = list(&subject);
+        assert_eq!(
+            listed.iter().filter(|&&b| b == 0).count(),
+            SOCKET_ATTRIBUTES.len()
+        );
+        assert!(listed.ends_with(b"user.netstatfs.netns\0"));
+    }
+}

@@ -1,0 +1,362 @@
+//! /proc → [`Snapshot`]: the live processes, the inet sockets each holds, and
+//! those sockets' table rows, read once per network namespace.
+//!
+//! This module owns every read of /proc for the listing. It knows nothing of
+//! FUSE: the file system turns a snapshot into a tree (`crate::fs::tree`).
+//!
+//! Cost: one pass over /proc/<pid>/fd for every process, then each socket
+//! table read once per network namespace that holds a socket (through
+//! /proc/<pid>/net of one process in it), never once per process or per
+//! lookup.
+
+pub mod probe;
+pub mod tables;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, warn};
+use procfs::process::{FDTarget, Process as ProcfsProcess};
+
+use crate::names::Proto;
+pub use tables::{SocketRow, state_name};
+
+/// A network namespace, by the inode number /proc/<pid>/ns/net links to.
+pub type NetnsId = u64;
+
+/// What /proc said at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub taken: Instant,
+    pub taken_wall: SystemTime,
+    /// Every process whose fds could be read, sorted by pid, with or without
+    /// inet sockets.
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// One process (thread group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    /// Start time in clock ticks since boot: with the pid, the identity of a
+    /// process (a reused pid has a later start).
+    pub start_ticks: u64,
+    pub started: SystemTime,
+    pub comm: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub netns: Option<NetnsId>,
+    /// The inet sockets it holds, one per socket inode, sorted by inode.
+    pub sockets: Vec<SocketInfo>,
+}
+
+/// One inet socket as a process holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub row: SocketRow,
+    /// The process's fds that point at this socket, ascending.
+    pub fds: Vec<i32>,
+    /// The namespace whose table listed the socket.
+    pub netns: Option<NetnsId>,
+}
+
+impl SocketInfo {
+    pub fn proto(&self) -> Proto {
+        self.row.proto
+    }
+    pub fn local(&self) -> SocketAddr {
+        self.row.local
+    }
+    pub fn remote(&self) -> SocketAddr {
+        self.row.remote
+    }
+    pub fn state_name(&self) -> &'static str {
+        state_name(self.row.proto, self.row.state)
+    }
+}
+
+impl Snapshot {
+    pub fn age(&self) -> Duration {
+        self.taken.elapsed()
+    }
+
+    pub fn process(&self, pid: i32) -> Option<&ProcessInfo> {
+        self.processes
+            .binary_search_by_key(&pid, |process| process.pid)
+            .ok()
+            .map(|index| &self.processes[index])
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.processes.iter().map(|p| p.sockets.len()).sum()
+    }
+}
+
+/// Takes snapshots of /proc. It remembers what it has reported, so a
+/// malformed line or an unreadable process is logged once, not once per
+/// snapshot.
+pub struct Inventory {
+    proc_root: PathBuf,
+    boot_time: SystemTime,
+    ticks_per_second: u64,
+    reported_lines: HashSet<String>,
+    reported_unreadable: HashSet<i32>,
+}
+
+/// A process as the fd pass saw it, before the tables are joined in.
+struct ScannedProcess {
+    info: ProcessInfo,
+    /// (socket inode, fd), in fd order.
+    socket_fds: Vec<(u64, i32)>,
+}
+
+/// Where a namespace's tables are read from: its namespace id when
+/// /proc/<pid>/ns/net was readable, else the process alone.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum TableSource {
+    Netns(NetnsId),
+    Process(i32),
+}
+
+impl Default for Inventory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inventory {
+    pub fn new() -> Self {
+        let boot_secs = procfs::boot_time_secs().unwrap_or(0);
+        Inventory {
+            proc_root: PathBuf::from("/proc"),
+            boot_time: SystemTime::UNIX_EPOCH + Duration::from_secs(boot_secs),
+            ticks_per_second: procfs::ticks_per_second().max(1),
+            reported_lines: HashSet::new(),
+            reported_unreadable: HashSet::new(),
+        }
+    }
+
+    /// Reads /proc now. Never fails: what cannot be read is left out (and
+    /// logged once).
+    pub fn snapshot(&mut self) -> Snapshot {
+        let taken = Instant::now();
+        let taken_wall = SystemTime::now();
+        let scanned = self.scan_processes();
+        let rows = self.read_tables(&scanned);
+        let processes = scanned
+            .into_iter()
+            .map(|scanned| join_sockets(scanned, &rows))
+            .collect();
+        Snapshot {
+            taken,
+            taken_wall,
+            processes,
+        }
+    }
+
+    fn scan_processes(&mut self) -> Vec<ScannedProcess> {
+        let all = match procfs::process::all_processes_with_root(&self.proc_root) {
+            Ok(all) => all,
+            Err(err) => {
+                warn!("cannot list {}: {err}", self.proc_root.display());
+                return Vec::new();
+            }
+        };
+        let mut scanned: Vec<ScannedProcess> = all
+            .filter_map(Result::ok)
+            .filter_map(|process| self.scan_process(&process))
+            .collect();
+        scanned.sort_unstable_by_key(|process| process.info.pid);
+        let live: HashSet<i32> = scanned.iter().map(|p| p.info.pid).collect();
+        self.reported_unreadable.retain(|pid| live.contains(pid));
+        scanned
+    }
+
+    /// One process, or None if it vanished or its fds cannot be read.
+    fn scan_process(&mut self, process: &ProcfsProcess) -> Option<ScannedProcess> {
+        let pid = process.pid();
+        let stat = process.stat().ok()?;
+        let proc_pid = self.proc_root.join(pid.to_string());
+        let metadata = std::fs::metadata(&proc_pid).ok()?;
+        let fds = match process.fd() {
+            Ok(fds) => fds,
+            Err(err) => {
+                if self.reported_unreadable.insert(pid) {
+                    debug!(
+                        "skipping process {pid} ({}): cannot read its fds: {err}",
+                        stat.comm
+                    );
+                }
+                return None;
+            }
+        };
+        let socket_fds: Vec<(u64, i32)> = fds
+            .filter_map(Result::ok)
+            .filter_map(|fd| match fd.target {
+                FDTarget::Socket(inode) => Some((inode, fd.fd)),
+                _ => None,
+            })
+            .collect();
+        let netns = if socket_fds.is_empty() {
+            None
+        } else {
+            read_netns(&proc_pid)
+        };
+        let started = self.boot_time
+            + Duration::from_secs_f64(stat.starttime as f64 / self.ticks_per_second as f64);
+        Some(ScannedProcess {
+            info: ProcessInfo {
+                pid,
+                start_ticks: stat.starttime,
+                started,
+                comm: stat.comm,
+                uid: metadata.uid(),
+                gid: metadata.gid(),
+                netns,
+                sockets: Vec::new(),
+            },
+            socket_fds,
+        })
+    }
+
+    /// Every table of every namespace that holds a socket, keyed by socket
+    /// inode (unique across namespaces).
+    fn read_tables(
+        &mut self,
+        scanned: &[ScannedProcess],
+    ) -> HashMap<u64, (SocketRow, Option<NetnsId>)> {
+        // Each namespace's tables can be read through any of its processes;
+        // keep them all in case the first exits meanwhile.
+        let mut sources: HashMap<TableSource, Vec<i32>> = HashMap::new();
+        for process in scanned.iter().filter(|p| !p.socket_fds.is_empty()) {
+            let source = match process.info.netns {
+                Some(netns) => TableSource::Netns(netns),
+                None => TableSource::Process(process.info.pid),
+            };
+            sources.entry(source).or_default().push(process.info.pid);
+        }
+        let mut rows = HashMap::new();
+        for (source, pids) in sources {
+            let netns = match source {
+                TableSource::Netns(netns) => Some(netns),
+                TableSource::Process(_) => None,
+            };
+            for row in self.read_namespace_tables(&pids) {
+                rows.insert(row.inode, (row, netns));
+            }
+        }
+        rows
+    }
+
+    fn read_namespace_tables(&mut self, pids: &[i32]) -> Vec<SocketRow> {
+        for pid in pids {
+            let proc_pid = self.proc_root.join(pid.to_string());
+            match self.read_all_tables(&proc_pid) {
+                Ok(rows) => return rows,
+                Err(err) => debug!(
+                    "cannot read socket tables through {}: {err}",
+                    proc_pid.display()
+                ),
+            }
+        }
+        Vec::new()
+    }
+
+    fn read_all_tables(&mut self, proc_pid: &Path) -> std::io::Result<Vec<SocketRow>> {
+        let mut rows = Vec::new();
+        for proto in Proto::ALL {
+            let table = tables::read_table(proc_pid, proto)?;
+            for line in table.bad_lines {
+                if self.reported_lines.insert(format!("{proto}:{line}")) {
+                    warn!("skipping a malformed line of /proc/net/{proto}: {line:?}");
+                }
+            }
+            rows.extend(table.rows);
+        }
+        Ok(rows)
+    }
+}
+
+/// The daemon's own network namespace.
+pub fn own_netns() -> Option<NetnsId> {
+    read_netns(Path::new("/proc/self"))
+}
+
+/// The namespace id from /proc/<pid>/ns/net ("net:[4026531840]").
+fn read_netns(proc_pid: &Path) -> Option<NetnsId> {
+    let link = std::fs::read_link(proc_pid.join("ns/net")).ok()?;
+    let text = link.to_str()?;
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+fn join_sockets(
+    scanned: ScannedProcess,
+    rows: &HashMap<u64, (SocketRow, Option<NetnsId>)>,
+) -> ProcessInfo {
+    let ScannedProcess {
+        mut info,
+        mut socket_fds,
+    } = scanned;
+    socket_fds.sort_unstable();
+    let mut sockets: Vec<SocketInfo> = Vec::new();
+    for (inode, fd) in socket_fds {
+        match sockets.last_mut() {
+            Some(last) if last.row.inode == inode => last.fds.push(fd),
+            _ => {
+                if let Some((row, netns)) = rows.get(&inode) {
+                    sockets.push(SocketInfo {
+                        row: row.clone(),
+                        fds: vec![fd],
+                        netns: *netns,
+                    });
+                }
+            }
+        }
+    }
+    info.sockets = sockets;
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_its_own_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let snapshot = Inventory::new().snapshot();
+        let me = snapshot
+            .process(std::process::id() as i32)
+            .expect("own process listed");
+        let socket = me
+            .sockets
+            .iter()
+            .find(|s| s.proto() == Proto::Tcp && s.local().port() == port)
+            .expect("listener found");
+        assert_eq!(socket.state_name(), "LISTEN");
+        assert_eq!(socket.fds.len(), 1);
+        assert!(me.netns.is_some());
+        assert_eq!(socket.netns, me.netns);
+    }
+
+    #[test]
+    fn dup_fds_share_one_socket() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let twin = socket.try_clone().unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let snapshot = Inventory::new().snapshot();
+        let me = snapshot.process(std::process::id() as i32).unwrap();
+        let found: Vec<_> = me
+            .sockets
+            .iter()
+            .filter(|s| s.proto() == Proto::Udp && s.local().port() == port)
+            .collect();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].fds.len(), 2);
+        drop(twin);
+    }
+}

@@ -1,0 +1,202 @@
+//! One network namespace's socket tables (/proc/<pid>/net/{tcp,tcp6,udp,…}),
+//! read through procfs's parsers but one bad line never loses the table.
+//!
+//! procfs fails a whole table on any line it cannot parse (its UDP parser
+//! even on an unknown state value), so when a table does not parse whole it
+//! is parsed again line by line and the lines that fail are returned to the
+//! caller, which reports each once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use procfs::FromBufReadSI;
+use procfs::net::{TcpNetEntries, UdpNetEntries};
+
+use crate::names::Proto;
+
+/// One row of a socket table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketRow {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's state number (TCP_ESTABLISHED = 1, …, TCP_CLOSE = 7).
+    pub state: u8,
+    pub uid: u32,
+    pub rx_queue: u32,
+    pub tx_queue: u32,
+    pub inode: u64,
+}
+
+/// The rows of one table, and the lines that could not be parsed.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub rows: Vec<SocketRow>,
+    pub bad_lines: Vec<String>,
+}
+
+/// Reads `<proc_pid>/net/<proto>`. A table the kernel does not have (IPv6
+/// disabled, say) is empty, not an error.
+pub fn read_table(proc_pid: &Path, proto: Proto) -> io::Result<Table> {
+    let path = proc_pid.join("net").join(proto.as_str());
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound && proc_pid.exists() => {
+            return Ok(Table::default());
+        }
+        Err(err) => return Err(err),
+    };
+    Ok(parse_table(&text, proto))
+}
+
+/// Parses a whole table's text (header line included).
+pub fn parse_table(text: &[u8], proto: Proto) -> Table {
+    if let Some(rows) = parse_rows(text, proto) {
+        return Table {
+            rows,
+            bad_lines: Vec::new(),
+        };
+    }
+    // Some line is bad: parse each one alone, behind the header, and keep
+    // the rest.
+    let mut lines = text.split(|&b| b == b'\n');
+    let header = lines.next().unwrap_or_default();
+    let mut table = Table::default();
+    let mut one = Vec::new();
+    for line in lines.filter(|line| !line.iter().all(u8::is_ascii_whitespace)) {
+        one.clear();
+        one.extend_from_slice(header);
+        one.push(b'\n');
+        one.extend_from_slice(line);
+        match parse_rows(&one, proto) {
+            Some(rows) => table.rows.extend(rows),
+            None => table
+                .bad_lines
+                .push(String::from_utf8_lossy(line).trim().to_owned()),
+        }
+    }
+    table
+}
+
+fn parse_rows(text: &[u8], proto: Proto) -> Option<Vec<SocketRow>> {
+    let system = procfs::current_system_info();
+    let rows = if proto.is_tcp() {
+        TcpNetEntries::from_buf_read(text, system)
+            .ok()?
+            .0
+            .into_iter()
+            .map(|entry| SocketRow {
+                proto,
+                local: entry.local_address,
+                remote: entry.remote_address,
+                state: entry.state.to_u8(),
+                uid: entry.uid,
+                rx_queue: entry.rx_queue,
+                tx_queue: entry.tx_queue,
+                inode: entry.inode,
+            })
+            .collect()
+    } else {
+        // udp, raw and icmp (ping) tables share one layout; for raw sockets
+        // the "port" is the IP protocol number.
+        UdpNetEntries::from_buf_read(text, system)
+            .ok()?
+            .0
+            .into_iter()
+            .map(|entry| SocketRow {
+                proto,
+                local: entry.local_address,
+                remote: entry.remote_address,
+                state: entry.state.to_u8(),
+                uid: entry.uid,
+                rx_queue: entry.rx_queue,
+                tx_queue: entry.tx_queue,
+                inode: entry.inode,
+            })
+            .collect()
+    };
+    Some(rows)
+}
+
+/// The name `ss` and netstat users know for a state. TCP states are the
+/// kernel's names; datagram sockets are `UNCONN` or `ESTABLISHED`.
+pub fn state_name(proto: Proto, state: u8) -> &'static str {
+    if !proto.is_tcp() {
+        return match state {
+            1 => "ESTABLISHED",
+            7 => "UNCONN",
+            _ => "UNKNOWN",
+        };
+    }
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:A0D2 0100007F:1F90 01 00000010:00000002 00:00000000 00000000  1000        0 4243 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn parses_a_tcp_table() {
+        let table = parse_table(TCP.as_bytes(), Proto::Tcp);
+        assert!(table.bad_lines.is_empty());
+        assert_eq!(table.rows.len(), 2);
+        let row = &table.rows[1];
+        assert_eq!(row.local, "127.0.0.1:41170".parse().unwrap());
+        assert_eq!(row.remote, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!((row.state, row.uid, row.inode), (1, 1000, 4243));
+        assert_eq!((row.tx_queue, row.rx_queue), (16, 2));
+        assert_eq!(state_name(Proto::Tcp, table.rows[0].state), "LISTEN");
+    }
+
+    #[test]
+    fn a_bad_line_is_skipped_and_returned() {
+        let text = format!(
+            "{TCP}   2: garbage here\n   3: 0100007F:0035 00000000:0000 4F 00000000:00000000 00:00000000 00000000 0 0 99 2\n"
+        );
+        let table = parse_table(text.as_bytes(), Proto::Tcp);
+        assert_eq!(table.rows.len(), 2);
+        assert_eq!(table.bad_lines.len(), 2, "{:?}", table.bad_lines);
+        assert!(table.bad_lines[0].contains("garbage"));
+    }
+
+    #[test]
+    fn a_udp_state_procfs_does_not_know_loses_only_its_line() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  10: 00000000:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000   104        0 5001 2 0000000000000000 0
+  11: 00000000:14EA 00000000:0000 0B 00000000:00000000 00:00000000 00000000   104        0 5002 2 0000000000000000 0
+";
+        let table = parse_table(text.as_bytes(), Proto::Udp);
+        assert_eq!(table.rows.len(), 1);
+        assert_eq!(table.rows[0].inode, 5001);
+        assert_eq!(state_name(Proto::Udp, table.rows[0].state), "UNCONN");
+        assert_eq!(table.bad_lines.len(), 1);
+    }
+
+    #[test]
+    fn empty_and_truncated_input_never_panics() {
+        for text in ["", "\n", "header only", "h\n0:", "h\n\u{0}\u{1}"] {
+            let _ = parse_table(text.as_bytes(), Proto::Tcp6);
+            let _ = parse_table(text.as_bytes(), Proto::Udp6);
+        }
+    }
+}

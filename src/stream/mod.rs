@@ -1,0 +1,336 @@
+//! An open socket file: the capture's packets as a pcap byte stream.
+//!
+//! The capture thread encodes each packet as a pcap record and queues it
+//! (a crossbeam channel bounded in bytes, `--buffer`: beyond it packets are
+//! dropped and counted). A read takes as many whole or partial records as
+//! are queued, up to the size asked for; with nothing queued it waits, and
+//! is answered later from another thread: the capture thread when a packet
+//! comes, or the watchdog (`table.rs`) when the reader is signalled, the
+//! socket has closed, or the daemon shuts down. The FUSE session loop never
+//! waits.
+//!
+//! End of stream: once the capture has ended (the socket closed and a short
+//! grace period passed for its last packets, or shutdown), reads drain the
+//! queue and then return EOF.
+
+pub mod pcap;
+pub mod table;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::info;
+
+use crate::capture::source::{CaptureControl, CaptureStats, Opened, PacketSink, Timestamp};
+use crate::inventory::probe::{SocketOwner, reader_has_actionable_signal};
+
+/// How a waiting read is answered.
+pub enum Answer<'a> {
+    /// Bytes of the stream; empty means end of file.
+    Data(&'a [u8]),
+    /// The reader has a signal to act on: answer EINTR.
+    Interrupted,
+}
+
+/// Answers one read, from whichever thread has the answer.
+pub type Responder = Box<dyn for<'a> FnOnce(Answer<'a>) + Send>;
+
+/// How often a stream with a waiting reader checks that its socket is still
+/// held by its process.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(400);
+/// How long a closed socket's capture keeps running, for the last packets
+/// (FIN, RST, final ACK) still on their way through the kernel.
+const CLOSE_GRACE: Duration = Duration::from_millis(300);
+
+struct PendingRead {
+    id: u64,
+    size: usize,
+    /// The thread blocked in read(), watched for signals.
+    caller: u32,
+    respond: Responder,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lifecycle {
+    /// The socket is (as far as we know) open.
+    Open { checked: Instant },
+    /// The socket was found closed; the capture runs a little longer.
+    Closing { since: Instant },
+    /// The capture was told to stop.
+    Stopping,
+}
+
+struct ReadState {
+    /// Bytes due before the next queued record: the global header at
+    /// first, later the rest of a record a read could only take part of.
+    carry: Vec<u8>,
+    carry_from: usize,
+    pending: VecDeque<PendingRead>,
+    next_read_id: u64,
+    lifecycle: Lifecycle,
+}
+
+/// One open socket file.
+pub struct Stream {
+    label: String,
+    owner: SocketOwner,
+    queue_limit: usize,
+    records_in: Sender<Vec<u8>>,
+    records_out: Receiver<Vec<u8>>,
+    queued_bytes: AtomicUsize,
+    dropped_by_queue: AtomicU64,
+    delivered: AtomicU64,
+    /// The capture ended: what is queued is all there will be.
+    capture_ended: AtomicBool,
+    has_pending: AtomicBool,
+    state: Mutex<ReadState>,
+    control: Mutex<Option<CaptureControl>>,
+    /// Set once released and once ended; the closing log line is written by
+    /// whichever comes second, when both the counts and stats are final.
+    closing_report: Mutex<(bool, Option<CaptureStats>)>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Stream {
+    pub fn new(label: String, owner: SocketOwner, queue_limit: usize) -> Stream {
+        let (records_in, records_out) = crossbeam_channel::unbounded();
+        Stream {
+            label,
+            owner,
+            queue_limit,
+            records_in,
+            records_out,
+            queued_bytes: AtomicUsize::new(0),
+            dropped_by_queue: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            capture_ended: AtomicBool::new(false),
+            has_pending: AtomicBool::new(false),
+            state: Mutex::new(ReadState {
+                carry: Vec::new(),
+                carry_from: 0,
+                pending: VecDeque::new(),
+                next_read_id: 0,
+                lifecycle: Lifecycle::Open {
+                    checked: Instant::now(),
+                },
+            }),
+            control: Mutex::new(None),
+            closing_report: Mutex::new((false, None)),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The capture opened: the stream starts with the file header.
+    pub fn opened(&self, opened: Opened) {
+        lock(&self.state).carry = pcap::global_header(
+            opened.linktype,
+            opened.snaplen,
+            opened.nanosecond_timestamps,
+        );
+        *lock(&self.control) = Some(opened.control);
+    }
+
+    /// A read of up to `size` bytes by thread `caller`.
+    pub fn read(&self, size: u32, caller: u32, respond: Responder) {
+        let mut state = lock(&self.state);
+        if state.pending.is_empty() {
+            let bytes = self.take(&mut state, size as usize);
+            if !bytes.is_empty() {
+                drop(state);
+                respond(Answer::Data(&bytes));
+                return;
+            }
+            if self.finished(&state) {
+                drop(state);
+                respond(Answer::Data(&[]));
+                return;
+            }
+        }
+        let id = state.next_read_id;
+        state.next_read_id += 1;
+        state.pending.push_back(PendingRead {
+            id,
+            size: size as usize,
+            caller,
+            respond,
+        });
+        // Publish the waiting read before looking at the queue once more: a
+        // packet queued meanwhile either sees the flag or is found here.
+        self.has_pending.store(true, Ordering::SeqCst);
+        self.serve(&mut state);
+    }
+
+    /// Answers waiting reads for which there is data or an end.
+    pub fn serve_pending(&self) {
+        let mut state = lock(&self.state);
+        self.serve(&mut state);
+    }
+
+    fn serve(&self, state: &mut ReadState) {
+        while let Some(size) = state.pending.front().map(|read| read.size) {
+            let bytes = self.take(state, size);
+            if bytes.is_empty() && !self.finished(state) {
+                break;
+            }
+            if let Some(read) = state.pending.pop_front() {
+                (read.respond)(Answer::Data(&bytes));
+            }
+        }
+        self.has_pending
+            .store(!state.pending.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Up to `size` bytes: the carry first, then queued records, the last
+    /// one split if it does not fit.
+    fn take(&self, state: &mut ReadState, size: usize) -> Vec<u8> {
+        let available =
+            state.carry.len() - state.carry_from + self.queued_bytes.load(Ordering::Relaxed);
+        let mut out = Vec::with_capacity(size.min(available));
+        let from_carry = size.min(state.carry.len() - state.carry_from);
+        out.extend_from_slice(&state.carry[state.carry_from..state.carry_from + from_carry]);
+        state.carry_from += from_carry;
+        if state.carry_from == state.carry.len() {
+            state.carry.clear();
+            state.carry_from = 0;
+        }
+        while out.len() < size {
+            let Ok(record) = self.records_out.try_recv() else {
+                break;
+            };
+            self.queued_bytes.fetch_sub(record.len(), Ordering::Relaxed);
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            let room = size - out.len();
+            if record.len() <= room {
+                out.extend_from_slice(&record);
+            } else {
+                out.extend_from_slice(&record[..room]);
+                state.carry = record;
+                state.carry_from = room;
+            }
+        }
+        out
+    }
+
+    fn finished(&self, state: &ReadState) -> bool {
+        self.capture_ended.load(Ordering::SeqCst)
+            && state.carry.is_empty()
+            && self.records_out.is_empty()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.has_pending.load(Ordering::SeqCst)
+    }
+
+    /// The watchdog's periodic look at a stream with waiting reads:
+    /// answers readers that have a signal to act on, and ends the stream
+    /// once its socket has closed.
+    pub fn watch(&self, now: Instant) {
+        let callers: Vec<(u64, u32)> = lock(&self.state)
+            .pending
+            .iter()
+            .map(|read| (read.id, read.caller))
+            .collect();
+        let interrupted: Vec<u64> = callers
+            .into_iter()
+            .filter(|&(_, caller)| reader_has_actionable_signal(caller))
+            .map(|(id, _)| id)
+            .collect();
+        if !interrupted.is_empty() {
+            let mut state = lock(&self.state);
+            let (answer, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut state.pending)
+                .into_iter()
+                .partition(|read| interrupted.contains(&read.id));
+            state.pending = keep;
+            self.has_pending
+                .store(!state.pending.is_empty(), Ordering::SeqCst);
+            drop(state);
+            for read in answer {
+                (read.respond)(Answer::Interrupted);
+            }
+        }
+        self.follow_socket(now);
+        self.serve_pending();
+    }
+
+    fn follow_socket(&self, now: Instant) {
+        let lifecycle = lock(&self.state).lifecycle;
+        let next = match lifecycle {
+            Lifecycle::Open { checked } if now.duration_since(checked) >= LIVENESS_INTERVAL => {
+                if self.owner.still_holds_socket() {
+                    Lifecycle::Open { checked: now }
+                } else {
+                    log::debug!("{}: socket closed, ending the stream", self.label);
+                    Lifecycle::Closing { since: now }
+                }
+            }
+            Lifecycle::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => {
+                self.stop_capture();
+                Lifecycle::Stopping
+            }
+            unchanged => unchanged,
+        };
+        lock(&self.state).lifecycle = next;
+    }
+
+    /// Stops the capture; the stream ends once it has.
+    pub fn stop_capture(&self) {
+        if let Some(control) = lock(&self.control).as_ref() {
+            control.stop();
+        }
+    }
+
+    /// The reader closed the file: stop capturing.
+    pub fn release(&self) {
+        self.stop_capture();
+        let mut report = lock(&self.closing_report);
+        report.0 = true;
+        if let Some(stats) = report.1 {
+            self.log_closing(stats);
+        }
+    }
+
+    fn log_closing(&self, stats: CaptureStats) {
+        info!(
+            "{}: stream closed: {} packets delivered, {} dropped by the kernel, {} dropped by the queue",
+            self.label,
+            self.delivered.load(Ordering::Relaxed),
+            u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface),
+            self.dropped_by_queue.load(Ordering::Relaxed),
+        );
+    }
+}
+
+impl PacketSink for Stream {
+    fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        let record_len = pcap::RECORD_HEADER_LEN + data.len();
+        if self.queued_bytes.load(Ordering::Relaxed) + record_len > self.queue_limit {
+            self.dropped_by_queue.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut record = Vec::with_capacity(record_len);
+        pcap::append_record(&mut record, timestamp, original_length, data);
+        self.queued_bytes.fetch_add(record_len, Ordering::Relaxed);
+        if self.records_in.send(record).is_ok() && self.has_pending.load(Ordering::SeqCst) {
+            self.serve_pending();
+        }
+    }
+
+    fn ended(&self, stats: CaptureStats) {
+        self.capture_ended.store(true, Ordering::SeqCst);
+        self.serve_pending();
+        let mut report = lock(&self.closing_report);
+        report.1 = Some(stats);
+        if report.0 {
+            self.log_closing(stats);
+        }
+    }
+}
