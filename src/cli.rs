@@ -22,7 +22,7 @@ netstatfs runs in the foreground; Ctrl-C, SIGTERM or an unmount
 (umount m, fusermount3 -u m) stops it.";
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "netstatfs", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "netstatfs", version, about = ABOUT, long_about = LONG_ABOUT, args_override_self = true)]
 pub struct Cli {
     /// Directory to mount on.
     #[arg(value_name = "MOUNTPOINT", required_unless_present = "mount")]

@@ -224,13 +224,15 @@ fn mount(
     };
     if auto_unmount {
         config.mount_options.push(MountOption::AutoUnmount);
-    } else {
+    }
+    let session = Session::new(fs, mountpoint, &config)
+        .map_err(|err| format!("cannot mount on {}: {err}", mountpoint.display()))?;
+    if !auto_unmount {
         warn!(
             "fusermount3 cannot auto-unmount here: if netstatfs is killed, clear the mount with fusermount3 -u"
         );
     }
-    Session::new(fs, mountpoint, &config)
-        .map_err(|err| format!("cannot mount on {}: {err}", mountpoint.display()))
+    Ok(session)
 }
 
 /// Auto-unmount goes through fusermount3, and needs the kernel's

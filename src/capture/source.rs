@@ -16,6 +16,16 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use pcap::{Active, Capture, Precision};
 
+/// How long the kernel holds a block of packets before handing it over.
+///
+/// Not libpcap's immediate mode: that switches to TPACKET_V2, whose ring on
+/// the "any" device holds one snaplen-sized frame per packet (a handful with
+/// the default 2 MiB buffer and 256 KiB snaplen), so a burst of a few small
+/// packets is dropped. TPACKET_V3 packs packets by their real size and hands
+/// a block over when it is full or this old: packets still reach the reader
+/// within a few milliseconds, and an idle capture costs only a kernel timer.
+const BLOCK_TIMEOUT_MS: i32 = 2;
+
 /// How every capture is opened (from the command line).
 #[derive(Clone, Debug)]
 pub struct CaptureSettings {
@@ -155,7 +165,13 @@ fn open(
     let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
     let inactive = || {
         Capture::from_device(settings.interface.as_str())
-            .map(|capture| capture.snaplen(snaplen).promisc(false).immediate_mode(true))
+            .map(|capture| {
+                capture
+                    .snaplen(snaplen)
+                    .promisc(false)
+                    .immediate_mode(false)
+                    .timeout(BLOCK_TIMEOUT_MS)
+            })
             .map_err(|err| {
                 CaptureError::Failed(format!("no capture device {:?}: {err}", settings.interface))
             })

@@ -318,6 +318,7 @@ impl NetstatFs {
                 sink,
                 move |outcome| match outcome {
                     Ok(opened) => {
+                        debug!("{}: capture running", stream.label());
                         stream.opened(opened);
                         let handle = streams.insert(stream);
                         reply.opened(

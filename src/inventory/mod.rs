@@ -104,6 +104,7 @@ pub struct Inventory {
     ticks_per_second: u64,
     reported_lines: HashSet<String>,
     reported_unreadable: HashSet<i32>,
+    own_netns: Option<NetnsId>,
 }
 
 /// A process as the fd pass saw it, before the tables are joined in.
@@ -136,6 +137,7 @@ impl Inventory {
             ticks_per_second: procfs::ticks_per_second().max(1),
             reported_lines: HashSet::new(),
             reported_unreadable: HashSet::new(),
+            own_netns: own_netns(),
         }
     }
 
@@ -244,17 +246,24 @@ impl Inventory {
                 TableSource::Netns(netns) => Some(netns),
                 TableSource::Process(_) => None,
             };
-            for row in self.read_namespace_tables(&pids) {
+            // The daemon's own namespace is read through the daemon itself,
+            // which cannot exit meanwhile.
+            let own = netns.is_some() && netns == self.own_netns;
+            let mut dirs: Vec<PathBuf> = Vec::with_capacity(pids.len() + 1);
+            if own {
+                dirs.push(self.proc_root.join("self"));
+            }
+            dirs.extend(pids.iter().map(|pid| self.proc_root.join(pid.to_string())));
+            for row in self.read_namespace_tables(&dirs) {
                 rows.insert(row.inode, (row, netns));
             }
         }
         rows
     }
 
-    fn read_namespace_tables(&mut self, pids: &[i32]) -> Vec<SocketRow> {
-        for pid in pids {
-            let proc_pid = self.proc_root.join(pid.to_string());
-            match self.read_all_tables(&proc_pid) {
+    fn read_namespace_tables(&mut self, proc_dirs: &[PathBuf]) -> Vec<SocketRow> {
+        for proc_pid in proc_dirs {
+            match self.read_all_tables(proc_pid) {
                 Ok(rows) => return rows,
                 Err(err) => debug!(
                     "cannot read socket tables through {}: {err}",

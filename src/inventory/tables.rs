@@ -37,12 +37,19 @@ pub struct Table {
 }
 
 /// Reads `<proc_pid>/net/<proto>`. A table the kernel does not have (IPv6
-/// disabled, say) is empty, not an error.
+/// disabled, say) is empty, not an error; but a process that is exiting
+/// loses its whole net directory while /proc/<pid> stays, so an absent table
+/// counts as absent only while the IPv4 TCP table, which every namespace
+/// has, is still there.
 pub fn read_table(proc_pid: &Path, proto: Proto) -> io::Result<Table> {
     let path = proc_pid.join("net").join(proto.as_str());
     let text = match std::fs::read(&path) {
         Ok(text) => text,
-        Err(err) if err.kind() == io::ErrorKind::NotFound && proc_pid.exists() => {
+        Err(err)
+            if err.kind() == io::ErrorKind::NotFound
+                && proto != Proto::Tcp
+                && proc_pid.join("net/tcp").exists() =>
+        {
             return Ok(Table::default());
         }
         Err(err) => return Err(err),

@@ -334,3 +334,113 @@ impl PacketSink for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A stream as just opened (header queued), without a capture behind it.
+    fn stream(queue_limit: usize) -> Stream {
+        let owner = SocketOwner {
+            pid: 0,
+            start_ticks: 0,
+            inode: 0,
+            fds: Vec::new(),
+        };
+        let stream = Stream::new("test".into(), owner, queue_limit);
+        lock(&stream.state).carry = pcap::global_header(113, 65535, true);
+        stream
+    }
+
+    fn packet(stream: &Stream, payload: &[u8]) {
+        let timestamp = Timestamp {
+            seconds: 1,
+            fraction: 2,
+        };
+        stream.packet(timestamp, payload.len() as u32, payload);
+    }
+
+    /// Reads `size` bytes; None if the read had to wait. The bytes of a
+    /// waiting read land in the returned slot when it is answered.
+    fn read(stream: &Stream, size: u32) -> Arc<Mutex<Option<Vec<u8>>>> {
+        let slot = Arc::new(Mutex::new(None));
+        let answer_slot = Arc::clone(&slot);
+        stream.read(
+            size,
+            0,
+            Box::new(move |answer| {
+                *lock(&answer_slot) = Some(match answer {
+                    Answer::Data(bytes) => bytes.to_vec(),
+                    Answer::Interrupted => b"EINTR".to_vec(),
+                })
+            }),
+        );
+        slot
+    }
+
+    fn taken(slot: &Arc<Mutex<Option<Vec<u8>>>>) -> Option<Vec<u8>> {
+        lock(slot).take()
+    }
+
+    #[test]
+    fn one_read_takes_everything_queued() {
+        let stream = stream(1 << 20);
+        for i in 0..10u8 {
+            packet(&stream, &[i; 100]);
+        }
+        let bytes = taken(&read(&stream, 128 * 1024)).unwrap();
+        assert_eq!(bytes.len(), 24 + 10 * (16 + 100));
+    }
+
+    #[test]
+    fn a_short_read_splits_a_record_and_the_rest_follows() {
+        let stream = stream(1 << 20);
+        packet(&stream, b"abcdef");
+        let first = taken(&read(&stream, 30)).unwrap();
+        assert_eq!(first.len(), 30);
+        let rest = taken(&read(&stream, 1000)).unwrap();
+        assert_eq!(rest.len(), 24 + 16 + 6 - 30);
+        assert!(rest.ends_with(b"abcdef"));
+    }
+
+    #[test]
+    fn a_waiting_read_is_answered_by_the_next_packet_and_eof_follows_the_end() {
+        let stream = stream(1 << 20);
+        assert_eq!(taken(&read(&stream, 24)).unwrap().len(), 24);
+        let waiting = read(&stream, 1000);
+        assert!(
+            taken(&waiting).is_none(),
+            "nothing to read yet: the read waits"
+        );
+        assert!(stream.has_pending());
+        packet(&stream, b"late");
+        assert_eq!(taken(&waiting).unwrap().len(), 16 + 4);
+        assert!(!stream.has_pending());
+
+        let at_end = read(&stream, 1000);
+        packet(&stream, b"last");
+        assert!(taken(&at_end).is_some());
+        stream.ended(CaptureStats::default());
+        assert_eq!(
+            taken(&read(&stream, 1000)).unwrap(),
+            Vec::<u8>::new(),
+            "EOF"
+        );
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_drops_are_counted() {
+        let stream = stream(3 * (16 + 100));
+        for _ in 0..10 {
+            packet(&stream, &[0; 100]);
+        }
+        assert_eq!(stream.dropped_by_queue.load(Ordering::Relaxed), 7);
+        let bytes = taken(&read(&stream, 1 << 20)).unwrap();
+        assert_eq!(bytes.len(), 24 + 3 * 116);
+        // Reading frees room.
+        packet(&stream, &[0; 100]);
+        assert_eq!(taken(&read(&stream, 1 << 20)).unwrap().len(), 116);
+    }
+}

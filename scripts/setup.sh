@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what netstatfs needs on a Debian/Ubuntu machine, skipping what is
+# already there, without a terminal.
+#   scripts/setup.sh run     build and mount (libpcap, fuse3, a C toolchain, Rust)
+#   scripts/setup.sh test    run + the tools the tests look through
+set -euo pipefail
+
+profile=${1:-run}
+packages=(build-essential pkg-config libpcap-dev fuse3 curl ca-certificates)
+if [ "$profile" = test ]; then
+    # tcpdump and tshark read the streams; attr gives getfattr/setfattr;
+    # iproute2 makes network namespaces; util-linux gives unshare, setpriv
+    # and mount; libcap2-bin gives setcap/capsh; coreutils gives timeout.
+    packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps)
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # tshark's package asks whether non-root users may capture: answer no.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust, from rustup, if the machine has none.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: installing Rust with rustup" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy
+fi
+if [ "$profile" = test ] && command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+    done
+fi
+
+# The kernel side of FUSE.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true

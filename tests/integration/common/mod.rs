@@ -1,0 +1,107 @@
+//! What the tests share: a real mount of the built binary, peer processes
+//! that hold sockets on command, network namespaces, bounded waits, and a
+//! decoder for the pcap streams.
+//!
+//! Every helper cleans up in `Drop`, so a failing test leaves no mount,
+//! process or namespace behind.
+
+pub mod mount;
+pub mod netns;
+pub mod packets;
+pub mod peer;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every 20 ms until it holds; panics after `timeout`
+/// with `what` (a wait for an event with a deadline, not a sleep).
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`wait_until`] for a value.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The names in a directory, sorted.
+pub fn list(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|err| panic!("cannot list {}: {err}", dir.display()))
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The names in a directory, or None if it cannot be listed (yet).
+pub fn try_list(dir: &Path) -> Option<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+/// An extended attribute as text.
+pub fn xattr(path: &Path, name: &str) -> Option<String> {
+    let output = std::process::Command::new("getfattr")
+        .args(["--only-values", "--absolute-names", "-n", name])
+        .arg(path)
+        .output()
+        .expect("getfattr runs");
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8(output.stdout).unwrap())
+}
+
+/// Whether anything is mounted at `path` (by /proc/self/mountinfo).
+pub fn mounted_at(path: &Path) -> bool {
+    let canonical = path.to_path_buf();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(canonical.to_str().unwrap()))
+}
+
+/// A unique scratch directory under /tmp, removed on drop.
+pub struct ScratchDir(pub std::path::PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> ScratchDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "netstatfs-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        ScratchDir(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,133 @@
+//! Decoding a stream read from the mount: libpcap's own reader for the
+//! file format, etherparse for the headers.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+
+/// One packet as a test looks at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub tcp_flags: String,
+    /// TCP sequence and acknowledgment numbers (0 for UDP).
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Seen {
+    pub fn is(&self, src: SocketAddr, dst: SocketAddr) -> bool {
+        self.src == src && self.dst == dst
+    }
+    pub fn payload_text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// The link type and packets of a pcap stream saved at `path`.
+pub fn read_pcap_file(path: &Path) -> (i32, Vec<Seen>) {
+    let mut capture = pcap::Capture::from_file(path).expect("a valid pcap file");
+    let linktype = capture.get_datalink().0;
+    let mut packets = Vec::new();
+    loop {
+        match capture.next_packet() {
+            Ok(packet) => packets.push(decode(linktype, packet.data)),
+            Err(pcap::Error::NoMorePackets) => break,
+            Err(err) => panic!("bad record: {err}"),
+        }
+    }
+    (linktype, packets)
+}
+
+/// The link type and packets of pcap stream bytes; a record cut short at
+/// the end (a stream read mid-way) is left out.
+pub fn read_pcap(bytes: &[u8]) -> (i32, Vec<Seen>) {
+    let bytes = &bytes[..complete_prefix(bytes)];
+    if bytes.is_empty() {
+        return (0, Vec::new());
+    }
+    let scratch = super::ScratchDir::new("pcap");
+    let path = scratch.0.join("stream.pcap");
+    std::fs::write(&path, bytes).unwrap();
+    read_pcap_file(&path)
+}
+
+fn decode(linktype: i32, data: &[u8]) -> Seen {
+    let sliced = match linktype {
+        // LINUX_SLL: a 16-byte cooked header whose last two bytes are the
+        // EtherType (etherparse's own SLL reader rejects loopback packets).
+        113 => SlicedPacket::from_ether_type(
+            EtherType(u16::from_be_bytes([data[14], data[15]])),
+            &data[16..],
+        ),
+        1 => SlicedPacket::from_ethernet(data),
+        other => panic!("unexpected link type {other}"),
+    }
+    .expect("a parsable packet");
+    let (src_ip, dst_ip): (IpAddr, IpAddr) = match sliced.net.expect("an IP packet") {
+        NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Arp(_) => panic!("ARP in a socket stream"),
+    };
+    match sliced.transport.expect("a transport header") {
+        TransportSlice::Tcp(tcp) => {
+            let mut flags = String::new();
+            for (set, letter) in [
+                (tcp.syn(), 'S'),
+                (tcp.fin(), 'F'),
+                (tcp.rst(), 'R'),
+                (tcp.psh(), 'P'),
+                (tcp.ack(), '.'),
+            ] {
+                if set {
+                    flags.push(letter);
+                }
+            }
+            Seen {
+                src: SocketAddr::new(src_ip, tcp.source_port()),
+                dst: SocketAddr::new(dst_ip, tcp.destination_port()),
+                tcp_flags: flags,
+                seq: tcp.sequence_number(),
+                ack: tcp.acknowledgment_number(),
+                payload: tcp.payload().to_vec(),
+            }
+        }
+        TransportSlice::Udp(udp) => Seen {
+            src: SocketAddr::new(src_ip, udp.source_port()),
+            dst: SocketAddr::new(dst_ip, udp.destination_port()),
+            tcp_flags: String::new(),
+            seq: 0,
+            ack: 0,
+            payload: udp.payload().to_vec(),
+        },
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+/// The length of the longest prefix made of the global header and whole
+/// records.
+fn complete_prefix(bytes: &[u8]) -> usize {
+    let mut end = 24;
+    if bytes.len() < end {
+        return 0;
+    }
+    loop {
+        let Some(header) = bytes.get(end..end + 16) else {
+            return end;
+        };
+        let captured = u32::from_ne_bytes(header[8..12].try_into().unwrap()) as usize;
+        if bytes.len() < end + 16 + captured {
+            return end;
+        }
+        end += 16 + captured;
+    }
+}

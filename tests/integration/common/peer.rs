@@ -1,0 +1,398 @@
+//! Peer processes: this test binary started again in "peer" mode, holding
+//! sockets and making traffic on command, one line per command on stdin,
+//! one `PEER ok …` or `PEER err …` line per answer on stdout.
+//!
+//! A peer is its own process (its own directory on the mount, its own comm)
+//! and dies with its `Peer` handle, or when the test process dies (stdin
+//! closes).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use nix::sys::socket::{
+    self, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage, sockopt,
+};
+
+const PEER_ENV: &str = "NETSTATFS_TEST_PEER";
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The handle a test holds.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    answers: Receiver<String>,
+    pub pid: u32,
+}
+
+impl Peer {
+    pub fn spawn() -> Peer {
+        Self::spawn_with(Command::new(std::env::current_exe().unwrap()))
+    }
+
+    /// A peer inside network namespace `netns` (by `ip netns exec`).
+    pub fn spawn_in_netns(netns: &str) -> Peer {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(std::env::current_exe().unwrap());
+        Self::spawn_with(command)
+    }
+
+    fn spawn_with(mut command: Command) -> Peer {
+        let mut child = command
+            .args([
+                "peer_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(PEER_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("peer starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, answers) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Some(answer) = line.strip_prefix("PEER ") {
+                    if tx.send(answer.to_owned()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut peer = Peer {
+            pid: child.id(),
+            child,
+            stdin,
+            answers,
+        };
+        // The pid answered by the peer itself (`ip netns exec` execs it, so
+        // the two agree; this also waits for the peer to be ready).
+        peer.pid = peer.cmd("pid")[0].parse().unwrap();
+        peer
+    }
+
+    /// Runs one command; returns the answer's fields. Panics on an error.
+    pub fn cmd(&mut self, line: &str) -> Vec<String> {
+        match self.try_cmd(line) {
+            Ok(fields) => fields,
+            Err(err) => panic!("peer command {line:?} failed: {err}"),
+        }
+    }
+
+    pub fn try_cmd(&mut self, line: &str) -> Result<Vec<String>, String> {
+        writeln!(self.stdin, "{line}").map_err(|err| err.to_string())?;
+        self.stdin.flush().map_err(|err| err.to_string())?;
+        let answer = self
+            .answers
+            .recv_timeout(ANSWER_TIMEOUT)
+            .map_err(|_| format!("no answer to {line:?}"))?;
+        match answer.strip_prefix("ok") {
+            Some(rest) => Ok(rest.split_whitespace().map(str::to_owned).collect()),
+            None => Err(answer),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Entry point of peer mode: serves commands if this process is a peer.
+pub fn serve_if_peer() {
+    if std::env::var_os(PEER_ENV).is_none() {
+        return;
+    }
+    let mut state = PeerState::default();
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines().map_while(Result::ok) {
+        let answer = match state.run(line.trim()) {
+            Ok(fields) if fields.is_empty() => "ok".to_owned(),
+            Ok(fields) => format!("ok {}", fields.join(" ")),
+            Err(err) => format!("err {err}"),
+        };
+        println!("PEER {answer}");
+        if line.trim() == "exit" {
+            break;
+        }
+    }
+    std::process::exit(0);
+}
+
+enum Held {
+    Listener(TcpListener),
+    Stream(TcpStream),
+    Udp(UdpSocket),
+    Fd(OwnedFd),
+}
+
+impl Held {
+    fn raw_fd(&self) -> i32 {
+        match self {
+            Held::Listener(s) => s.as_raw_fd(),
+            Held::Stream(s) => s.as_raw_fd(),
+            Held::Udp(s) => s.as_raw_fd(),
+            Held::Fd(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerState {
+    held: HashMap<usize, Held>,
+    next: usize,
+}
+
+type Answer = Result<Vec<String>, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl PeerState {
+    fn hold(&mut self, held: Held) -> String {
+        let id = self.next;
+        self.next += 1;
+        self.held.insert(id, held);
+        id.to_string()
+    }
+
+    fn get(&self, id: &str) -> Result<&Held, String> {
+        let id: usize = id.parse().map_err(err)?;
+        self.held.get(&id).ok_or_else(|| format!("no object {id}"))
+    }
+
+    fn run(&mut self, line: &str) -> Answer {
+        let mut words = line.splitn(2, ' ');
+        let command = words.next().unwrap_or_default();
+        let rest = words.next().unwrap_or_default();
+        let args: Vec<&str> = rest.split_whitespace().collect();
+        let arg = |i: usize| {
+            args.get(i)
+                .copied()
+                .ok_or_else(|| format!("{command}: argument {i} missing"))
+        };
+        match command {
+            "pid" => Ok(vec![std::process::id().to_string()]),
+            "comm" => {
+                std::fs::write("/proc/self/comm", rest).map_err(err)?;
+                Ok(vec![])
+            }
+            "tcp-listen" => {
+                let listener = TcpListener::bind(arg(0)?).map_err(err)?;
+                let local = listener.local_addr().map_err(err)?;
+                Ok(vec![self.hold(Held::Listener(listener)), local.to_string()])
+            }
+            "tcp-listen-reuseport" | "tcp-listen-v6only" => {
+                let addr: SocketAddr = arg(0)?.parse().map_err(err)?;
+                let family = if addr.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let fd = socket::socket(
+                    family,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    SockProtocol::Tcp,
+                )
+                .map_err(err)?;
+                if command == "tcp-listen-reuseport" {
+                    socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(err)?;
+                } else {
+                    socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(err)?;
+                }
+                socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err)?;
+                socket::listen(&fd, socket::Backlog::new(128).map_err(err)?).map_err(err)?;
+                let listener = TcpListener::from(fd);
+                let local = listener.local_addr().map_err(err)?;
+                Ok(vec![self.hold(Held::Listener(listener)), local.to_string()])
+            }
+            "tcp-connect" => {
+                let stream = TcpStream::connect(arg(0)?).map_err(err)?;
+                let (local, remote) = (
+                    stream.local_addr().map_err(err)?,
+                    stream.peer_addr().map_err(err)?,
+                );
+                Ok(vec![
+                    self.hold(Held::Stream(stream)),
+                    local.to_string(),
+                    remote.to_string(),
+                ])
+            }
+            "tcp-accept" => {
+                let Held::Listener(listener) = self.get(arg(0)?)? else {
+                    return Err("not a listener".into());
+                };
+                let (stream, remote) = listener.accept().map_err(err)?;
+                let local = stream.local_addr().map_err(err)?;
+                Ok(vec![
+                    self.hold(Held::Stream(stream)),
+                    local.to_string(),
+                    remote.to_string(),
+                ])
+            }
+            "udp-bind" => {
+                let socket = UdpSocket::bind(arg(0)?).map_err(err)?;
+                let local = socket.local_addr().map_err(err)?;
+                Ok(vec![self.hold(Held::Udp(socket)), local.to_string()])
+            }
+            "udp-many" => {
+                let count: usize = arg(0)?.parse().map_err(err)?;
+                raise_fd_limit();
+                let first = self.next;
+                for _ in 0..count {
+                    let socket = UdpSocket::bind(arg(1)?).map_err(err)?;
+                    self.hold(Held::Udp(socket));
+                }
+                Ok(vec![first.to_string()])
+            }
+            "udp-connect" => {
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                socket.connect(arg(1)?).map_err(err)?;
+                Ok(vec![socket.local_addr().map_err(err)?.to_string()])
+            }
+            "send" => {
+                let (_, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                match self.get(arg(0)?)? {
+                    Held::Stream(stream) => {
+                        let mut stream: &TcpStream = stream;
+                        stream.write_all(text.as_bytes()).map_err(err)?
+                    }
+                    Held::Udp(socket) => {
+                        socket.send(text.as_bytes()).map_err(err)?;
+                    }
+                    _ => return Err("cannot send on that".into()),
+                }
+                Ok(vec![])
+            }
+            "sendto" => {
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                let text = rest.splitn(3, ' ').nth(2).unwrap_or_default();
+                socket.send_to(text.as_bytes(), arg(1)?).map_err(err)?;
+                Ok(vec![])
+            }
+            "recv" => {
+                let size: usize = arg(1)?.parse().map_err(err)?;
+                let mut buffer = vec![0u8; size];
+                let got = match self.get(arg(0)?)? {
+                    Held::Stream(stream) => {
+                        let mut stream: &TcpStream = stream;
+                        stream.read_exact(&mut buffer).map_err(err)?;
+                        size
+                    }
+                    Held::Udp(socket) => socket.recv(&mut buffer).map_err(err)?,
+                    _ => return Err("cannot receive on that".into()),
+                };
+                Ok(vec![String::from_utf8_lossy(&buffer[..got]).into_owned()])
+            }
+            "pump" => {
+                // Writes `bytes` bytes on a TCP stream from a thread; the
+                // other end must be drained ("drain").
+                let bytes: usize = arg(1)?.parse().map_err(err)?;
+                let Held::Stream(stream) = self.get(arg(0)?)? else {
+                    return Err("not a tcp stream".into());
+                };
+                let mut stream = stream.try_clone().map_err(err)?;
+                std::thread::spawn(move || {
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if stream.write_all(&chunk[..n]).is_err() {
+                            break;
+                        }
+                        left -= n;
+                    }
+                });
+                Ok(vec![])
+            }
+            "drain" => {
+                // Reads exactly `bytes` bytes.
+                let bytes: usize = arg(1)?.parse().map_err(err)?;
+                let Held::Stream(stream) = self.get(arg(0)?)? else {
+                    return Err("not a tcp stream".into());
+                };
+                let mut stream = stream.try_clone().map_err(err)?;
+                std::io::copy(&mut (&mut stream).take(bytes as u64), &mut std::io::sink())
+                    .map_err(err)?;
+                Ok(vec![])
+            }
+            "dup" => {
+                let held = self.get(arg(0)?)?;
+                let fd = match held {
+                    Held::Listener(s) => s.as_fd().try_clone_to_owned(),
+                    Held::Stream(s) => s.as_fd().try_clone_to_owned(),
+                    Held::Udp(s) => s.as_fd().try_clone_to_owned(),
+                    Held::Fd(fd) => fd.try_clone(),
+                }
+                .map_err(err)?;
+                let raw = fd.as_raw_fd();
+                Ok(vec![self.hold(Held::Fd(fd)), raw.to_string()])
+            }
+            "fd" => Ok(vec![self.get(arg(0)?)?.raw_fd().to_string()]),
+            "inode" => {
+                // A socket's inode number is what fstat reports for it.
+                let fd = self.get(arg(0)?)?.raw_fd();
+                let stat =
+                    nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+                        .map_err(err)?;
+                Ok(vec![stat.st_ino.to_string()])
+            }
+            "raw" => {
+                let protocol: i32 = arg(0)?.parse().map_err(err)?;
+                // SAFETY: a plain socket(2) call; the fd is owned at once.
+                let raw =
+                    unsafe { nix::libc::socket(nix::libc::AF_INET, nix::libc::SOCK_RAW, protocol) };
+                if raw < 0 {
+                    return Err(std::io::Error::last_os_error().to_string());
+                }
+                // SAFETY: `raw` is a new, valid fd nobody else owns.
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                Ok(vec![self.hold(Held::Fd(fd))])
+            }
+            "shutdown" => {
+                let Held::Stream(stream) = self.get(arg(0)?)? else {
+                    return Err("not a tcp stream".into());
+                };
+                stream.shutdown(std::net::Shutdown::Write).map_err(err)?;
+                Ok(vec![])
+            }
+            "close" => {
+                let id: usize = arg(0)?.parse().map_err(err)?;
+                self.held.remove(&id).ok_or("no such object")?;
+                Ok(vec![])
+            }
+            "exit" => Ok(vec![]),
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

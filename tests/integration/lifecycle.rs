@@ -1,0 +1,171 @@
+//! Starting and stopping: bad start-up input, signals, unmounts by others,
+//! a killed daemon.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::common::mount::{BINARY, Mount};
+use crate::common::{ScratchDir, mounted_at, wait_until};
+
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Asserts a failed start: non-zero exit, one clear line, no panic.
+fn assert_one_line_error(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line expected, got:\n{stderr}");
+    assert!(lines[0].starts_with("netstatfs: error: "), "{stderr}");
+    assert!(lines[0].contains(expected), "{expected:?} not in {stderr}");
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BINARY).args(args).output().unwrap()
+}
+
+#[test]
+fn missing_or_wrong_mountpoints_are_one_line_errors() {
+    let scratch = ScratchDir::new("startup");
+    let missing = scratch.0.join("missing");
+    assert_one_line_error(&run(&[missing.to_str().unwrap()]), "does not exist");
+    let file = scratch.0.join("file");
+    std::fs::write(&file, b"").unwrap();
+    assert_one_line_error(&run(&[file.to_str().unwrap()]), "not a directory");
+    let usage = run(&[]);
+    assert!(!usage.status.success());
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("MOUNTPOINT"));
+}
+
+#[test]
+fn mounting_twice_on_one_directory_is_refused() {
+    let mount = Mount::start(&[]);
+    let output = run(&[mount.path.to_str().unwrap()]);
+    assert_one_line_error(&output, "already a mount point");
+    // The first mount still serves.
+    assert!(std::fs::read_dir(&mount.path).is_ok());
+}
+
+#[test]
+fn a_missing_dev_fuse_is_one_line_error() {
+    // In a private mount namespace with an empty /dev.
+    let scratch = ScratchDir::new("nodev");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {BINARY} {}",
+        scratch.0.display()
+    );
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "/dev/fuse is missing");
+}
+
+#[test]
+fn a_refused_mount_is_one_line_error() {
+    // An unprivileged user may not mount on a directory it cannot write.
+    let scratch = ScratchDir::new("refused");
+    let target = scratch.0.join("m");
+    std::fs::create_dir(&target).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BINARY])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "cannot mount on");
+    assert!(!mounted_at(&target));
+}
+
+#[test]
+fn sigterm_and_sigint_unmount_and_exit_zero() {
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut mount = Mount::start(&[]);
+        mount.signal(signal);
+        let status = mount.wait_exit(EXIT_WAIT);
+        assert!(status.success(), "{signal}: {status}");
+        assert!(!mounted_at(&mount.path), "{signal} left a mount behind");
+        assert!(!mount.log().contains("panicked"));
+    }
+}
+
+#[test]
+fn an_unmount_by_someone_else_ends_the_daemon_cleanly() {
+    for command in [&["umount"][..], &["fusermount3", "-u"][..]] {
+        let mut mount = Mount::start(&[]);
+        let status = Command::new(command[0])
+            .args(&command[1..])
+            .arg(&mount.path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command:?}");
+        let status = mount.wait_exit(EXIT_WAIT);
+        assert!(status.success(), "{command:?}: {status}");
+        assert!(!mounted_at(&mount.path));
+    }
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_dead_mount() {
+    let mut mount = Mount::start(&[]);
+    mount.signal(Signal::SIGKILL);
+    mount.wait_exit(EXIT_WAIT);
+    // fusermount3's auto-unmount removes it once the daemon is gone.
+    wait_until(EXIT_WAIT, "the auto-unmount", || !mounted_at(&mount.path));
+    assert!(
+        std::fs::read_dir(&mount.path).is_ok(),
+        "the directory is usable again"
+    );
+}
+
+#[test]
+fn the_mount_flag_of_the_original_works_too() {
+    let scratch = ScratchDir::new("flag");
+    let target = scratch.0.join("m");
+    std::fs::create_dir(&target).unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("--mount")
+        .arg(&target)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(EXIT_WAIT, "the mount", || mounted_at(&target));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until(EXIT_WAIT, "exit", || child.try_wait().unwrap().is_some());
+    assert!(!mounted_at(&target));
+}
+
+#[test]
+fn help_explains_every_option() {
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    for option in [
+        "--mount",
+        "--all-processes",
+        "--cache-ttl",
+        "--allow-other",
+        "--interface",
+        "--snaplen",
+        "--buffer",
+        "--verbose",
+        "--quiet",
+        "--version",
+        "MOUNTPOINT",
+    ] {
+        assert!(
+            help.contains(option),
+            "{option} missing from --help:\n{help}"
+        );
+    }
+    let version = String::from_utf8(run(&["--version"]).stdout).unwrap();
+    assert!(version.starts_with("netstatfs "));
+}
