@@ -3,11 +3,13 @@
 //! - A connected socket (remote end known): both directions of exactly that
 //!   address/port pair.
 //! - An unconnected socket (TCP listener, unconnected UDP): everything to or
-//!   from its local address and port; a wildcard address means any address,
-//!   so the filter is on the port alone (an outgoing connection from this
-//!   namespace to some other host's port of the same number matches too: the
-//!   price of not tracking every local address). A `[::]` socket that is not
-//!   IPv6-only also carries IPv4.
+//!   from its local address and port. A wildcard address means any address
+//!   of the namespace: the filter lists the namespace's own addresses (whole
+//!   networks for loopback interfaces, 127.0.0.0/8), so an outgoing
+//!   connection to some other host's port of the same number stays out. An
+//!   unconnected UDP socket also takes multicast and broadcast datagrams to
+//!   its port. Where the addresses are not known, the port alone is matched.
+//!   A `[::]` socket that is not IPv6-only also carries IPv4.
 //! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) travel as IPv4 packets,
 //!   so they are matched as IPv4.
 //! - Raw sockets match their IP protocol; ping sockets (the icmp tables)
@@ -27,6 +29,38 @@ pub struct FilterTarget {
     /// For an unconnected socket on `[::]`: whether IPv4 reaches it too
     /// (it is not IPV6_V6ONLY).
     pub dual_stack: bool,
+}
+
+/// An address range that is local to the socket's namespace: an interface
+/// address, or a loopback interface's whole network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalNetwork {
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl LocalNetwork {
+    fn is_host(&self) -> bool {
+        match self.ip {
+            IpAddr::V4(_) => self.prefix_len >= 32,
+            IpAddr::V6(_) => self.prefix_len >= 128,
+        }
+    }
+
+    fn primitive(&self, direction: &str) -> String {
+        if self.is_host() {
+            format!("{direction} host {}", self.ip)
+        } else {
+            format!("{direction} net {}/{}", self.ip, self.prefix_len)
+        }
+    }
+
+    fn in_family(&self, family: Family) -> bool {
+        matches!(
+            (family, self.ip),
+            (Family::Any, _) | (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
+    }
 }
 
 /// The socket cannot be captured by a filter (a send-only raw socket, say).
@@ -65,8 +99,13 @@ pub fn is_connected(remote: SocketAddr) -> bool {
     remote.port() != 0 || !remote.ip().is_unspecified()
 }
 
-/// The BPF filter for one socket's traffic.
-pub fn bpf_filter_for(target: &FilterTarget) -> Result<String, Unsupported> {
+/// The BPF filter for one socket's traffic. `local_networks` are the
+/// namespace's own addresses, for sockets bound to a wildcard address (an
+/// empty list matches any address).
+pub fn bpf_filter_for(
+    target: &FilterTarget,
+    local_networks: &[LocalNetwork],
+) -> Result<String, Unsupported> {
     let local_ip = wire_ip(target.local.ip());
     let remote_ip = wire_ip(target.remote.ip());
     let connected = is_connected(target.remote);
@@ -87,8 +126,35 @@ pub fn bpf_filter_for(target: &FilterTarget) -> Result<String, Unsupported> {
         target.proto,
         Proto::Tcp | Proto::Tcp6 | Proto::Udp | Proto::Udp6
     );
-    let local = Endpoint::new(local_ip, ports.then_some(target.local.port()));
-    let remote = Endpoint::new(remote_ip, ports.then_some(target.remote.port()));
+    let local_hosts = match local_ip {
+        Some(ip) => Hosts::Exact(ip),
+        None if ports && !connected => {
+            let networks: Vec<LocalNetwork> = local_networks
+                .iter()
+                .filter(|n| n.in_family(family))
+                .copied()
+                .collect();
+            if networks.is_empty() {
+                Hosts::Any
+            } else {
+                let udp = matches!(target.proto, Proto::Udp | Proto::Udp6);
+                Hosts::Among {
+                    networks,
+                    family,
+                    groups: udp,
+                }
+            }
+        }
+        None => Hosts::Any,
+    };
+    let local = Endpoint {
+        hosts: local_hosts,
+        port: ports.then_some(target.local.port()),
+    };
+    let remote = Endpoint {
+        hosts: remote_ip.map_or(Hosts::Any, Hosts::Exact),
+        port: ports.then_some(target.remote.port()),
+    };
 
     let clause = if connected {
         let outgoing = [local.clause("src"), remote.clause("dst")].concat();
@@ -103,22 +169,50 @@ pub fn bpf_filter_for(target: &FilterTarget) -> Result<String, Unsupported> {
     Ok(filter)
 }
 
-/// One end of a flow: an address (None: any) and, for TCP and UDP, a port.
+/// Which addresses one end of a flow may have.
+enum Hosts {
+    Any,
+    Exact(IpAddr),
+    /// A wildcard-bound socket: the namespace's own addresses, and for UDP
+    /// also multicast and broadcast destinations.
+    Among {
+        networks: Vec<LocalNetwork>,
+        family: Family,
+        groups: bool,
+    },
+}
+
+/// One end of a flow: its addresses and, for TCP and UDP, a port.
 struct Endpoint {
-    ip: Option<IpAddr>,
+    hosts: Hosts,
     port: Option<u16>,
 }
 
 impl Endpoint {
-    fn new(ip: Option<IpAddr>, port: Option<u16>) -> Self {
-        Endpoint { ip, port }
-    }
-
     /// The primitives that pin this end as source or destination.
     fn clause(&self, direction: &str) -> Vec<String> {
         let mut parts = Vec::new();
-        if let Some(ip) = self.ip {
-            parts.push(format!("{direction} host {ip}"));
+        match &self.hosts {
+            Hosts::Any => {}
+            Hosts::Exact(ip) => parts.push(format!("{direction} host {ip}")),
+            Hosts::Among {
+                networks,
+                family,
+                groups,
+            } => {
+                let mut any_of: Vec<String> =
+                    networks.iter().map(|n| n.primitive(direction)).collect();
+                if *groups && direction == "dst" {
+                    if *family != Family::V6 {
+                        any_of.push("ip multicast".into());
+                        any_of.push("dst host 255.255.255.255".into());
+                    }
+                    if *family != Family::V4 {
+                        any_of.push("ip6 multicast".into());
+                    }
+                }
+                parts.push(format!("({})", any_of.join(" or ")));
+            }
         }
         if let Some(port) = self.port {
             parts.push(format!("{direction} port {port}"));
@@ -196,13 +290,43 @@ mod tests {
     use super::*;
 
     fn filter(proto: Proto, local: &str, remote: &str, dual_stack: bool) -> String {
-        bpf_filter_for(&FilterTarget {
-            proto,
-            local: local.parse().unwrap(),
-            remote: remote.parse().unwrap(),
-            dual_stack,
-        })
+        filter_with(proto, local, remote, dual_stack, &[])
+    }
+
+    fn filter_with(
+        proto: Proto,
+        local: &str,
+        remote: &str,
+        dual_stack: bool,
+        locals: &[LocalNetwork],
+    ) -> String {
+        bpf_filter_for(
+            &FilterTarget {
+                proto,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                dual_stack,
+            },
+            locals,
+        )
         .unwrap()
+    }
+
+    fn namespace_addresses() -> Vec<LocalNetwork> {
+        vec![
+            LocalNetwork {
+                ip: "127.0.0.0".parse().unwrap(),
+                prefix_len: 8,
+            },
+            LocalNetwork {
+                ip: "10.1.2.3".parse().unwrap(),
+                prefix_len: 32,
+            },
+            LocalNetwork {
+                ip: "::1".parse().unwrap(),
+                prefix_len: 128,
+            },
+        ]
     }
 
     /// libpcap itself must accept every filter: compile each on a dead
@@ -323,12 +447,53 @@ mod tests {
         let ping6 = filter(Proto::Icmp6, "[::]:77", "[::]:0", true);
         assert!(ping6.contains("ip6[44:2] == 77"));
         compiles(&ping6);
-        let send_only = bpf_filter_for(&FilterTarget {
-            proto: Proto::Raw,
-            local: "0.0.0.0:255".parse().unwrap(),
-            remote: "0.0.0.0:0".parse().unwrap(),
-            dual_stack: true,
-        });
+        let send_only = bpf_filter_for(
+            &FilterTarget {
+                proto: Proto::Raw,
+                local: "0.0.0.0:255".parse().unwrap(),
+                remote: "0.0.0.0:0".parse().unwrap(),
+                dual_stack: true,
+            },
+            &[],
+        );
         assert!(send_only.is_err());
+    }
+
+    #[test]
+    fn wildcard_listeners_with_known_addresses_match_only_local_ends() {
+        let locals = namespace_addresses();
+        let v4 = filter_with(Proto::Tcp, "0.0.0.0:22", "0.0.0.0:0", true, &locals);
+        assert_eq!(
+            v4,
+            "ip and tcp and (((src net 127.0.0.0/8 or src host 10.1.2.3) and src port 22) \
+             or ((dst net 127.0.0.0/8 or dst host 10.1.2.3) and dst port 22))"
+        );
+        compiles(&v4);
+        // Dual stack: both families' addresses.
+        let dual = filter_with(Proto::Tcp6, "[::]:22", "[::]:0", true, &locals);
+        assert!(dual.starts_with("tcp and "), "{dual}");
+        assert!(
+            dual.contains("src host ::1") && dual.contains("src net 127.0.0.0/8"),
+            "{dual}"
+        );
+        compiles(&dual);
+        // IPv6 only: IPv6 addresses only.
+        let v6only = filter_with(Proto::Tcp6, "[::]:22", "[::]:0", false, &locals);
+        assert!(!v6only.contains("127.0.0.0"), "{v6only}");
+        compiles(&v6only);
+        // UDP also takes multicast and broadcast datagrams to its port.
+        let udp = filter_with(Proto::Udp, "0.0.0.0:5353", "0.0.0.0:0", true, &locals);
+        assert!(
+            udp.contains("or ip multicast or dst host 255.255.255.255)"),
+            "{udp}"
+        );
+        assert!(!udp.contains("ip6 multicast"));
+        compiles(&udp);
+        // A specific address needs no list.
+        let specific = filter_with(Proto::Tcp, "127.0.0.1:22", "0.0.0.0:0", true, &locals);
+        assert_eq!(
+            specific,
+            filter(Proto::Tcp, "127.0.0.1:22", "0.0.0.0:0", true)
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! process, enters the namespace with setns), and its outcome is handed to
 //! the caller's `on_ready` callback, so the caller never blocks on it.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::thread;
@@ -15,6 +16,8 @@ use std::thread;
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use pcap::{Active, Capture, Precision};
+
+use super::filter::{FilterTarget, LocalNetwork, bpf_filter_for};
 
 /// How long the kernel holds a block of packets before handing it over.
 ///
@@ -39,7 +42,9 @@ pub struct CaptureRequest {
     /// The socket's namespace (an open /proc/<pid>/ns/net), or None to stay
     /// in the daemon's own.
     pub netns: Option<OwnedFd>,
-    pub filter: String,
+    /// The socket the filter is made for (inside the namespace, where its
+    /// own addresses are known).
+    pub target: FilterTarget,
     /// For log lines: which file this capture feeds.
     pub label: String,
 }
@@ -184,11 +189,69 @@ fn open(
             Err(_) => return Err(classify(first)),
         },
     };
-    capture.filter(&request.filter, true).map_err(|err| {
-        CaptureError::Failed(format!("filter {:?} refused: {err}", request.filter))
-    })?;
+    let filter = bpf_filter_for(&request.target, &local_networks())
+        .map_err(|unsupported| CaptureError::Failed(unsupported.0))?;
+    debug!("{}: capture filter: {filter}", request.label);
+    capture
+        .filter(&filter, true)
+        .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
     let linktype = capture.get_datalink().0;
     Ok((capture, linktype, nanos))
+}
+
+/// The current namespace's own addresses: each interface address, and a
+/// loopback interface's whole network (every 127.0.0.0/8 address is local).
+fn local_networks() -> Vec<LocalNetwork> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut networks = Vec::new();
+    for interface in interfaces {
+        let loopback = interface
+            .flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK);
+        let (Some(address), Some(netmask)) = (interface.address, interface.netmask) else {
+            continue;
+        };
+        let network =
+            if let (Some(ip), Some(mask)) = (address.as_sockaddr_in(), netmask.as_sockaddr_in()) {
+                let (ip, mask) = (ip.ip(), mask.ip());
+                let prefix_len = mask.to_bits().count_ones() as u8;
+                if loopback {
+                    LocalNetwork {
+                        ip: IpAddr::V4(Ipv4Addr::from_bits(ip.to_bits() & mask.to_bits())),
+                        prefix_len,
+                    }
+                } else {
+                    LocalNetwork {
+                        ip: IpAddr::V4(ip),
+                        prefix_len: 32,
+                    }
+                }
+            } else if let (Some(ip), Some(mask)) =
+                (address.as_sockaddr_in6(), netmask.as_sockaddr_in6())
+            {
+                let (ip, mask) = (ip.ip(), mask.ip());
+                let prefix_len = mask.to_bits().count_ones() as u8;
+                if loopback {
+                    LocalNetwork {
+                        ip: IpAddr::V6(Ipv6Addr::from_bits(ip.to_bits() & mask.to_bits())),
+                        prefix_len,
+                    }
+                } else {
+                    LocalNetwork {
+                        ip: IpAddr::V6(ip),
+                        prefix_len: 128,
+                    }
+                }
+            } else {
+                continue;
+            };
+        if !networks.contains(&network) {
+            networks.push(network);
+        }
+    }
+    networks
 }
 
 fn classify(err: pcap::Error) -> CaptureError {

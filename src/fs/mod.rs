@@ -277,14 +277,13 @@ impl NetstatFs {
             remote: socket.remote(),
             dual_stack: Self::dual_stack(&tree, socket),
         };
-        let filter = match bpf_filter_for(&target) {
-            Ok(filter) => filter,
-            Err(unsupported) => {
-                warn!("{label}: cannot be captured: {}", unsupported.0);
-                reply.error(Errno::EOPNOTSUPP);
-                return;
-            }
-        };
+        // Whether a filter can be made at all does not depend on the
+        // namespace's addresses; the capture thread makes the real one there.
+        if let Err(unsupported) = bpf_filter_for(&target, &[]) {
+            warn!("{label}: cannot be captured: {}", unsupported.0);
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
         let netns = match self.socket_netns(process, socket) {
             Ok(netns) => netns,
             Err(errno) => {
@@ -292,7 +291,7 @@ impl NetstatFs {
                 return;
             }
         };
-        debug!("{label}: opening a capture with filter: {filter}");
+        debug!("{label}: opening a capture");
         let owner = SocketOwner {
             pid: process.pid,
             start_ticks: process.start_ticks,
@@ -306,7 +305,7 @@ impl NetstatFs {
         ));
         let request = CaptureRequest {
             netns,
-            filter,
+            target,
             label: label.clone(),
         };
         let streams = Arc::clone(&self.streams);

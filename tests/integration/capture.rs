@@ -906,3 +906,42 @@ fn a_pinned_interface_gives_its_link_type() {
     assert_eq!(linktype, 1, "Ethernet on lo");
     assert_eq!(payloads(&packets), ["on-lo"], "once, not twice");
 }
+
+#[test]
+fn a_wildcard_listener_leaves_out_outgoing_connections_to_its_port_elsewhere() {
+    let (here, there) = crate::common::netns::linked_pair("wild", 1);
+    let mount = Mount::start(&[]);
+    let mut remote = Peer::spawn_in_netns(&there.name);
+    let server = remote.cmd("tcp-listen 0.0.0.0:0");
+    let port = addr(&server[1]).port();
+    let mut local = Peer::spawn_in_netns(&here.name);
+    local.cmd("comm wildcard");
+    let listener = local.cmd(&format!("tcp-listen 0.0.0.0:{port}"));
+    let stream = Reader::open(&socket_file(
+        &mount,
+        &local,
+        "wildcard",
+        &format!("tcp_0.0.0.0:{port}_0.0.0.0:0"),
+    ));
+
+    // An outgoing connection to the other host's port of the same number.
+    let outgoing = local.cmd(&format!("tcp-connect 10.77.1.2:{port}"));
+    let accepted = remote.cmd(&format!("tcp-accept {}", server[0]));
+    local.cmd(&format!("send {} outgoing-data", outgoing[0]));
+    remote.cmd(&format!("recv {} 13", accepted[0]));
+    // An incoming connection to the listener, on loopback and on the veth.
+    for target in ["127.0.0.1", "10.77.1.1"] {
+        let client = local.cmd(&format!("tcp-connect {target}:{port}"));
+        let served = local.cmd(&format!("tcp-accept {}", listener[0]));
+        local.cmd(&format!("send {} incoming-{target}", client[0]));
+        local.cmd(&format!("recv {} {}", served[0], 9 + target.len()));
+    }
+    let packets = stream.wait_packets("both incoming connections", |p| payloads(p).len() == 2);
+    assert!(
+        packets.iter().all(|p| p.src.port() == port
+            && p.src.ip() != addr(&format!("10.77.1.2:{port}")).ip()
+            || p.dst.port() == port && p.dst.ip() != addr(&format!("10.77.1.2:{port}")).ip()),
+        "{packets:#?}"
+    );
+    assert!(!payloads(&packets).contains(&"outgoing-data".to_owned()));
+}

@@ -30,3 +30,47 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// Two namespaces joined by a veth pair: 10.77.<n>.1/24 in the first,
+/// 10.77.<n>.2/24 in the second (n from the test's tag, so parallel tests
+/// do not share addresses; each pair is private anyway).
+pub fn linked_pair(tag: &str, n: u8) -> (Netns, Netns) {
+    let first = Netns::new(&format!("{tag}a"));
+    let second = Netns::new(&format!("{tag}b"));
+    let (a, b) = (format!("va{n}"), format!("vb{n}"));
+    ip(&[
+        "-n",
+        &first.name,
+        "link",
+        "add",
+        &a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b,
+        "netns",
+        &second.name,
+    ]);
+    ip(&[
+        "-n",
+        &first.name,
+        "addr",
+        "add",
+        &format!("10.77.{n}.1/24"),
+        "dev",
+        &a,
+    ]);
+    ip(&[
+        "-n",
+        &second.name,
+        "addr",
+        "add",
+        &format!("10.77.{n}.2/24"),
+        "dev",
+        &b,
+    ]);
+    ip(&["-n", &first.name, "link", "set", &a, "up"]);
+    ip(&["-n", &second.name, "link", "set", &b, "up"]);
+    (first, second)
+}
