@@ -11,7 +11,7 @@ if [ "$profile" = test ]; then
     # tcpdump and tshark read the streams; attr gives getfattr/setfattr;
     # iproute2 makes network namespaces; util-linux gives unshare, setpriv
     # and mount; libcap2-bin gives setcap/capsh; coreutils gives timeout.
-    packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps)
+    packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd)
 fi
 
 missing=()
@@ -41,5 +41,10 @@ if [ "$profile" = test ] && command -v rustup >/dev/null 2>&1; then
     done
 fi
 
-# The kernel side of FUSE.
+# The kernel side of FUSE. Users mount through fusermount3, which opens
+# /dev/fuse as the user: the fuse3 package's udev rule makes it 0666, which
+# machines without udev (containers, some VMs) never apply.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+    chmod 0666 /dev/fuse || true
+fi

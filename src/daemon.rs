@@ -30,6 +30,13 @@ pub fn run(cli: &Cli) -> Result<(), String> {
     let mountpoint = cli.mountpoint();
     check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
+    if cli.allow_other && !nix::unistd::geteuid().is_root() && !user_allow_other() {
+        return Err(
+            "--allow-other needs user_allow_other in /etc/fuse.conf for a user who is not root \
+             (as root: echo user_allow_other >> /etc/fuse.conf)"
+                .into(),
+        );
+    }
 
     let streams = StreamTable::new();
     let options = FsOptions {
@@ -53,6 +60,11 @@ pub fn run(cli: &Cli) -> Result<(), String> {
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
     let signals_handle = signals.handle();
     let session = mount(fs, &mountpoint, cli.allow_other)?;
+    crate::privileges::report_missing();
+    // Before any thread starts: threads inherit their creator's capabilities.
+    if let Err(err) = crate::privileges::drop_unused() {
+        warn!("{err}");
+    }
     let watchdog = streams
         .spawn_watchdog()
         .map_err(|err| format!("cannot start a thread: {err}"))?;
@@ -142,11 +154,17 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), String> {
 }
 
 fn check_dev_fuse() -> Result<(), String> {
-    if Path::new("/dev/fuse").exists() {
-        Ok(())
-    } else {
-        Err("/dev/fuse is missing: load the fuse module (modprobe fuse), or in a container pass the device in (--device /dev/fuse)".into())
+    use nix::unistd::{AccessFlags, access};
+    let path = Path::new("/dev/fuse");
+    if !path.exists() {
+        return Err("/dev/fuse is missing: load the fuse module (modprobe fuse), or in a container pass the device in (--device /dev/fuse)".into());
     }
+    // fusermount3 opens it as the user: the fuse3 package's udev rule makes
+    // it 0666, which machines without udev never apply.
+    if access(path, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+        return Err("/dev/fuse is not open to this user (the fuse3 package makes it mode 0666; as root: chmod 0666 /dev/fuse)".into());
+    }
+    Ok(())
 }
 
 /// The file system type mounted at `path`, if something is.
@@ -245,9 +263,11 @@ fn auto_unmount_available(allow_other: bool) -> bool {
     if !has_fusermount3 {
         return false;
     }
-    if nix::unistd::geteuid().is_root() || allow_other {
-        return true;
-    }
+    nix::unistd::geteuid().is_root() || allow_other || user_allow_other()
+}
+
+/// Whether /etc/fuse.conf lets users other than root mount with allow_other.
+fn user_allow_other() -> bool {
     std::fs::read_to_string("/etc/fuse.conf")
         .is_ok_and(|conf| conf.lines().any(|line| line.trim() == "user_allow_other"))
 }

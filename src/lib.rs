@@ -18,4 +18,5 @@ pub mod daemon;
 pub mod fs;
 pub mod inventory;
 pub mod names;
+pub mod privileges;
 pub mod stream;

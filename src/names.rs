@@ -356,4 +356,77 @@ mod tests {
         );
         assert_eq!(unique_socket_names(&[listener]), ["tcp6_[::]:80_[::]:0"]);
     }
+
+    mod fuzz {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn proto_and_endpoints() -> impl Strategy<Value = (Proto, SocketAddr, SocketAddr)> {
+            let v4 = (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)));
+            let v6 =
+                (any::<u128>(), any::<u16>(), prop::bool::ANY).prop_map(|(ip, port, mapped)| {
+                    // Mapped addresses are common in /proc: make them likely.
+                    let ip = if mapped {
+                        Ipv4Addr::from(ip as u32).to_ipv6_mapped()
+                    } else {
+                        Ipv6Addr::from(ip)
+                    };
+                    SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))
+                });
+            prop_oneof![
+                (
+                    prop::sample::select(vec![Proto::Tcp, Proto::Udp, Proto::Raw, Proto::Icmp]),
+                    v4.clone(),
+                    v4
+                ),
+                (
+                    prop::sample::select(vec![Proto::Tcp6, Proto::Udp6, Proto::Raw6, Proto::Icmp6]),
+                    v6.clone(),
+                    v6
+                ),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn socket_names_round_trip((proto, local, remote) in proto_and_endpoints(), inode in prop::option::of(any::<u64>())) {
+                let name = SocketFileName { proto, local, remote, inode };
+                let text = name.to_string();
+                prop_assert!(!text.contains('/') && text.len() < 255);
+                prop_assert_eq!(text.parse::<SocketFileName>(), Ok(name));
+            }
+
+            #[test]
+            fn socket_name_parsing_never_panics(text in ".{0,80}") {
+                if let Ok(parsed) = text.parse::<SocketFileName>() {
+                    prop_assert_eq!(parsed.to_string(), text);
+                }
+            }
+
+            #[test]
+            fn socket_name_parsing_of_near_misses_never_panics(
+                text in "(tcp6?|udp6?|raw|icmp)_[\\[\\]0-9a-f:.]{0,45}_[\\[\\]0-9a-f:.~]{0,50}"
+            ) {
+                let _ = text.parse::<SocketFileName>();
+            }
+
+            #[test]
+            fn comms_become_safe_names(comm in any::<String>(), pid in 1..i32::MAX) {
+                let safe = safe_comm(&comm);
+                prop_assert!(!safe.is_empty());
+                prop_assert!(!safe.contains('/') && !safe.chars().any(char::is_control));
+                let name = process_dir_name(pid, &comm);
+                prop_assert_eq!(parse_process_dir_name(&name), Some((pid, safe.as_str())));
+            }
+
+            #[test]
+            fn process_name_parsing_never_panics(text in any::<String>()) {
+                let _ = parse_process_dir_name(&text);
+            }
+        }
+    }
 }

@@ -337,21 +337,18 @@ impl NetstatFs {
 /// Logs why a capture did not open, in words a user can act on, and picks
 /// the errno.
 fn capture_errno(label: &str, err: &CaptureError) -> Errno {
-    let program = std::env::current_exe()
-        .map(|path| path.display().to_string())
-        .unwrap_or_else(|_| "netstatfs".into());
     match err {
         CaptureError::Permission(detail) => {
             warn!(
-                "{label}: capturing needs CAP_NET_RAW, which netstatfs lacks ({detail}); \
-                 grant it with: sudo setcap cap_net_raw,cap_net_admin+ep {program}"
+                "{label}: capturing needs CAP_NET_RAW, which netstatfs lacks ({detail}); grant it with: {}",
+                crate::privileges::setcap_command()
             );
             Errno::EPERM
         }
         CaptureError::Namespace(detail) => {
             warn!(
                 "{label}: {detail}; entering another network namespace needs CAP_SYS_ADMIN \
-                 (run as root, or: sudo setcap cap_sys_admin,cap_net_raw,cap_net_admin+ep {program})"
+                 (run netstatfs as root, or add cap_sys_admin to its file capabilities)"
             );
             Errno::EPERM
         }

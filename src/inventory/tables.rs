@@ -206,4 +206,35 @@ mod tests {
             let _ = parse_table(text.as_bytes(), Proto::Udp6);
         }
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        const HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+        proptest! {
+            #[test]
+            fn any_bytes_never_panic(text in prop::collection::vec(any::<u8>(), 0..600)) {
+                for proto in Proto::ALL {
+                    let _ = parse_table(&text, proto);
+                }
+            }
+
+            #[test]
+            fn lines_shaped_like_the_kernels_never_panic(
+                lines in prop::collection::vec(
+                    "[ 0-9]{0,4}: [0-9A-F]{0,33}:[0-9A-F]{0,5} [0-9A-F]{0,33}:[0-9A-F]{0,5} [0-9A-F]{0,3} [0-9A-F:]{0,18} [0-9A-F:]{0,12} [0-9A-F]{0,9} [0-9 ]{0,6} [0-9]{0,3} [0-9]{0,21}.{0,20}",
+                    0..8,
+                )
+            ) {
+                let text = format!("{HEADER}{}", lines.join("\n"));
+                for proto in Proto::ALL {
+                    let table = parse_table(text.as_bytes(), proto);
+                    prop_assert!(table.rows.len() + table.bad_lines.len() <= lines.len());
+                }
+            }
+        }
+    }
 }

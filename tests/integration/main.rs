@@ -6,6 +6,7 @@
 
 mod common;
 
+mod access;
 mod capture;
 mod lifecycle;
 mod tree;

@@ -33,9 +33,33 @@ impl Mount {
         Self::start_wrapped(&[], args)
     }
 
-    /// Mounts with the daemon started through `wrapper` (e.g. capsh).
+    /// Mounts with the daemon started through `wrapper` (e.g. setpriv).
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Mount {
-        let mut mount = Self::spawn_wrapped(wrapper, args);
+        Self::start_launched(wrapper, Path::new(BINARY), None, args)
+    }
+
+    /// Mounts as another user, with `binary` (a copy that may carry file
+    /// capabilities), on a mountpoint that user owns.
+    pub fn start_as(uid: u32, gid: u32, binary: &Path, args: &[&str]) -> Mount {
+        let wrapper = [
+            "setpriv".to_owned(),
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".to_owned(),
+        ];
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let mut all = vec!["--cache-ttl", "100ms"];
+        all.extend_from_slice(args);
+        Self::start_launched(&wrapper, binary, Some((uid, gid)), &all)
+    }
+
+    fn start_launched(
+        wrapper: &[&str],
+        binary: &Path,
+        owner: Option<(u32, u32)>,
+        args: &[&str],
+    ) -> Mount {
+        let mut mount = Self::spawn_launched(wrapper, binary, owner, args);
         wait_until(Duration::from_secs(15), "the mount to appear", || {
             let exited = mount
                 .child
@@ -44,25 +68,39 @@ impl Mount {
             if let Some(status) = exited {
                 panic!("netstatfs exited with {status}:\n{}", mount.log());
             }
-            mounted_at(&mount.path) && std::fs::metadata(&mount.path).is_ok()
+            // A private mount of another user is there even if root may
+            // not look inside.
+            mounted_at(&mount.path)
+                && std::fs::metadata(&mount.path).map_or_else(
+                    |err| err.kind() == std::io::ErrorKind::PermissionDenied,
+                    |_| true,
+                )
         });
         mount
     }
 
     /// Starts the daemon without waiting for the mount.
-    fn spawn_wrapped(wrapper: &[&str], args: &[&str]) -> Mount {
+    fn spawn_launched(
+        wrapper: &[&str],
+        binary: &Path,
+        owner: Option<(u32, u32)>,
+        args: &[&str],
+    ) -> Mount {
         let scratch = ScratchDir::new("mount");
         let path = scratch.0.join("m");
         std::fs::create_dir(&path).unwrap();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+        }
         let log_path = scratch.0.join("daemon.log");
         let log = File::create(&log_path).unwrap();
         let mut command = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut command = Command::new(program);
-                command.args(wrapper_args).arg(BINARY);
+                command.args(wrapper_args).arg(binary);
                 command
             }
-            None => Command::new(BINARY),
+            None => Command::new(binary),
         };
         let child = command
             .args(args)

@@ -34,6 +34,17 @@ impl Peer {
         Self::spawn_with(Command::new(std::env::current_exe().unwrap()))
     }
 
+    /// A peer running as another user.
+    pub fn spawn_as(uid: u32, gid: u32) -> Peer {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(std::env::current_exe().unwrap());
+        Self::spawn_with(command)
+    }
+
     /// A peer inside network namespace `netns` (by `ip netns exec`).
     pub fn spawn_in_netns(netns: &str) -> Peer {
         let mut command = Command::new("ip");

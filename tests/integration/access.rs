@@ -1,0 +1,409 @@
+//! Who may see what, with real users: a private mount by default, socket
+//! streams for their owners only, runs granted capabilities by setcap, runs
+//! without them, and the capabilities a root daemon keeps.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::common::mount::{BINARY, Mount};
+use crate::common::packets::read_pcap_file;
+use crate::common::peer::Peer;
+use crate::common::{ScratchDir, wait_for, wait_until};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An unprivileged user made for one test, deleted afterwards.
+struct TestUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl TestUser {
+    fn new(tag: &str) -> TestUser {
+        let name = format!("nsfs{tag}{}", std::process::id() % 100_000);
+        let _ = Command::new("userdel").arg(&name).output();
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(&name)
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {name}");
+        let id = |flag: &str| -> u32 {
+            let output = Command::new("id").arg(flag).arg(&name).output().unwrap();
+            String::from_utf8(output.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        TestUser { name, uid, gid }
+    }
+
+    /// Runs a command as this user.
+    fn run(&self, program: &[&str]) -> Output {
+        self.command(program).output().unwrap()
+    }
+
+    fn command(&self, program: &[&str]) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .args(program);
+        command
+    }
+
+    fn mount(&self, binary: &Path, args: &[&str]) -> Mount {
+        Mount::start_as(self.uid, self.gid, binary, args)
+    }
+
+    fn peer(&self) -> Peer {
+        Peer::spawn_as(self.uid, self.gid)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // Its processes first (peers are killed by their own guards).
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .status();
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+/// A copy of the binary that users may run, with file capabilities or none.
+fn binary_copy(scratch: &ScratchDir, capabilities: Option<&str>) -> PathBuf {
+    let path = scratch.0.join("netstatfs");
+    std::fs::copy(BINARY, &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if let Some(capabilities) = capabilities {
+        let status = Command::new("setcap")
+            .arg(capabilities)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "setcap");
+    }
+    path
+}
+
+/// The capabilities the README tells users to grant.
+const GRANTED: &str = "cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search+ep";
+
+/// Serializes the tests that change /etc/fuse.conf, and restores it.
+static FUSE_CONF: Mutex<()> = Mutex::new(());
+
+struct UserAllowOther {
+    original: Option<String>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl UserAllowOther {
+    fn set() -> UserAllowOther {
+        let lock = FUSE_CONF
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let original = std::fs::read_to_string("/etc/fuse.conf").ok();
+        let mut text = original.clone().unwrap_or_default();
+        text.push_str("\nuser_allow_other\n");
+        std::fs::write("/etc/fuse.conf", text).unwrap();
+        UserAllowOther {
+            original,
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for UserAllowOther {
+    fn drop(&mut self) {
+        match &self.original {
+            Some(text) => std::fs::write("/etc/fuse.conf", text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file("/etc/fuse.conf");
+            }
+        }
+    }
+}
+
+fn denied(output: &Output) -> bool {
+    !output.status.success()
+        && String::from_utf8_lossy(&output.stderr).contains("Permission denied")
+}
+
+/// Waits until `user` sees `path` listing `name`.
+fn wait_user_sees(user: &TestUser, path: &Path, name: &str) {
+    let shown = path.display().to_string();
+    wait_until(
+        WAIT,
+        &format!("{} to see {name} in {shown}", user.name),
+        || {
+            let output = user.run(&["ls", &shown]);
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .any(|line| line == name)
+        },
+    );
+}
+
+#[test]
+fn a_user_with_granted_capabilities_lists_everything_and_reads_its_own_sockets() {
+    let owner = TestUser::new("own");
+    let stranger = TestUser::new("str");
+    let scratch = ScratchDir::new("granted");
+    let binary = binary_copy(&scratch, Some(GRANTED));
+    let mount = owner.mount(&binary, &[]);
+    let mut mine = owner.peer();
+    mine.cmd("comm owners-peer");
+    let a = mine.cmd("udp-bind 127.0.0.1:0");
+    let b = mine.cmd("udp-bind 127.0.0.1:0");
+    let mut roots = Peer::spawn();
+    roots.cmd("comm roots-peer");
+    let root_socket = roots.cmd("udp-bind 127.0.0.1:0");
+
+    // Everything is listed, root's processes too.
+    let my_dir = mount.dir(mine.pid, "owners-peer");
+    let root_dir = mount.dir(roots.pid, "roots-peer");
+    let my_file = format!("udp_{}_0.0.0.0:0", a[1]);
+    let root_file = format!("udp_{}_0.0.0.0:0", root_socket[1]);
+    wait_user_sees(&owner, &my_dir, &my_file);
+    wait_user_sees(&owner, &root_dir, &root_file);
+
+    // Its own socket's stream it reads (capturing with its granted
+    // CAP_NET_RAW).
+    let saved = scratch.0.join("mine.pcap");
+    let mut cat = owner
+        .command(&["cat", my_dir.join(&my_file).to_str().unwrap()])
+        .stdout(File::create(&saved).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, "the owner's capture to run", || {
+        mount.log().contains("capture running")
+    });
+    mine.cmd(&format!("sendto {} {} for-the-owner", b[0], a[1]));
+    mine.cmd(&format!("close {}", a[0]));
+    let status = wait_for(WAIT, "cat to end", || cat.try_wait().unwrap());
+    assert!(status.success());
+    let (_, packets) = read_pcap_file(&saved);
+    assert_eq!(packets.len(), 1);
+    assert_eq!(packets[0].payload, b"for-the-owner");
+
+    // Root's socket's stream it may not read: the kernel refuses before any
+    // capture starts.
+    let captures_before = mount.log().matches("opening a capture").count();
+    let output = owner.run(&["cat", root_dir.join(&root_file).to_str().unwrap()]);
+    assert!(denied(&output), "{output:?}");
+    assert_eq!(
+        mount.log().matches("opening a capture").count(),
+        captures_before
+    );
+
+    // Another user cannot even enter the private mount.
+    let output = stranger.run(&["ls", mount.path.to_str().unwrap()]);
+    assert!(denied(&output), "{output:?}");
+}
+
+#[test]
+fn allow_other_opens_the_tree_but_not_other_users_streams() {
+    let _conf = UserAllowOther::set();
+    let owner = TestUser::new("aown");
+    let stranger = TestUser::new("astr");
+    let scratch = ScratchDir::new("allow-other");
+    let binary = binary_copy(&scratch, Some(GRANTED));
+    let mut mine = owner.peer();
+    mine.cmd("comm shared-peer");
+    let socket = mine.cmd("udp-bind 127.0.0.1:0");
+    let file = format!("udp_{}_0.0.0.0:0", socket[1]);
+
+    // The default mount: private to its owner, and root.
+    {
+        let private = owner.mount(&binary, &[]);
+        let dir = private.dir(mine.pid, "shared-peer");
+        wait_user_sees(&owner, &dir, &file);
+        assert!(std::fs::read_dir(&dir).is_ok(), "root may enter");
+        let output = stranger.run(&["ls", private.path.to_str().unwrap()]);
+        assert!(denied(&output), "{output:?}");
+    }
+
+    // --allow-other: everyone lists, but only the owner (and root) reads.
+    let open = owner.mount(&binary, &["--allow-other"]);
+    let dir = open.dir(mine.pid, "shared-peer");
+    wait_user_sees(&stranger, &dir, &file);
+    let output = stranger.run(&["ls", "-l", dir.to_str().unwrap()]);
+    assert!(output.status.success());
+    let output = stranger.run(&["cat", dir.join(&file).to_str().unwrap()]);
+    assert!(denied(&output), "{output:?}");
+    assert!(
+        !open.log().contains("opening a capture"),
+        "no capture for a refused open"
+    );
+    // Writes stay EROFS for everyone.
+    let output = stranger.run(&["mkdir", open.path.join("x").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Read-only file system"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn without_capabilities_it_lists_its_own_and_says_what_it_cannot_do() {
+    let owner = TestUser::new("bare");
+    let scratch = ScratchDir::new("bare");
+    let binary = binary_copy(&scratch, None);
+    let mount = owner.mount(&binary, &[]);
+    let mut mine = owner.peer();
+    mine.cmd("comm bare-peer");
+    let socket = mine.cmd("udp-bind 127.0.0.1:0");
+    let mut roots = Peer::spawn();
+    roots.cmd("comm bare-roots");
+    roots.cmd("udp-bind 127.0.0.1:0");
+
+    let dir = mount.dir(mine.pid, "bare-peer");
+    let file = format!("udp_{}_0.0.0.0:0", socket[1]);
+    wait_user_sees(&owner, &dir, &file);
+    // Root's process is not listed: its fds cannot be read.
+    let listing = owner.run(&["ls", mount.path.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(!listing.contains("bare-roots"), "{listing}");
+
+    // Said once at start-up.
+    let log = mount.log();
+    assert_eq!(log.matches("without CAP_NET_RAW").count(), 1, "{log}");
+    assert!(log.contains("setcap cap_net_raw"), "{log}");
+
+    // Its own socket's stream: EPERM, and a log line naming the capability.
+    let output = owner.run(&["cat", dir.join(&file).to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Operation not permitted"),
+        "{output:?}"
+    );
+    wait_until(WAIT, "the log line", || {
+        mount
+            .log()
+            .lines()
+            .any(|line| line.contains("capturing needs CAP_NET_RAW") && line.contains("setcap"))
+    });
+}
+
+#[test]
+fn a_root_daemon_keeps_only_the_capabilities_it_uses() {
+    let mount = Mount::start(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", mount.pid())).unwrap();
+    let mask = |field: &str| {
+        let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    // net_admin 12, net_raw 13, dac_read_search 2, sys_ptrace 19, sys_admin 21.
+    let used = [2u32, 12, 13, 19, 21]
+        .iter()
+        .map(|bit| 1u64 << bit)
+        .sum::<u64>();
+    assert_eq!(mask("CapEff:"), used, "{status}");
+    assert_eq!(mask("CapPrm:"), used);
+    assert_eq!(mask("CapBnd:"), used);
+    assert_eq!(mask("CapInh:"), 0);
+    // And it still lists and captures.
+    let mut peer = Peer::spawn();
+    peer.cmd("comm still-works");
+    let socket = peer.cmd("udp-bind 127.0.0.1:0");
+    let path = mount
+        .dir(peer.pid, "still-works")
+        .join(format!("udp_{}_0.0.0.0:0", socket[1]));
+    wait_until(WAIT, "the socket file", || path.exists());
+    let mut file = File::open(&path).unwrap();
+    let mut header = [0u8; 24];
+    std::io::Read::read_exact(&mut file, &mut header).unwrap();
+}
+
+#[test]
+fn bad_names_get_clean_errors_and_the_daemon_keeps_serving() {
+    use std::os::unix::ffi::OsStrExt;
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm named");
+    peer.cmd("udp-bind 127.0.0.1:0");
+    let dir = mount.dir(peer.pid, "named");
+    wait_until(WAIT, "the peer's directory", || dir.is_dir());
+
+    let errno = |name: &[u8]| {
+        std::fs::metadata(mount.path.join(std::ffi::OsStr::from_bytes(name)))
+            .unwrap_err()
+            .raw_os_error()
+    };
+    // Random bytes, control characters, invalid UTF-8.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..200 {
+        let length = (seed % 40) as usize + 1;
+        let name: Vec<u8> = (0..length)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Any byte but '/' and NUL, which a name cannot hold.
+                match (seed % 254) as u8 + 1 {
+                    b'/' => b'x',
+                    byte => byte,
+                }
+            })
+            .collect();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        assert_eq!(errno(&name), Some(nix::libc::ENOENT), "{name:?}");
+    }
+    // Long names: 255 bytes is a name that does not exist, 256 too long.
+    assert_eq!(errno(&[b'7'; 255]), Some(nix::libc::ENOENT));
+    assert_eq!(errno(&[b'7'; 256]), Some(nix::libc::ENAMETOOLONG));
+    let long_in_dir = dir.join("x".repeat(300));
+    assert_eq!(
+        std::fs::metadata(long_in_dir).unwrap_err().raw_os_error(),
+        Some(nix::libc::ENAMETOOLONG)
+    );
+    // A valid pid with the wrong comm, a thread's id.
+    assert_eq!(
+        errno(format!("{}_other", peer.pid).as_bytes()),
+        Some(nix::libc::ENOENT)
+    );
+    let tid = std::fs::read_dir(format!("/proc/{}/task", peer.pid))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .find(|tid| *tid != peer.pid.to_string())
+        .expect("the peer has a second thread");
+    assert_eq!(
+        errno(format!("{tid}_named").as_bytes()),
+        Some(nix::libc::ENOENT)
+    );
+    // '..' stays inside the mount; a file is not a directory.
+    let up = std::fs::canonicalize(dir.join("..")).unwrap();
+    assert_eq!(up, mount.path);
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::metadata(file.join("x"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(nix::libc::ENOTDIR)
+    );
+    // Still serving.
+    assert!(dir.is_dir());
+    assert!(!mount.log().contains("panicked"));
+}
