@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
+use std::str::FromStr;
+
 use procfs::process::{FDTarget, Process as ProcfsProcess};
 
 use crate::names::Proto;
@@ -146,8 +148,23 @@ impl Inventory {
     pub fn snapshot(&mut self) -> Snapshot {
         let taken = Instant::now();
         let taken_wall = SystemTime::now();
-        let scanned = self.scan_processes();
-        let rows = self.read_tables(&scanned);
+        let clock = (self.boot_time, self.ticks_per_second);
+        // The daemon's own namespace (where most sockets live) has its
+        // tables read through /proc/self, which cannot exit meanwhile, while
+        // the processes are scanned.
+        let own_dir = self.proc_root.join("self");
+        let (outcomes, own_tables) = std::thread::scope(|scope| {
+            let own = self
+                .own_netns
+                .map(|_| scope.spawn(|| read_namespace(std::slice::from_ref(&own_dir))));
+            let outcomes = scan_all(&self.proc_root, clock);
+            (
+                outcomes,
+                own.and_then(|handle| handle.join().ok()).flatten(),
+            )
+        });
+        let scanned = self.keep_readable(outcomes);
+        let rows = self.read_tables(&scanned, own_tables);
         let processes = scanned
             .into_iter()
             .map(|scanned| join_sockets(scanned, &rows))
@@ -159,69 +176,25 @@ impl Inventory {
         }
     }
 
-    fn scan_processes(&mut self) -> Vec<ScannedProcess> {
-        let all = match procfs::process::all_processes_with_root(&self.proc_root) {
-            Ok(all) => all,
-            Err(err) => {
-                warn!("cannot list {}: {err}", self.proc_root.display());
-                return Vec::new();
+    /// The processes whose fds could be read, by pid; the others are
+    /// reported once each.
+    fn keep_readable(&mut self, outcomes: Vec<Scanned>) -> Vec<ScannedProcess> {
+        let mut scanned = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome {
+                Scanned::Process(process) => scanned.push(process),
+                Scanned::Unreadable { pid, comm, error } => {
+                    if self.reported_unreadable.insert(pid) {
+                        debug!("skipping process {pid} ({comm}): cannot read its fds: {error}");
+                    }
+                }
+                Scanned::Gone => {}
             }
-        };
-        let mut scanned: Vec<ScannedProcess> = all
-            .filter_map(Result::ok)
-            .filter_map(|process| self.scan_process(&process))
-            .collect();
+        }
         scanned.sort_unstable_by_key(|process| process.info.pid);
         let live: HashSet<i32> = scanned.iter().map(|p| p.info.pid).collect();
         self.reported_unreadable.retain(|pid| live.contains(pid));
         scanned
-    }
-
-    /// One process, or None if it vanished or its fds cannot be read.
-    fn scan_process(&mut self, process: &ProcfsProcess) -> Option<ScannedProcess> {
-        let pid = process.pid();
-        let stat = process.stat().ok()?;
-        let proc_pid = self.proc_root.join(pid.to_string());
-        let metadata = std::fs::metadata(&proc_pid).ok()?;
-        let fds = match process.fd() {
-            Ok(fds) => fds,
-            Err(err) => {
-                if self.reported_unreadable.insert(pid) {
-                    debug!(
-                        "skipping process {pid} ({}): cannot read its fds: {err}",
-                        stat.comm
-                    );
-                }
-                return None;
-            }
-        };
-        let socket_fds: Vec<(u64, i32)> = fds
-            .filter_map(Result::ok)
-            .filter_map(|fd| match fd.target {
-                FDTarget::Socket(inode) => Some((inode, fd.fd)),
-                _ => None,
-            })
-            .collect();
-        let netns = if socket_fds.is_empty() {
-            None
-        } else {
-            read_netns(&proc_pid)
-        };
-        let started = self.boot_time
-            + Duration::from_secs_f64(stat.starttime as f64 / self.ticks_per_second as f64);
-        Some(ScannedProcess {
-            info: ProcessInfo {
-                pid,
-                start_ticks: stat.starttime,
-                started,
-                comm: stat.comm,
-                uid: metadata.uid(),
-                gid: metadata.gid(),
-                netns,
-                sockets: Vec::new(),
-            },
-            socket_fds,
-        })
     }
 
     /// Every table of every namespace that holds a socket, keyed by socket
@@ -229,64 +202,208 @@ impl Inventory {
     fn read_tables(
         &mut self,
         scanned: &[ScannedProcess],
+        own_tables: Option<NamespaceTables>,
     ) -> HashMap<u64, (SocketRow, Option<NetnsId>)> {
         // Each namespace's tables can be read through any of its processes;
         // keep them all in case the first exits meanwhile.
-        let mut sources: HashMap<TableSource, Vec<i32>> = HashMap::new();
+        let mut sources: HashMap<TableSource, Vec<PathBuf>> = HashMap::new();
         for process in scanned.iter().filter(|p| !p.socket_fds.is_empty()) {
             let source = match process.info.netns {
                 Some(netns) => TableSource::Netns(netns),
                 None => TableSource::Process(process.info.pid),
             };
-            sources.entry(source).or_default().push(process.info.pid);
+            let dir = self.proc_root.join(process.info.pid.to_string());
+            sources.entry(source).or_default().push(dir);
         }
+        let mut own_tables = own_tables;
         let mut rows = HashMap::new();
-        for (source, pids) in sources {
+        for (source, dirs) in sources {
             let netns = match source {
                 TableSource::Netns(netns) => Some(netns),
                 TableSource::Process(_) => None,
             };
-            // The daemon's own namespace is read through the daemon itself,
-            // which cannot exit meanwhile.
-            let own = netns.is_some() && netns == self.own_netns;
-            let mut dirs: Vec<PathBuf> = Vec::with_capacity(pids.len() + 1);
-            if own {
-                dirs.push(self.proc_root.join("self"));
+            let tables = match own_tables.take() {
+                Some(own) if netns.is_some() && netns == self.own_netns => Some(own),
+                unused => {
+                    own_tables = unused;
+                    read_namespace(&dirs)
+                }
+            };
+            let Some(tables) = tables else {
+                continue;
+            };
+            for (proto, line) in tables.bad_lines {
+                if self.reported_lines.insert(format!("{proto}:{line}")) {
+                    warn!("skipping a malformed line of /proc/net/{proto}: {line:?}");
+                }
             }
-            dirs.extend(pids.iter().map(|pid| self.proc_root.join(pid.to_string())));
-            for row in self.read_namespace_tables(&dirs) {
+            for row in tables.rows {
                 rows.insert(row.inode, (row, netns));
             }
         }
         rows
     }
+}
 
-    fn read_namespace_tables(&mut self, proc_dirs: &[PathBuf]) -> Vec<SocketRow> {
-        for proc_pid in proc_dirs {
-            match self.read_all_tables(proc_pid) {
-                Ok(rows) => return rows,
-                Err(err) => debug!(
-                    "cannot read socket tables through {}: {err}",
-                    proc_pid.display()
-                ),
-            }
-        }
-        Vec::new()
-    }
+/// One namespace's socket tables.
+struct NamespaceTables {
+    rows: Vec<SocketRow>,
+    bad_lines: Vec<(Proto, String)>,
+}
 
-    fn read_all_tables(&mut self, proc_pid: &Path) -> std::io::Result<Vec<SocketRow>> {
-        let mut rows = Vec::new();
+/// Reads a namespace's tables through the first of `proc_dirs` that is
+/// still there.
+fn read_namespace(proc_dirs: &[PathBuf]) -> Option<NamespaceTables> {
+    'dirs: for proc_pid in proc_dirs {
+        let mut tables = NamespaceTables {
+            rows: Vec::new(),
+            bad_lines: Vec::new(),
+        };
         for proto in Proto::ALL {
-            let table = tables::read_table(proc_pid, proto)?;
-            for line in table.bad_lines {
-                if self.reported_lines.insert(format!("{proto}:{line}")) {
-                    warn!("skipping a malformed line of /proc/net/{proto}: {line:?}");
+            match tables::read_table(proc_pid, proto) {
+                Ok(table) => {
+                    tables.rows.extend(table.rows);
+                    tables
+                        .bad_lines
+                        .extend(table.bad_lines.into_iter().map(|line| (proto, line)));
+                }
+                Err(err) => {
+                    debug!(
+                        "cannot read socket tables through {}: {err}",
+                        proc_pid.display()
+                    );
+                    continue 'dirs;
                 }
             }
-            rows.extend(table.rows);
         }
-        Ok(rows)
+        return Some(tables);
     }
+    None
+}
+
+/// Scans every process on as many threads as there are cores (the cost is
+/// system calls, about one per fd).
+fn scan_all(proc_root: &Path, clock: (SystemTime, u64)) -> Vec<Scanned> {
+    let pids = match list_pids(proc_root) {
+        Ok(pids) => pids,
+        Err(err) => {
+            warn!("cannot list {}: {err}", proc_root.display());
+            return Vec::new();
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let chunk = pids.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pids
+            .chunks(chunk)
+            .map(|pids| {
+                scope.spawn(move || {
+                    pids.iter()
+                        .map(|&pid| scan_process(proc_root, pid, clock))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// What scanning one process found.
+enum Scanned {
+    Process(ScannedProcess),
+    /// Its fds cannot be read (another user's process, without privileges).
+    Unreadable {
+        pid: i32,
+        comm: String,
+        error: String,
+    },
+    /// It exited meanwhile.
+    Gone,
+}
+
+/// The pids under /proc (thread group leaders only: threads are not listed).
+fn list_pids(proc_root: &Path) -> std::io::Result<Vec<i32>> {
+    Ok(std::fs::read_dir(proc_root)?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// One process: its identity from /proc/<pid>/stat, its owner, and the
+/// socket inodes its fds point at.
+fn scan_process(
+    proc_root: &Path,
+    pid: i32,
+    (boot_time, ticks_per_second): (SystemTime, u64),
+) -> Scanned {
+    let proc_pid = proc_root.join(pid.to_string());
+    let Ok(process) = ProcfsProcess::new_with_root(proc_pid.clone()) else {
+        return Scanned::Gone;
+    };
+    let Ok(stat) = process.stat() else {
+        return Scanned::Gone;
+    };
+    let Ok(metadata) = std::fs::metadata(&proc_pid) else {
+        return Scanned::Gone;
+    };
+    let socket_fds = match socket_fds(&proc_pid) {
+        Ok(socket_fds) => socket_fds,
+        Err(error) => {
+            return Scanned::Unreadable {
+                pid,
+                comm: stat.comm,
+                error: error.to_string(),
+            };
+        }
+    };
+    let netns = if socket_fds.is_empty() {
+        None
+    } else {
+        read_netns(&proc_pid)
+    };
+    let started =
+        boot_time + Duration::from_secs_f64(stat.starttime as f64 / ticks_per_second as f64);
+    Scanned::Process(ScannedProcess {
+        info: ProcessInfo {
+            pid,
+            start_ticks: stat.starttime,
+            started,
+            comm: stat.comm,
+            uid: metadata.uid(),
+            gid: metadata.gid(),
+            netns,
+            sockets: Vec::new(),
+        },
+        socket_fds,
+    })
+}
+
+/// (socket inode, fd) for every fd of the process that is a socket: one
+/// readlinkat per fd, relative to the open fd directory (procfs's own fd
+/// iterator costs four system calls per fd).
+fn socket_fds(proc_pid: &Path) -> std::io::Result<Vec<(u64, i32)>> {
+    use std::os::fd::AsFd;
+    let fd_dir = std::fs::File::open(proc_pid.join("fd"))?;
+    let mut entries = nix::dir::Dir::from_fd(fd_dir.try_clone()?.into())?;
+    let mut sockets = Vec::new();
+    for entry in entries.iter().filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(fd) = name.to_str().ok().and_then(|name| name.parse::<i32>().ok()) else {
+            continue;
+        };
+        // An fd closed meanwhile is simply not there.
+        let Ok(target) = nix::fcntl::readlinkat(fd_dir.as_fd(), name) else {
+            continue;
+        };
+        if let Some(Ok(FDTarget::Socket(inode))) = target.to_str().map(FDTarget::from_str) {
+            sockets.push((inode, fd));
+        }
+    }
+    Ok(sockets)
 }
 
 /// The daemon's own network namespace.
