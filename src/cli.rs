@@ -60,6 +60,11 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
     pub buffer: usize,
 
+    /// Bytes of the kernel's packet ring per stream (what absorbs a burst
+    /// before the daemon picks it up), e.g. 2MiB, 8MiB.
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_size)]
+    pub kernel_buffer: usize,
+
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,

@@ -45,6 +45,7 @@ pub fn run(cli: &Cli) -> Result<(), String> {
         capture: CaptureSettings {
             interface: cli.interface.clone(),
             snaplen: cli.snaplen,
+            kernel_buffer: cli.kernel_buffer,
         },
         stream_buffer: cli.buffer,
     };

@@ -35,6 +35,8 @@ pub struct CaptureSettings {
     /// "any" by default: every interface of the namespace.
     pub interface: String,
     pub snaplen: u32,
+    /// Bytes of the kernel's packet ring per capture.
+    pub kernel_buffer: usize,
 }
 
 /// What to capture.
@@ -60,6 +62,9 @@ pub struct Timestamp {
 /// Where packets go. Called on the capture thread.
 pub trait PacketSink: Send + Sync + 'static {
     fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]);
+    /// A batch of packets (one kernel block) has been handed over: the
+    /// moment to wake readers, once per batch rather than per packet.
+    fn batch_end(&self);
     /// The capture ended (stopped, or failed after starting).
     fn ended(&self, stats: CaptureStats);
 }
@@ -176,6 +181,7 @@ fn open(
                     .promisc(false)
                     .immediate_mode(false)
                     .timeout(BLOCK_TIMEOUT_MS)
+                    .buffer_size(i32::try_from(settings.kernel_buffer).unwrap_or(i32::MAX))
             })
             .map_err(|err| {
                 CaptureError::Failed(format!("no capture device {:?}: {err}", settings.interface))
@@ -274,24 +280,28 @@ fn run(
     label: &str,
 ) -> CaptureStats {
     loop {
-        match capture.next_packet() {
-            Ok(packet) => {
-                let timestamp = Timestamp {
-                    seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
-                    fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
-                };
-                sink.packet(timestamp, packet.header.len, packet.data);
-            }
-            Err(pcap::Error::TimeoutExpired) => {}
-            // pcap_breakloop was called: a command is waiting.
-            Err(pcap::Error::NoMorePackets) => {
+        // One kernel block per call: every packet in it, then one wake-up.
+        let handed = capture.dispatch(None, |packet| {
+            let timestamp = Timestamp {
+                seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
+                fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
+            };
+            sink.packet(timestamp, packet.header.len, packet.data);
+        });
+        match handed {
+            Ok(0) => {}
+            Ok(_) => sink.batch_end(),
+            // pcap_breakloop (only a command calls it) makes dispatch fail;
+            // with no command waiting, the failure is real.
+            Err(err) => {
+                sink.batch_end();
+                if commands.is_empty() {
+                    warn!("{label}: capture failed: {err}");
+                    break;
+                }
                 if !apply_commands(capture, commands, label) {
                     break;
                 }
-            }
-            Err(err) => {
-                warn!("{label}: capture failed: {err}");
-                break;
             }
         }
     }

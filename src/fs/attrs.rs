@@ -12,6 +12,11 @@ use fuser::{FileAttr, FileType, INodeNo};
 
 use super::tree::{Node, ROOT_INO, Tree};
 
+/// The block size socket files report: readers size their reads by it
+/// (cat, and stdio under libpcap's `tcpdump -r`), and one 1 MiB read is one
+/// FUSE round trip where 128 KiB reads would be eight.
+const STREAM_BLOCK_SIZE: u32 = 1 << 20;
+
 /// Who mounted, and when: the root directory's owner and birth time.
 #[derive(Clone, Copy, Debug)]
 pub struct MountIdentity {
@@ -62,7 +67,7 @@ pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
                 uid: socket.row.uid,
                 gid: process.gid,
                 rdev: 0,
-                blksize: 4096,
+                blksize: STREAM_BLOCK_SIZE,
                 flags: 0,
             }
         }

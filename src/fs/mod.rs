@@ -298,11 +298,14 @@ impl NetstatFs {
             inode: socket.row.inode,
             fds: socket.fds.clone(),
         };
-        let stream = Arc::new(Stream::new(
-            label.clone(),
-            owner,
-            self.options.stream_buffer,
-        ));
+        let stream = match Stream::start(label.clone(), owner, self.options.stream_buffer) {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!("{label}: cannot start a thread: {err}");
+                reply.error(Errno::EAGAIN);
+                return;
+            }
+        };
         let request = CaptureRequest {
             netns,
             target,

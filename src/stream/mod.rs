@@ -1,13 +1,15 @@
 //! An open socket file: the capture's packets as a pcap byte stream.
 //!
-//! The capture thread encodes each packet as a pcap record and queues it
-//! (a crossbeam channel bounded in bytes, `--buffer`: beyond it packets are
-//! dropped and counted). A read takes as many whole or partial records as
-//! are queued, up to the size asked for; with nothing queued it waits, and
-//! is answered later from another thread: the capture thread when a packet
-//! comes, or the watchdog (`table.rs`) when the reader is signalled, the
-//! socket has closed, or the daemon shuts down. The FUSE session loop never
-//! waits.
+//! The capture thread encodes each packet as a pcap record into a chunk of
+//! up to 1 MiB; full chunks go through a crossbeam channel. The queue is
+//! bounded in bytes (`--buffer`): beyond it packets are dropped and counted.
+//! A read takes as many whole or partial records as are queued, up to the
+//! size asked for (a whole chunk is handed over without a copy); with
+//! nothing queued it waits, and is answered later from another thread: the
+//! stream's server thread, woken once per kernel block of packets, or the
+//! watchdog (`table.rs`) when the reader is signalled, the socket has
+//! closed, or the daemon shuts down. Neither the FUSE session loop nor the
+//! capture thread ever waits on a reader.
 //!
 //! End of stream: once the capture has ended (the socket closed and a short
 //! grace period passed for its last packets, or shutdown), reads drain the
@@ -18,7 +20,7 @@ pub mod table;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -63,9 +65,23 @@ enum Lifecycle {
     Stopping,
 }
 
+/// The most a chunk of records holds: the size readers ask for (socket
+/// files report it as their block size).
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// How many spent chunk buffers a stream keeps for reuse.
+const SPARE_CHUNKS: usize = 2;
+
+/// Whole pcap records, queued together.
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    records: u64,
+}
+
 struct ReadState {
-    /// Bytes due before the next queued record: the global header at
-    /// first, later the rest of a record a read could only take part of.
+    /// Bytes due before the next queued chunk: the global header at first,
+    /// later the rest of a chunk a read could only take part of.
     carry: Vec<u8>,
     carry_from: usize,
     pending: VecDeque<PendingRead>,
@@ -78,8 +94,17 @@ pub struct Stream {
     label: String,
     owner: SocketOwner,
     queue_limit: usize,
-    records_in: Sender<Vec<u8>>,
-    records_out: Receiver<Vec<u8>>,
+    chunks_in: Sender<Chunk>,
+    chunks_out: Receiver<Chunk>,
+    /// The chunk the capture thread is filling. Full chunks are sent while
+    /// this lock is held, so a reader that holds it sees them in order.
+    building: Mutex<Chunk>,
+    /// Wakes the server thread to answer waiting reads.
+    doorbell: Sender<()>,
+    /// Chunk buffers handed back by readers, so a busy stream does not
+    /// allocate (and fault in) a fresh megabyte per chunk.
+    spare_in: Sender<Vec<u8>>,
+    spare_out: Receiver<Vec<u8>>,
     queued_bytes: AtomicUsize,
     dropped_by_queue: AtomicU64,
     delivered: AtomicU64,
@@ -98,14 +123,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stream {
-    pub fn new(label: String, owner: SocketOwner, queue_limit: usize) -> Stream {
-        let (records_in, records_out) = crossbeam_channel::unbounded();
-        Stream {
+    /// A stream and its server thread, which answers waiting reads when
+    /// the capture hands over packets and exits when the stream is dropped.
+    pub fn start(
+        label: String,
+        owner: SocketOwner,
+        queue_limit: usize,
+    ) -> std::io::Result<Arc<Stream>> {
+        let (chunks_in, chunks_out) = crossbeam_channel::unbounded();
+        let (doorbell, rings) = crossbeam_channel::bounded(1);
+        let (spare_in, spare_out) = crossbeam_channel::bounded(SPARE_CHUNKS);
+        let stream = Arc::new(Stream {
             label,
             owner,
             queue_limit,
-            records_in,
-            records_out,
+            chunks_in,
+            chunks_out,
+            building: Mutex::new(Chunk::default()),
+            doorbell,
+            spare_in,
+            spare_out,
             queued_bytes: AtomicUsize::new(0),
             dropped_by_queue: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -122,7 +159,20 @@ impl Stream {
             }),
             control: Mutex::new(None),
             closing_report: Mutex::new((false, None)),
-        }
+        });
+        let weak: Weak<Stream> = Arc::downgrade(&stream);
+        std::thread::Builder::new()
+            .name("stream".into())
+            .spawn(move || {
+                // Ends when the stream (and with it the doorbell) is dropped.
+                while rings.recv().is_ok() {
+                    match weak.upgrade() {
+                        Some(stream) => stream.serve_pending(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(stream)
     }
 
     pub fn label(&self) -> &str {
@@ -147,6 +197,7 @@ impl Stream {
             if !bytes.is_empty() {
                 drop(state);
                 respond(Answer::Data(&bytes));
+                self.recycle(bytes);
                 return;
             }
             if self.finished(&state) {
@@ -184,46 +235,77 @@ impl Stream {
             if let Some(read) = state.pending.pop_front() {
                 (read.respond)(Answer::Data(&bytes));
             }
+            self.recycle(bytes);
         }
         self.has_pending
             .store(!state.pending.is_empty(), Ordering::SeqCst);
     }
 
-    /// Up to `size` bytes: the carry first, then queued records, the last
-    /// one split if it does not fit.
+    /// Up to `size` bytes: the carry first, then queued chunks, the last
+    /// one split if it does not fit. A chunk that fits whole while nothing
+    /// is carried is handed over as it is, without a copy.
     fn take(&self, state: &mut ReadState, size: usize) -> Vec<u8> {
-        let available =
-            state.carry.len() - state.carry_from + self.queued_bytes.load(Ordering::Relaxed);
-        let mut out = Vec::with_capacity(size.min(available));
-        let from_carry = size.min(state.carry.len() - state.carry_from);
-        out.extend_from_slice(&state.carry[state.carry_from..state.carry_from + from_carry]);
-        state.carry_from += from_carry;
-        if state.carry_from == state.carry.len() {
-            state.carry.clear();
-            state.carry_from = 0;
-        }
-        while out.len() < size {
-            let Ok(record) = self.records_out.try_recv() else {
+        let mut out = Vec::new();
+        loop {
+            let room = size - out.len();
+            if room == 0 {
+                break;
+            }
+            let carried = state.carry.len() - state.carry_from;
+            if carried > 0 {
+                let part = room.min(carried);
+                out.extend_from_slice(&state.carry[state.carry_from..state.carry_from + part]);
+                state.carry_from += part;
+                if state.carry_from == state.carry.len() {
+                    self.recycle(std::mem::take(&mut state.carry));
+                    state.carry_from = 0;
+                }
+                continue;
+            }
+            let Some(chunk) = self.next_chunk() else {
                 break;
             };
-            self.queued_bytes.fetch_sub(record.len(), Ordering::Relaxed);
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-            let room = size - out.len();
-            if record.len() <= room {
-                out.extend_from_slice(&record);
+            if out.is_empty() && chunk.bytes.len() <= room {
+                out = chunk.bytes;
             } else {
-                out.extend_from_slice(&record[..room]);
-                state.carry = record;
-                state.carry_from = room;
+                state.carry = chunk.bytes;
             }
         }
         out
     }
 
+    /// Keeps a spent chunk-sized buffer for the capture thread to refill.
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        if bytes.capacity() >= CHUNK_BYTES {
+            bytes.clear();
+            let _ = self.spare_in.try_send(bytes);
+        }
+    }
+
+    /// The oldest queued chunk: a full one, else the one being filled.
+    fn next_chunk(&self) -> Option<Chunk> {
+        let chunk = match self.chunks_out.try_recv() {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                let mut building = lock(&self.building);
+                // A chunk sent since the channel was looked at is older.
+                match self.chunks_out.try_recv() {
+                    Ok(chunk) => chunk,
+                    Err(_) if building.bytes.is_empty() => return None,
+                    Err(_) => std::mem::take(&mut *building),
+                }
+            }
+        };
+        self.queued_bytes
+            .fetch_sub(chunk.bytes.len(), Ordering::Relaxed);
+        self.delivered.fetch_add(chunk.records, Ordering::Relaxed);
+        Some(chunk)
+    }
+
     fn finished(&self, state: &ReadState) -> bool {
         self.capture_ended.load(Ordering::SeqCst)
             && state.carry.is_empty()
-            && self.records_out.is_empty()
+            && self.queued_bytes.load(Ordering::SeqCst) == 0
     }
 
     pub fn has_pending(&self) -> bool {
@@ -316,11 +398,45 @@ impl PacketSink for Stream {
             self.dropped_by_queue.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let mut record = Vec::with_capacity(record_len);
-        pcap::append_record(&mut record, timestamp, original_length, data);
-        self.queued_bytes.fetch_add(record_len, Ordering::Relaxed);
-        if self.records_in.send(record).is_ok() && self.has_pending.load(Ordering::SeqCst) {
-            self.serve_pending();
+        let mut building = lock(&self.building);
+        if building.bytes.len() + record_len > CHUNK_BYTES && !building.bytes.is_empty() {
+            let full = std::mem::take(&mut *building);
+            let _ = self.chunks_in.send(full);
+        }
+        // Small at first (a quiet socket's chunk goes out with one record),
+        // then at once a whole chunk, reused where a reader gave one back:
+        // not a doubling series that copies the chunk again and again.
+        let filled = building.bytes.len();
+        let needed = filled + record_len;
+        if building.bytes.capacity() < needed {
+            let spare = if filled > 0 {
+                self.spare_out.try_recv().ok()
+            } else {
+                None
+            };
+            match spare {
+                Some(mut spare) => {
+                    spare.extend_from_slice(&building.bytes);
+                    building.bytes = spare;
+                }
+                None => {
+                    let target = if filled == 0 {
+                        needed.max(64 * 1024)
+                    } else {
+                        needed.max(CHUNK_BYTES)
+                    };
+                    building.bytes.reserve_exact(target - filled);
+                }
+            }
+        }
+        pcap::append_record(&mut building.bytes, timestamp, original_length, data);
+        building.records += 1;
+        self.queued_bytes.fetch_add(record_len, Ordering::SeqCst);
+    }
+
+    fn batch_end(&self) {
+        if self.has_pending.load(Ordering::SeqCst) {
+            let _ = self.doorbell.try_send(());
         }
     }
 
@@ -342,16 +458,31 @@ mod tests {
     use super::*;
 
     /// A stream as just opened (header queued), without a capture behind it.
-    fn stream(queue_limit: usize) -> Stream {
+    fn stream(queue_limit: usize) -> Arc<Stream> {
         let owner = SocketOwner {
             pid: 0,
             start_ticks: 0,
             inode: 0,
             fds: Vec::new(),
         };
-        let stream = Stream::new("test".into(), owner, queue_limit);
+        let stream = Stream::start("test".into(), owner, queue_limit).unwrap();
         lock(&stream.state).carry = pcap::global_header(113, 65535, true);
         stream
+    }
+
+    /// A waiting read's answer, once the server thread has given it.
+    fn answered(slot: &Arc<Mutex<Option<Vec<u8>>>>) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(bytes) = lock(slot).take() {
+                return bytes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the waiting read was not answered"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn packet(stream: &Stream, payload: &[u8]) {
@@ -360,6 +491,7 @@ mod tests {
             fraction: 2,
         };
         stream.packet(timestamp, payload.len() as u32, payload);
+        stream.batch_end();
     }
 
     /// Reads `size` bytes; None if the read had to wait. The bytes of a
@@ -416,18 +548,40 @@ mod tests {
         );
         assert!(stream.has_pending());
         packet(&stream, b"late");
-        assert_eq!(taken(&waiting).unwrap().len(), 16 + 4);
+        assert_eq!(answered(&waiting).len(), 16 + 4);
         assert!(!stream.has_pending());
 
         let at_end = read(&stream, 1000);
         packet(&stream, b"last");
-        assert!(taken(&at_end).is_some());
+        assert_eq!(answered(&at_end).len(), 16 + 4);
         stream.ended(CaptureStats::default());
         assert_eq!(
             taken(&read(&stream, 1000)).unwrap(),
             Vec::<u8>::new(),
             "EOF"
         );
+    }
+
+    #[test]
+    fn megabyte_reads_drain_many_chunks() {
+        let stream = stream(8 << 20);
+        assert_eq!(taken(&read(&stream, 24)).unwrap().len(), 24);
+        // 3 MiB of 1000-byte packets: three full chunks and a partial one.
+        let count = 3 * CHUNK_BYTES / 1016 + 10;
+        for _ in 0..count {
+            packet(&stream, &[7; 1000]);
+        }
+        let mut total = 0;
+        loop {
+            let bytes = taken(&read(&stream, CHUNK_BYTES as u32)).unwrap_or_default();
+            if bytes.is_empty() {
+                break;
+            }
+            assert!(bytes.len() <= CHUNK_BYTES);
+            total += bytes.len();
+        }
+        assert_eq!(total, count * 1016);
+        assert_eq!(stream.delivered.load(Ordering::Relaxed), count as u64);
     }
 
     #[test]

@@ -1,0 +1,989 @@
+//! The benchmark harness: netstatfs side by side with the tools users would
+//! otherwise reach for, on the same workload, in the same run.
+//!
+//! ```text
+//! scripts/bench.sh            (installs what it needs, builds, runs this)
+//! cargo run --release --example bench -- --netstatfs target/release/netstatfs [--quick]
+//! ```
+//!
+//! Timings on shared machines are noisy, so it reports medians of runs that
+//! alternate between the tools, and ratios taken within this run, never a
+//! lone absolute time. It cleans up every process and mount it makes.
+//!
+//! 1. Workload: P processes each holding C established loopback TCP
+//!    connections (both ends) and a listener.
+//! 2. Listing: a cold walk of the mount (`find m -type f`) and `ls -l m/*/`
+//!    against `ss -tanp`, `netstat -tanp`, `lsof -iTCP -n -P`, with a check
+//!    that each saw the workload's sockets.
+//! 3. Scaling: the walk at three workload sizes.
+//! 4. Capture: one loopback TCP flow at full speed, once through
+//!    `cat <socket file> > out.pcap`, once through `tcpdump -w` with the same
+//!    filter: packets written against segments sent, drops, throughput, CPU.
+//! 5. Latency: send() to readable from the stream, 1,000 small messages.
+//! 6. Memory: the daemon's peak RSS after walking the big workload, and with
+//!    10 streams running.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Error = Box<dyn std::error::Error>;
+
+// ---------------------------------------------------------------- workers
+
+/// `bench --worker C`: a listener and C connections to it (both ends held),
+/// "ready <port>" on stdout, then holds them until stdin closes.
+fn worker(connections: usize) -> Result<(), Error> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let mut held = Vec::with_capacity(connections * 2);
+    for _ in 0..connections {
+        held.push(TcpStream::connect(("127.0.0.1", port))?);
+        held.push(listener.accept()?.0);
+    }
+    println!("ready {port}");
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(held);
+    Ok(())
+}
+
+/// `bench --flow`: a connected pair; "ready <sender local port> <receiver
+/// port>"; on "send <bytes>" the sender writes that many bytes and closes,
+/// the receiver drains; "done <seconds>" when the receiver has it all.
+/// On "ping <count> <gap-us>" it sends small numbered messages.
+fn flow() -> Result<(), Error> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut sender = TcpStream::connect(listener.local_addr()?)?;
+    let (mut receiver, _) = listener.accept()?;
+    sender.set_nodelay(true)?;
+    println!(
+        "ready {} {}",
+        sender.local_addr()?.port(),
+        listener.local_addr()?.port()
+    );
+    std::io::stdout().flush()?;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["send", bytes] => {
+                let bytes: usize = bytes.parse()?;
+                let mut drain = receiver.try_clone()?;
+                let reader = std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 1 << 20];
+                    let mut total = 0;
+                    while total < bytes {
+                        match drain.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => total += n,
+                        }
+                    }
+                    total
+                });
+                let started = Instant::now();
+                let chunk = vec![b'x'; 256 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    sender.write_all(&chunk[..n])?;
+                    left -= n;
+                }
+                let received = reader.join().map_err(|_| "reader panicked")?;
+                println!("done {} {received}", started.elapsed().as_secs_f64());
+            }
+            ["ping", count, gap_us] => {
+                let (count, gap): (usize, u64) = (count.parse()?, gap_us.parse()?);
+                let mut buffer = [0u8; 64];
+                let mut sent_at = Vec::with_capacity(count);
+                for i in 0..count {
+                    let message = format!("m{i:06}");
+                    sent_at.push(unix_nanos());
+                    sender.write_all(message.as_bytes())?;
+                    receiver.read_exact(&mut buffer[..message.len()])?;
+                    std::thread::sleep(Duration::from_micros(gap));
+                }
+                let times: Vec<String> = sent_at.iter().map(u128::to_string).collect();
+                println!("sent {}", times.join(","));
+            }
+            ["close"] => break,
+            _ => println!("error unknown command"),
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// A child of this harness speaking the line protocol above.
+struct Helper {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Helper {
+    fn spawn(args: &[&str]) -> Result<Helper, Error> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        Ok(Helper { child, lines })
+    }
+
+    fn read_line(&mut self) -> Result<String, Error> {
+        Ok(self.lines.next().ok_or("helper ended")??)
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), Error> {
+        let stdin = self.child.stdin.as_mut().ok_or("no stdin")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// P worker processes, all connected.
+struct Workload {
+    /// Held to keep the processes (and their sockets) alive.
+    _workers: Vec<Helper>,
+    ports: HashSet<u16>,
+    processes: usize,
+    connections: usize,
+}
+
+impl Workload {
+    fn start(processes: usize, connections: usize) -> Result<Workload, Error> {
+        let mut workers = Vec::with_capacity(processes);
+        for _ in 0..processes {
+            workers.push(Helper::spawn(&["--worker", &connections.to_string()])?);
+        }
+        let mut ports = HashSet::new();
+        for worker in &mut workers {
+            let line = worker.read_line()?;
+            let port = line
+                .strip_prefix("ready ")
+                .ok_or("worker failed")?
+                .parse()?;
+            ports.insert(port);
+        }
+        Ok(Workload {
+            _workers: workers,
+            ports,
+            processes,
+            connections,
+        })
+    }
+
+    /// Sockets the workload holds: a listener and both ends of each
+    /// connection, per process.
+    fn sockets(&self) -> usize {
+        self.processes * (2 * self.connections + 1)
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{}x{} ({} sockets)",
+            self.processes,
+            self.connections,
+            self.sockets()
+        )
+    }
+}
+
+// ---------------------------------------------------------------- daemon
+
+struct Daemon {
+    child: Child,
+    mountpoint: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(binary: &Path, scratch: &Path, cache_ttl: &str) -> Result<Daemon, Error> {
+        let mountpoint = scratch.join("m");
+        std::fs::create_dir_all(&mountpoint)?;
+        let log = scratch.join("daemon.log");
+        let child = Command::new(binary)
+            .args(["--cache-ttl", cache_ttl])
+            .arg(&mountpoint)
+            .env("RUST_LOG", "netstatfs=debug")
+            .stderr(File::create(&log)?)
+            .spawn()?;
+        let daemon = Daemon {
+            child,
+            mountpoint,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::read_to_string(&daemon.log)?.contains("mounted at") {
+            if Instant::now() > deadline {
+                return Err("netstatfs did not mount".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// User plus system CPU seconds so far.
+    fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.pid())
+    }
+
+    /// (current, peak) resident set in KiB.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|line| line.starts_with(name))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / procfs::ticks_per_second() as f64
+}
+
+/// CPU seconds used by finished children so far.
+fn children_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |usage| {
+        let seconds = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        seconds(usage.user_time()) + seconds(usage.system_time())
+    })
+}
+
+// ---------------------------------------------------------------- listing
+
+/// One timed run of a shell command: (seconds, CPU seconds of the command,
+/// its stdout).
+fn timed(script: &str) -> Result<(f64, f64, String), Error> {
+    let cpu_before = children_cpu_seconds();
+    let started = Instant::now();
+    let output = Command::new("sh").arg("-c").arg(script).output()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((
+        elapsed,
+        children_cpu_seconds() - cpu_before,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Counts the workload's sockets in a tool's output: lines (or file names)
+/// naming one of its ports, as local or remote end.
+fn count_workload_sockets(output: &str, ports: &HashSet<u16>, tool: &str) -> usize {
+    let port_of = |end: &str| {
+        end.rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches(']').parse::<u16>().ok())
+    };
+    output
+        .lines()
+        .filter(|line| {
+            let ends: Vec<&str> = match tool {
+                "netstatfs" => line
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .split('_')
+                    .skip(1)
+                    .collect(),
+                "ss" => line.split_whitespace().skip(3).take(2).collect(),
+                "netstat" => line.split_whitespace().skip(3).take(2).collect(),
+                "lsof" => line
+                    .split_whitespace()
+                    .find(|field| field.contains(':'))
+                    .map(|name| name.split("->").collect())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            ends.iter()
+                .filter_map(|end| port_of(end))
+                .any(|port| ports.contains(&port))
+        })
+        .count()
+}
+
+struct ToolRun {
+    name: &'static str,
+    script: String,
+    seconds: Vec<f64>,
+    cpu: Vec<f64>,
+    counted: usize,
+}
+
+fn listing(
+    daemon: &Daemon,
+    workload: &Workload,
+    runs: usize,
+    ttl: Duration,
+) -> Result<Vec<ToolRun>, Error> {
+    let m = daemon.mountpoint.display();
+    let mut tools = vec![
+        ToolRun {
+            name: "netstatfs: find (cold)",
+            script: format!("find {m} -type f"),
+            seconds: vec![],
+            cpu: vec![],
+            counted: 0,
+        },
+        ToolRun {
+            name: "netstatfs: ls -l m/*/ (cold)",
+            script: format!("ls -l {m}/*/"),
+            seconds: vec![],
+            cpu: vec![],
+            counted: 0,
+        },
+        ToolRun {
+            name: "ss -tanp",
+            script: "ss -tanp".into(),
+            seconds: vec![],
+            cpu: vec![],
+            counted: 0,
+        },
+        ToolRun {
+            name: "netstat -tanp",
+            script: "netstat -tanp 2>/dev/null".into(),
+            seconds: vec![],
+            cpu: vec![],
+            counted: 0,
+        },
+        ToolRun {
+            name: "lsof -iTCP -n -P",
+            script: "lsof -iTCP -n -P 2>/dev/null".into(),
+            seconds: vec![],
+            cpu: vec![],
+            counted: 0,
+        },
+    ];
+    for _ in 0..runs {
+        for tool in &mut tools {
+            let is_walk = tool.name.starts_with("netstatfs");
+            if is_walk {
+                // Cold: the snapshot and the kernel's cached entries expired.
+                std::thread::sleep(ttl + Duration::from_millis(50));
+            }
+            let daemon_cpu = daemon.cpu_seconds();
+            let (seconds, cpu, output) = timed(&tool.script)?;
+            let cpu = if is_walk {
+                cpu + daemon.cpu_seconds() - daemon_cpu
+            } else {
+                cpu
+            };
+            tool.seconds.push(seconds);
+            tool.cpu.push(cpu);
+            let kind = match tool.name {
+                name if name.starts_with("netstatfs: find") => "netstatfs",
+                name if name.starts_with("netstatfs") => "ls",
+                "ss -tanp" => "ss",
+                "netstat -tanp" => "netstat",
+                _ => "lsof",
+            };
+            tool.counted = if kind == "ls" {
+                output.lines().filter(|line| line.starts_with('-')).count()
+            } else {
+                count_workload_sockets(&output, &workload.ports, kind)
+            };
+        }
+    }
+    Ok(tools)
+}
+
+// ---------------------------------------------------------------- capture
+
+struct CaptureResult {
+    name: &'static str,
+    packets: u64,
+    segments_sent: u64,
+    dropped: String,
+    seconds: f64,
+    cpu: f64,
+    bytes: usize,
+}
+
+fn tcp_out_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "OutSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
+fn count_pcap_packets(path: &Path) -> u64 {
+    let Ok(mut capture) = pcap::Capture::from_file(path) else {
+        return 0;
+    };
+    let mut packets = 0;
+    while capture.next_packet().is_ok() {
+        packets += 1;
+    }
+    packets
+}
+
+fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        if Instant::now() > deadline {
+            return Err(format!("{text:?} did not appear in {}", path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn capture_run(
+    daemon: &Daemon,
+    scratch: &Path,
+    volume: usize,
+    with_tcpdump: bool,
+) -> Result<CaptureResult, Error> {
+    let mut flow = Helper::spawn(&["--flow"])?;
+    let ready = flow.read_line()?;
+    let ports: Vec<u16> = ready
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let (sender, receiver) = (ports[0], ports[1]);
+    let file = daemon
+        .mountpoint
+        .join(format!("{}_bench", flow.child.id()))
+        .join(format!("tcp_127.0.0.1:{sender}_127.0.0.1:{receiver}"));
+    let out = scratch.join("out.pcap");
+    let _ = std::fs::remove_file(&out);
+    let log_before = daemon.log().len();
+    // The filter netstatfs writes for this socket, for tcpdump to use too.
+    let filter = format!(
+        "ip and tcp and ((src host 127.0.0.1 and src port {sender} and dst host 127.0.0.1 and dst port {receiver}) \
+         or (src host 127.0.0.1 and src port {receiver} and dst host 127.0.0.1 and dst port {sender}))"
+    );
+    let tcpdump_err = scratch.join("tcpdump.err");
+    let daemon_cpu = daemon.cpu_seconds();
+    let cpu_before = children_cpu_seconds();
+    let mut reader = if with_tcpdump {
+        let child = Command::new("tcpdump")
+            .args(["-i", "any", "-s", "262144", "-w"])
+            .arg(&out)
+            .arg(&filter)
+            .stderr(File::create(&tcpdump_err)?)
+            .spawn()?;
+        wait_for_text(&tcpdump_err, "listening on", Duration::from_secs(10))?;
+        child
+    } else {
+        // The flow's process names itself after exec: wait for the file.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("{} did not appear", file.display()).into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec cat '{}' > '{}'",
+                file.display(),
+                out.display()
+            ))
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.log()[log_before..].contains("capture running") {
+            if Instant::now() > deadline {
+                return Err("the capture did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    };
+    let segments_before = tcp_out_segments();
+    flow.send(&format!("send {volume}"))?;
+    let done = flow.read_line()?;
+    let seconds: f64 = done
+        .split_whitespace()
+        .nth(1)
+        .ok_or("flow failed")?
+        .parse()?;
+    let segments_sent = tcp_out_segments() - segments_before;
+    flow.send("close")?;
+    drop(flow);
+    let dropped = if with_tcpdump {
+        std::thread::sleep(Duration::from_millis(500));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(reader.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        reader.wait()?;
+        let err = std::fs::read_to_string(&tcpdump_err)?;
+        err.lines()
+            .find(|line| line.contains("dropped by kernel"))
+            .and_then(|line| line.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned()
+            + " by the kernel"
+    } else {
+        // The socket closed: the stream ends by itself.
+        reader.wait()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.log()[log_before..].contains("stream closed") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = daemon.log();
+        log[log_before..]
+            .lines()
+            .find(|line| line.contains("stream closed"))
+            .and_then(|line| line.split("delivered, ").nth(1))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let cpu = children_cpu_seconds() - cpu_before
+        + if with_tcpdump {
+            0.0
+        } else {
+            daemon.cpu_seconds() - daemon_cpu
+        };
+    let packets = count_pcap_packets(&out);
+    let bytes = std::fs::metadata(&out).map_or(0, |m| m.len() as usize);
+    let _ = std::fs::remove_file(&out);
+    Ok(CaptureResult {
+        name: if with_tcpdump {
+            "tcpdump -i any -w"
+        } else {
+            "cat <socket file> >"
+        },
+        packets,
+        segments_sent,
+        dropped,
+        seconds,
+        cpu,
+        bytes,
+    })
+}
+
+// ---------------------------------------------------------------- latency
+
+/// send() to readable from the stream, for `count` small messages.
+fn latency(daemon: &Daemon, count: usize) -> Result<(f64, f64, f64), Error> {
+    let mut flow = Helper::spawn(&["--flow"])?;
+    let ready = flow.read_line()?;
+    let ports: Vec<u16> = ready
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let file = daemon
+        .mountpoint
+        .join(format!("{}_bench", flow.child.id()))
+        .join(format!("tcp_127.0.0.1:{}_127.0.0.1:{}", ports[0], ports[1]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        if Instant::now() > deadline {
+            return Err("the flow's socket file did not appear".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let arrivals: Arc<Mutex<Vec<(usize, u128)>>> = Arc::default();
+    let mut stream = File::open(&file)?;
+    let seen = Arc::clone(&arrivals);
+    let reader = std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 128 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
+        while let Ok(n) = stream.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            let now = unix_nanos();
+            pending.extend_from_slice(&buffer[..n]);
+            // Each message "mNNNNNN" appears once in the client→server
+            // direction: find them in what has been read.
+            let mut from = 0;
+            while let Some(at) = pending[from..]
+                .windows(7)
+                .position(|w| w[0] == b'm' && w[1..].iter().all(u8::is_ascii_digit))
+            {
+                let start = from + at;
+                if let Ok(index) = std::str::from_utf8(&pending[start + 1..start + 7])
+                    .unwrap_or("x")
+                    .parse::<usize>()
+                {
+                    seen.lock().unwrap().push((index, now));
+                }
+                from = start + 7;
+            }
+            pending.drain(..from.min(pending.len()));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    flow.send(&format!("ping {count} 2000"))?;
+    let sent = flow.read_line()?;
+    let sent_at: Vec<u128> = sent
+        .strip_prefix("sent ")
+        .ok_or("ping failed")?
+        .split(',')
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    flow.send("close")?;
+    drop(flow);
+    let _ = reader.join();
+    let arrivals = arrivals.lock().unwrap();
+    let mut delays: Vec<f64> = arrivals
+        .iter()
+        .filter_map(|&(index, at)| {
+            sent_at
+                .get(index)
+                .map(|&sent| (at.saturating_sub(sent)) as f64 / 1e6)
+        })
+        .collect();
+    let received = delays.len() as f64;
+    delays.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        delays
+            .get(((delays.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok((at(0.5), at(0.99), received))
+}
+
+/// Ten streams on connections with steady traffic; the daemon's RSS.
+fn memory_with_streams(daemon: &Daemon) -> Result<u64, Error> {
+    let mut flows = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        let mut flow = Helper::spawn(&["--flow"])?;
+        let ready = flow.read_line()?;
+        let ports: Vec<u16> = ready
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let file = daemon
+            .mountpoint
+            .join(format!("{}_bench", flow.child.id()))
+            .join(format!("tcp_127.0.0.1:{}_127.0.0.1:{}", ports[0], ports[1]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        readers.push(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("exec cat '{}' > /dev/null", file.display()))
+                .spawn()?,
+        );
+        flows.push(flow);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for flow in &mut flows {
+        flow.send(&format!("send {}", 64 << 20))?;
+    }
+    let mut peak = 0;
+    for flow in &mut flows {
+        flow.read_line()?;
+        peak = peak.max(daemon.rss_kib().0);
+    }
+    for flow in &mut flows {
+        flow.send("close")?;
+    }
+    drop(flows);
+    for mut reader in readers {
+        let _ = reader.wait();
+    }
+    Ok(peak.max(daemon.rss_kib().0))
+}
+
+// ---------------------------------------------------------------- report
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(connections) = args
+        .iter()
+        .position(|a| a == "--worker")
+        .and_then(|i| args.get(i + 1))
+    {
+        return worker(connections.parse()?);
+    }
+    if args.iter().any(|a| a == "--flow") {
+        std::fs::write("/proc/self/comm", "bench")?;
+        return flow();
+    }
+    let binary = args
+        .iter()
+        .position(|a| a == "--netstatfs")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/netstatfs"));
+    let quick = args.iter().any(|a| a == "--quick");
+    // --only listing,capture,latency,memory runs those sections alone.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    raise_fd_limit();
+
+    let scratch = std::env::temp_dir().join(format!("netstatfs-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = run(&binary, &scratch, quick, only.as_deref());
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn run(binary: &Path, scratch: &Path, quick: bool, only: Option<&[String]>) -> Result<(), Error> {
+    let wanted = |section: &str| only.is_none_or(|sections| sections.iter().any(|s| s == section));
+    let ttl = Duration::from_millis(500);
+    let daemon = Daemon::start(binary, scratch, "500ms")?;
+    let runs = if quick { 3 } else { 7 };
+    let sizes: &[(usize, usize)] = if quick {
+        &[(10, 5), (20, 10), (40, 10)]
+    } else {
+        &[(10, 10), (50, 20), (200, 25)]
+    };
+
+    println!("# netstatfs benchmarks\n");
+    println!(
+        "Machine: {} cores, {}, kernel {}",
+        cores(),
+        memory(),
+        kernel()
+    );
+    println!(
+        "Medians of {runs} alternating runs; ratios are to netstatfs's cold walk in the same run.\n"
+    );
+
+    // Listing at each size; the full comparison at the largest.
+    let mut scaling = Vec::new();
+    let mut walked_peak_kib = 0;
+    let sizes = if wanted("listing") || wanted("memory") {
+        sizes
+    } else {
+        &[]
+    };
+    for (index, &(processes, connections)) in sizes.iter().enumerate() {
+        let workload = Workload::start(processes, connections)?;
+        let tools = listing(&daemon, &workload, runs, ttl)?;
+        scaling.push((
+            workload.label(),
+            workload.sockets(),
+            workload.processes,
+            median(&mut tools[0].seconds.clone()),
+        ));
+        walked_peak_kib = daemon.rss_kib().1;
+        if index + 1 == sizes.len() {
+            println!("## Listing, workload {}\n", workload.label());
+            println!(
+                "| tool | median s | ratio to netstatfs walk | CPU s | workload sockets seen |"
+            );
+            println!("|---|---:|---:|---:|---:|");
+            let base = median(&mut tools[0].seconds.clone());
+            for tool in &tools {
+                let seconds = median(&mut tool.seconds.clone());
+                let cpu = median(&mut tool.cpu.clone());
+                let expected = workload.sockets();
+                let mark = if tool.counted == expected { "" } else { " (!)" };
+                println!(
+                    "| {} | {seconds:.3} | {:.2}x | {cpu:.3} | {} of {expected}{mark} |",
+                    tool.name,
+                    seconds / base,
+                    tool.counted
+                );
+            }
+            println!();
+        }
+    }
+
+    if !scaling.is_empty() {
+        println!("## Scaling of the cold walk\n");
+        println!("| workload | sockets | processes | median s | s per 1,000 sockets |");
+        println!("|---|---:|---:|---:|---:|");
+        for (label, sockets, processes, walk) in &scaling {
+            println!(
+                "| {label} | {sockets} | {processes} | {walk:.3} | {:.4} |",
+                walk / *sockets as f64 * 1000.0
+            );
+        }
+        println!();
+    }
+
+    if wanted("capture") {
+        // Capture.
+        let volume = if quick { 128 << 20 } else { 1 << 30 };
+        println!(
+            "## Capture: one loopback TCP flow of {} MiB\n",
+            volume >> 20
+        );
+        println!(
+            "| capturing with | packets written | segments sent | written/sent | dropped | flow MiB/s | CPU s |"
+        );
+        println!("|---|---:|---:|---:|---|---:|---:|");
+        let mut captured = Vec::new();
+        let rounds = if quick { 2 } else { 5 };
+        for with_tcpdump in [false, true].repeat(rounds) {
+            captured.push(capture_run(&daemon, scratch, volume, with_tcpdump)?);
+        }
+        for result in &captured {
+            println!(
+                "| {} | {} | {} | {:.3} | {} | {:.0} | {:.2} |",
+                result.name,
+                result.packets,
+                result.segments_sent,
+                result.packets as f64 / result.segments_sent.max(1) as f64,
+                result.dropped,
+                volume as f64 / (1 << 20) as f64 / result.seconds,
+                result.cpu
+            );
+            let _ = result.bytes;
+        }
+        let ours: Vec<&CaptureResult> = captured
+            .iter()
+            .filter(|r| r.name.starts_with("cat"))
+            .collect();
+        let theirs: Vec<&CaptureResult> = captured
+            .iter()
+            .filter(|r| r.name.starts_with("tcpdump"))
+            .collect();
+        let cpu_ratio = median(&mut ours.iter().map(|r| r.cpu).collect::<Vec<_>>())
+            / median(&mut theirs.iter().map(|r| r.cpu).collect::<Vec<_>>());
+        let share = |runs: &[&CaptureResult]| {
+            median(
+                &mut runs
+                    .iter()
+                    .map(|r| r.packets as f64 / r.segments_sent.max(1) as f64)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        println!(
+            "\nCPU of netstatfs + cat against tcpdump: {cpu_ratio:.2}x; share kept: {:.3} against {:.3}\n",
+            share(&ours),
+            share(&theirs)
+        );
+    }
+
+    if wanted("latency") {
+        let (p50, p99, received) = latency(&daemon, 1000)?;
+        println!("## Latency: send() to readable from the stream, 1,000 messages\n");
+        println!("| p50 ms | p99 ms | messages seen |");
+        println!("|---:|---:|---:|");
+        println!("| {p50:.3} | {p99:.3} | {received} |\n");
+    }
+
+    if wanted("memory") {
+        let streams_rss = memory_with_streams(&daemon)?;
+        println!("## Memory of the daemon\n");
+        println!("| case | RSS MiB |");
+        println!("|---|---:|");
+        println!(
+            "| peak after walking {} | {:.1} |",
+            scaling.last().map_or("", |s| s.0.as_str()),
+            walked_peak_kib as f64 / 1024.0
+        );
+        println!(
+            "| 10 streams running (peak seen) | {:.1} |",
+            streams_rss as f64 / 1024.0
+        );
+        println!();
+    }
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn memory() -> String {
+    use procfs::Current;
+    procfs::Meminfo::current().map_or_else(
+        |_| "? GiB RAM".into(),
+        |meminfo| {
+            format!(
+                "{:.0} GiB RAM",
+                meminfo.mem_total as f64 / (1u64 << 30) as f64
+            )
+        },
+    )
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
