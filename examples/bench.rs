@@ -99,6 +99,36 @@ fn flow() -> Result<(), Error> {
                 let received = reader.join().map_err(|_| "reader panicked")?;
                 println!("done {} {received}", started.elapsed().as_secs_f64());
             }
+            ["pace", bytes, mib_per_second] => {
+                // Sends `bytes` in 64 KiB writes at a steady rate.
+                let (bytes, rate): (usize, f64) = (bytes.parse()?, mib_per_second.parse()?);
+                let mut drain = receiver.try_clone()?;
+                let reader = std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 1 << 20];
+                    let mut total = 0;
+                    while total < bytes {
+                        match drain.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => total += n,
+                        }
+                    }
+                });
+                let started = Instant::now();
+                let chunk = vec![b'y'; 64 * 1024];
+                let mut sent = 0;
+                while sent < bytes {
+                    let due =
+                        started + Duration::from_secs_f64(sent as f64 / (rate * (1 << 20) as f64));
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let n = (bytes - sent).min(chunk.len());
+                    sender.write_all(&chunk[..n])?;
+                    sent += n;
+                }
+                reader.join().map_err(|_| "reader panicked")?;
+                println!("done {}", started.elapsed().as_secs_f64());
+            }
             ["ping", count, gap_us] => {
                 let (count, gap): (usize, u64) = (count.parse()?, gap_us.parse()?);
                 let mut buffer = [0u8; 64];
@@ -284,6 +314,17 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// A process's resident set in KiB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
 }
 
 fn process_cpu_seconds(pid: u32) -> f64 {
@@ -716,8 +757,10 @@ fn latency(daemon: &Daemon, count: usize) -> Result<(f64, f64, f64), Error> {
     Ok((at(0.5), at(0.99), received))
 }
 
-/// Ten streams on connections with steady traffic; the daemon's RSS.
-fn memory_with_streams(daemon: &Daemon) -> Result<u64, Error> {
+/// Ten streams read by cat while their connections carry `command`
+/// ("send <bytes>" at full speed, or "pace <bytes> <MiB/s>"); the highest
+/// RSS of the daemon seen meanwhile.
+fn memory_with_streams(daemon: &Daemon, command: &str) -> Result<u64, Error> {
     let mut flows = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..10 {
@@ -746,13 +789,27 @@ fn memory_with_streams(daemon: &Daemon) -> Result<u64, Error> {
     }
     std::thread::sleep(Duration::from_millis(300));
     for flow in &mut flows {
-        flow.send(&format!("send {}", 64 << 20))?;
+        flow.send(command)?;
     }
-    let mut peak = 0;
+    // Sample the RSS while the flows run.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let pid = daemon.pid();
+    let sampler = {
+        let sampling = Arc::clone(&sampling);
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_of(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
     for flow in &mut flows {
         flow.read_line()?;
-        peak = peak.max(daemon.rss_kib().0);
     }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().map_err(|_| "sampler panicked")?;
     for flow in &mut flows {
         flow.send("close")?;
     }
@@ -946,18 +1003,23 @@ fn run(binary: &Path, scratch: &Path, quick: bool, only: Option<&[String]>) -> R
     }
 
     if wanted("memory") {
-        let streams_rss = memory_with_streams(&daemon)?;
-        println!("## Memory of the daemon\n");
+        let steady = memory_with_streams(&daemon, &format!("pace {} 20", 40 << 20))?;
+        let flooded = memory_with_streams(&daemon, &format!("send {}", 256 << 20))?;
+        println!("## Memory of the daemon (peak RSS)\n");
         println!("| case | RSS MiB |");
         println!("|---|---:|");
         println!(
-            "| peak after walking {} | {:.1} |",
+            "| after walking {} | {:.1} |",
             scaling.last().map_or("", |s| s.0.as_str()),
             walked_peak_kib as f64 / 1024.0
         );
         println!(
-            "| 10 streams running (peak seen) | {:.1} |",
-            streams_rss as f64 / 1024.0
+            "| 10 streams running, 20 MiB/s each | {:.1} |",
+            steady as f64 / 1024.0
+        );
+        println!(
+            "| 10 streams, each flooded at full speed (every queue and ring full) | {:.1} |",
+            flooded as f64 / 1024.0
         );
         println!();
     }

@@ -3,6 +3,7 @@
 # already there, without a terminal.
 #   scripts/setup.sh run     build and mount (libpcap, fuse3, a C toolchain, Rust)
 #   scripts/setup.sh test    run + the tools the tests look through
+#   scripts/setup.sh bench   run + the tools the benchmarks compare with
 set -euo pipefail
 
 profile=${1:-run}
@@ -12,6 +13,10 @@ if [ "$profile" = test ]; then
     # iproute2 makes network namespaces; util-linux gives unshare, setpriv
     # and mount; libcap2-bin gives setcap/capsh; coreutils gives timeout.
     packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd)
+fi
+
+if [ "$profile" = bench ]; then
+    packages+=(tcpdump iproute2 net-tools lsof procps)
 fi
 
 missing=()

@@ -70,7 +70,7 @@ enum Lifecycle {
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// How many spent chunk buffers a stream keeps for reuse.
-const SPARE_CHUNKS: usize = 2;
+const SPARE_CHUNKS: usize = 1;
 
 /// Whole pcap records, queued together.
 #[derive(Default)]

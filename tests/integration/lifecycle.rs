@@ -156,6 +156,7 @@ fn help_explains_every_option() {
         "--interface",
         "--snaplen",
         "--buffer",
+        "--kernel-buffer",
         "--verbose",
         "--quiet",
         "--version",
