@@ -65,6 +65,11 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_size)]
     pub kernel_buffer: usize,
 
+    /// The streams' file format: pcap, or pcapng with a comment on each
+    /// packet naming its process and socket.
+    #[arg(long, value_enum, default_value_t = StreamFormat::Pcap)]
+    pub format: StreamFormat,
+
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -72,6 +77,22 @@ pub struct Cli {
     /// Less log output (-q warnings and errors only, -qq errors only).
     #[arg(short, long, action = ArgAction::Count)]
     pub quiet: u8,
+}
+
+/// `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamFormat {
+    Pcap,
+    Pcapng,
+}
+
+impl From<StreamFormat> for crate::stream::Format {
+    fn from(format: StreamFormat) -> Self {
+        match format {
+            StreamFormat::Pcap => crate::stream::Format::Pcap,
+            StreamFormat::Pcapng => crate::stream::Format::PcapNg,
+        }
+    }
 }
 
 impl Cli {

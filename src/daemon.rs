@@ -48,6 +48,7 @@ pub fn run(cli: &Cli) -> Result<(), String> {
             kernel_buffer: cli.kernel_buffer,
         },
         stream_buffer: cli.buffer,
+        format: cli.format.into(),
     };
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {

@@ -55,6 +55,23 @@ impl LocalNetwork {
         }
     }
 
+    /// Whether `ip` is in this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.ip, ip) {
+            (IpAddr::V4(network), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix_len.min(32));
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                network.to_bits() & mask == ip.to_bits() & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix_len.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                network.to_bits() & mask == ip.to_bits() & mask
+            }
+            _ => false,
+        }
+    }
+
     fn in_family(&self, family: Family) -> bool {
         matches!(
             (family, self.ip),

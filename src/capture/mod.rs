@@ -1,7 +1,8 @@
-//! Capturing one socket's packets: which packets ([`filter`], pure: socket
-//! → BPF text) and how ([`source`]: a libpcap handle on its own thread, in
-//! the socket's network namespace). Knows nothing of FUSE or of the stream
-//! format.
+//! Capturing packets: which ([`filter`], pure: socket → BPF text), whose
+//! ([`classify`], pure: packet → the process's socket it belongs to) and how
+//! ([`source`]: a libpcap handle on its own thread, in the socket's network
+//! namespace). Knows nothing of FUSE or of the stream format.
 
+pub mod classify;
 pub mod filter;
 pub mod source;

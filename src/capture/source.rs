@@ -44,11 +44,21 @@ pub struct CaptureRequest {
     /// The socket's namespace (an open /proc/<pid>/ns/net), or None to stay
     /// in the daemon's own.
     pub netns: Option<OwnedFd>,
-    /// The socket the filter is made for (inside the namespace, where its
-    /// own addresses are known).
-    pub target: FilterTarget,
+    /// What to keep; the filter is made inside the namespace, where its own
+    /// addresses are known.
+    pub filter: CaptureFilter,
     /// For log lines: which file this capture feeds.
     pub label: String,
+}
+
+/// Which packets a capture keeps.
+#[derive(Clone, Copy, Debug)]
+pub enum CaptureFilter {
+    /// One socket's traffic.
+    Socket(FilterTarget),
+    /// Every TCP and UDP packet of the namespace, for a process's `all`
+    /// stream to sort in user space.
+    TcpAndUdp,
 }
 
 /// A packet's capture time.
@@ -84,6 +94,8 @@ pub struct Opened {
     pub snaplen: u32,
     pub nanosecond_timestamps: bool,
     pub control: CaptureControl,
+    /// The namespace's own addresses, as the capture found them there.
+    pub local_networks: Vec<LocalNetwork>,
 }
 
 /// Why a capture did not open.
@@ -139,7 +151,7 @@ pub fn start(
             let label = request.label.clone();
             let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
             match open(request, &settings) {
-                Ok((mut capture, linktype, nanosecond_timestamps)) => {
+                Ok((mut capture, linktype, nanosecond_timestamps, local_networks)) => {
                     let control = CaptureControl {
                         commands: commands_tx,
                         wake: Arc::new(capture.breakloop_handle()),
@@ -149,6 +161,7 @@ pub fn start(
                         snaplen: settings.snaplen,
                         nanosecond_timestamps,
                         control,
+                        local_networks,
                     }));
                     let stats = run(&mut capture, &commands_rx, sink.as_ref(), &label);
                     sink.ended(stats);
@@ -160,11 +173,12 @@ pub fn start(
 }
 
 /// Opens the handle in the request's namespace: the capture, its link
-/// type, and whether timestamps are in nanoseconds.
+/// type, whether timestamps are in nanoseconds, and the namespace's own
+/// addresses.
 fn open(
     request: CaptureRequest,
     settings: &CaptureSettings,
-) -> Result<(Capture<Active>, i32, bool), CaptureError> {
+) -> Result<(Capture<Active>, i32, bool, Vec<LocalNetwork>), CaptureError> {
     if let Some(netns) = &request.netns {
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| {
             CaptureError::Namespace(format!(
@@ -195,14 +209,18 @@ fn open(
             Err(_) => return Err(classify(first)),
         },
     };
-    let filter = bpf_filter_for(&request.target, &local_networks())
-        .map_err(|unsupported| CaptureError::Failed(unsupported.0))?;
+    let local_networks = local_networks();
+    let filter = match &request.filter {
+        CaptureFilter::Socket(target) => bpf_filter_for(target, &local_networks)
+            .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
+        CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
+    };
     debug!("{}: capture filter: {filter}", request.label);
     capture
         .filter(&filter, true)
         .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
     let linktype = capture.get_datalink().0;
-    Ok((capture, linktype, nanos))
+    Ok((capture, linktype, nanos, local_networks))
 }
 
 /// The current namespace's own addresses: each interface address, and a

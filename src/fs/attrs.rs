@@ -48,29 +48,45 @@ pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
                 process.started,
             )
         }
+        Node::All(dir_index) => {
+            let dir = &tree.dirs[dir_index];
+            let process = tree.process_of(dir);
+            FileAttr {
+                uid: process.uid,
+                ..stream_file(dir.all_ino, process.started, process.gid)
+            }
+        }
         Node::File(dir_index, file_index) => {
             let dir = &tree.dirs[dir_index];
             let file = &dir.files[file_index];
             let process = tree.process_of(dir);
             let socket = tree.socket_of(dir, file);
             FileAttr {
-                ino: INodeNo(file.ino),
-                size: 0,
-                blocks: 0,
-                atime: file.first_seen,
-                mtime: file.first_seen,
-                ctime: file.first_seen,
-                crtime: file.first_seen,
-                kind: FileType::RegularFile,
-                perm: 0o400,
-                nlink: 1,
                 uid: socket.row.uid,
-                gid: process.gid,
-                rdev: 0,
-                blksize: STREAM_BLOCK_SIZE,
-                flags: 0,
+                ..stream_file(file.ino, file.first_seen, process.gid)
             }
         }
+    }
+}
+
+/// A stream: a regular file of size 0, readable by its owner only.
+fn stream_file(ino: u64, time: SystemTime, gid: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind: FileType::RegularFile,
+        perm: 0o400,
+        nlink: 1,
+        uid: 0,
+        gid,
+        rdev: 0,
+        blksize: STREAM_BLOCK_SIZE,
+        flags: 0,
     }
 }
 
@@ -97,6 +113,6 @@ fn directory(ino: u64, uid: u32, gid: u32, born: SystemTime, changed: SystemTime
 pub fn file_type_of(node: Node) -> FileType {
     match node {
         Node::Root | Node::Dir(_) => FileType::Directory,
-        Node::File(..) => FileType::RegularFile,
+        Node::File(..) | Node::All(_) => FileType::RegularFile,
     }
 }

@@ -35,14 +35,17 @@ use fuser::{
 use log::{debug, warn};
 
 use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
-use crate::capture::source::{self, CaptureError, CaptureRequest, CaptureSettings};
+use crate::capture::source::{
+    self, CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink,
+};
 use crate::inventory::probe::SocketOwner;
-use crate::inventory::{Inventory, NetnsId, ProcessInfo, SocketInfo};
+use crate::inventory::{Inventory, NetnsId, SocketInfo};
 use crate::names::Proto;
+use crate::stream::process::ProcessSink;
 use crate::stream::table::StreamTable;
-use crate::stream::{Answer, Stream};
+use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
-use tree::{InodeTable, Node, ROOT_INO, Tree};
+use tree::{ALL_FILE, InodeTable, Node, ROOT_INO, Tree};
 use xattrs::Subject;
 
 /// The shortest interval between snapshots that a lookup miss may force.
@@ -56,6 +59,7 @@ pub struct FsOptions {
     pub capture: CaptureSettings,
     /// Bytes a stream may queue for a reader that is not reading.
     pub stream_buffer: usize,
+    pub format: Format,
 }
 
 /// What makes snapshots and gives inode numbers; one at a time.
@@ -151,7 +155,7 @@ impl NetstatFs {
         let mut tree = self.tree();
         for attempt in 0..2 {
             let parent_node = tree.node(parent).ok_or(Errno::ENOENT)?;
-            if matches!(parent_node, Node::File(..)) {
+            if matches!(parent_node, Node::File(..) | Node::All(_)) {
                 return Err(Errno::ENOTDIR);
             }
             if let Some(node) = tree.lookup(parent_node, name) {
@@ -176,6 +180,7 @@ impl NetstatFs {
                 let dir = &tree.dirs[dir];
                 Subject::Socket(tree.socket_of(dir, &dir.files[file]))
             }
+            Node::All(_) => Subject::Root,
         }
     }
 
@@ -194,7 +199,11 @@ impl NetstatFs {
             }
             Node::Dir(dir_index) => {
                 let d = &tree.dirs[dir_index];
-                let mut entries = vec![(d.ino, ".", dir), (ROOT_INO, "..", Node::Root)];
+                let mut entries = vec![
+                    (d.ino, ".", dir),
+                    (ROOT_INO, "..", Node::Root),
+                    (d.all_ino, ALL_FILE, Node::All(dir_index)),
+                ];
                 entries.extend(
                     d.files
                         .iter()
@@ -203,7 +212,7 @@ impl NetstatFs {
                 );
                 entries
             }
-            Node::File(..) => Vec::new(),
+            Node::File(..) | Node::All(_) => Vec::new(),
         }
     }
 
@@ -236,36 +245,32 @@ impl NetstatFs {
             })
     }
 
-    /// The socket's namespace, opened, if it is not the daemon's own.
-    fn socket_netns(
-        &self,
-        process: &ProcessInfo,
-        socket: &SocketInfo,
-    ) -> Result<Option<OwnedFd>, Errno> {
-        if socket.netns.is_some() && socket.netns == self.own_netns {
+    /// A namespace the process's /proc entry leads to, opened, unless it is
+    /// the daemon's own.
+    fn netns_of(&self, pid: i32, netns: Option<NetnsId>) -> Result<Option<OwnedFd>, Errno> {
+        if netns.is_some() && netns == self.own_netns {
             return Ok(None);
         }
-        File::open(format!("/proc/{}/ns/net", process.pid))
+        File::open(format!("/proc/{pid}/ns/net"))
             .map(|file| Some(OwnedFd::from(file)))
             .map_err(|err| {
-                debug!(
-                    "cannot open the network namespace of process {}: {err}",
-                    process.pid
-                );
+                debug!("cannot open the network namespace of process {pid}: {err}");
                 Errno::ENOENT
             })
     }
 
     fn open_stream(&self, ino: u64, reply: ReplyOpen) {
         let tree = self.tree();
-        let Some(Node::File(dir_index, file_index)) = tree.node(ino) else {
-            reply.error(if tree.node(ino).is_some() {
-                Errno::EISDIR
-            } else {
-                Errno::ENOENT
-            });
-            return;
-        };
+        match tree.node(ino) {
+            Some(Node::File(dir, file)) => self.open_socket(&tree, dir, file, reply),
+            Some(Node::All(dir)) => self.open_process(&tree, dir, reply),
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// A socket file: a capture of that socket's traffic.
+    fn open_socket(&self, tree: &Tree, dir_index: usize, file_index: usize, reply: ReplyOpen) {
         let dir = &tree.dirs[dir_index];
         let file = &dir.files[file_index];
         let process = tree.process_of(dir);
@@ -275,7 +280,7 @@ impl NetstatFs {
             proto: socket.proto(),
             local: socket.local(),
             remote: socket.remote(),
-            dual_stack: Self::dual_stack(&tree, socket),
+            dual_stack: Self::dual_stack(tree, socket),
         };
         // Whether a filter can be made at all does not depend on the
         // namespace's addresses; the capture thread makes the real one there.
@@ -284,35 +289,117 @@ impl NetstatFs {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
-        let netns = match self.socket_netns(process, socket) {
+        let netns = match self.netns_of(process.pid, socket.netns) {
             Ok(netns) => netns,
-            Err(errno) => {
-                reply.error(errno);
-                return;
-            }
+            Err(errno) => return reply.error(errno),
         };
-        debug!("{label}: opening a capture");
         let owner = SocketOwner {
             pid: process.pid,
             start_ticks: process.start_ticks,
-            inode: socket.row.inode,
+            inode: Some(socket.row.inode),
             fds: socket.fds.clone(),
         };
-        let stream = match Stream::start(label.clone(), owner, self.options.stream_buffer) {
+        let comment = (self.options.format == Format::PcapNg).then(|| {
+            format!(
+                "pid={} comm={} socket={}",
+                process.pid, process.comm, file.name
+            )
+        });
+        let stream = match Stream::start(
+            label.clone(),
+            owner,
+            self.options.stream_buffer,
+            self.options.format,
+            comment,
+        ) {
             Ok(stream) => stream,
             Err(err) => {
                 warn!("{label}: cannot start a thread: {err}");
-                reply.error(Errno::EAGAIN);
-                return;
+                return reply.error(Errno::EAGAIN);
             }
         };
+        let sink: Arc<dyn PacketSink> = stream.clone();
+        let opened_stream = Arc::clone(&stream);
         let request = CaptureRequest {
             netns,
-            target,
-            label: label.clone(),
+            filter: CaptureFilter::Socket(target),
+            label,
         };
+        self.launch(
+            request,
+            sink,
+            stream,
+            move |opened| {
+                opened_stream.opened(opened);
+                Ok(())
+            },
+            reply,
+        );
+    }
+
+    /// A directory's `all` file: every TCP and UDP packet of the process.
+    fn open_process(&self, tree: &Tree, dir_index: usize, reply: ReplyOpen) {
+        let dir = &tree.dirs[dir_index];
+        let process = tree.process_of(dir);
+        let label = format!("{}/{ALL_FILE}", dir.name);
+        let netns = match self.netns_of(process.pid, process.netns) {
+            Ok(netns) => netns,
+            Err(errno) => return reply.error(errno),
+        };
+        let owner = SocketOwner {
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+            inode: None,
+            fds: Vec::new(),
+        };
+        let stream = match Stream::start(
+            label.clone(),
+            owner,
+            self.options.stream_buffer,
+            self.options.format,
+            None,
+        ) {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!("{label}: cannot start a thread: {err}");
+                return reply.error(Errno::EAGAIN);
+            }
+        };
+        let sorter = ProcessSink::new(
+            Arc::clone(&stream),
+            process.pid,
+            process.start_ticks,
+            process.comm.clone(),
+        );
+        let sink: Arc<dyn PacketSink> = sorter.clone();
+        let request = CaptureRequest {
+            netns,
+            filter: CaptureFilter::TcpAndUdp,
+            label,
+        };
+        self.launch(
+            request,
+            sink,
+            stream,
+            move |opened| sorter.opened(opened),
+            reply,
+        );
+    }
+
+    /// Starts the capture; once it runs, the stream gets a file handle and
+    /// the open is answered (from the capture thread: the session loop does
+    /// not wait for libpcap).
+    fn launch(
+        &self,
+        request: CaptureRequest,
+        sink: Arc<dyn PacketSink>,
+        stream: Arc<Stream>,
+        on_opened: impl FnOnce(Opened) -> std::io::Result<()> + Send + 'static,
+        reply: ReplyOpen,
+    ) {
+        debug!("{}: opening a capture", request.label);
+        let label = request.label.clone();
         let streams = Arc::clone(&self.streams);
-        let sink = Arc::clone(&stream);
         let started =
             source::start(
                 request,
@@ -320,8 +407,13 @@ impl NetstatFs {
                 sink,
                 move |outcome| match outcome {
                     Ok(opened) => {
-                        debug!("{}: capture running", stream.label());
-                        stream.opened(opened);
+                        debug!("{label}: capture running");
+                        let control = opened.control.clone();
+                        if let Err(err) = on_opened(opened) {
+                            warn!("{label}: cannot start a thread: {err}");
+                            control.stop();
+                            return reply.error(Errno::EAGAIN);
+                        }
                         let handle = streams.insert(stream);
                         reply.opened(
                             FileHandle(handle),
@@ -394,7 +486,7 @@ impl Filesystem for NetstatFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino.0) {
-            Some(Node::File(..)) => reply.error(Errno::ENOTDIR),
+            Some(Node::File(..) | Node::All(_)) => reply.error(Errno::ENOTDIR),
             Some(_) => {
                 let handle = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dir_handles).insert(handle, tree);

@@ -28,6 +28,11 @@ pub enum NodeKey {
         start_ticks: u64,
         inode: u64,
     },
+    /// A process's `all` file.
+    AllOf {
+        pid: i32,
+        start_ticks: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,12 +114,19 @@ pub enum Node {
     Dir(usize),
     /// Directory index, file index within it.
     File(usize, usize),
+    /// A directory's `all` file.
+    All(usize),
 }
+
+/// The name of the file that streams a whole process.
+pub const ALL_FILE: &str = "all";
 
 /// One process directory.
 #[derive(Debug)]
 pub struct ProcessDir {
     pub ino: u64,
+    /// The inode number of its `all` file.
+    pub all_ino: u64,
     pub name: String,
     /// Index into the snapshot's processes.
     pub process: usize,
@@ -155,11 +167,25 @@ impl Tree {
             };
             if process.sockets.is_empty() && !all_processes {
                 inodes.touch(&key);
+                inodes.touch(&NodeKey::AllOf {
+                    pid: process.pid,
+                    start_ticks: process.start_ticks,
+                });
                 continue;
             }
             let ino = inodes.assign(key, now).ino;
+            let all_ino = inodes
+                .assign(
+                    NodeKey::AllOf {
+                        pid: process.pid,
+                        start_ticks: process.start_ticks,
+                    },
+                    now,
+                )
+                .ino;
             dirs.push(ProcessDir {
                 ino,
+                all_ino,
                 name: names::process_dir_name(process.pid, &process.comm),
                 process: process_index,
                 files: socket_files(process, inodes, now),
@@ -170,6 +196,7 @@ impl Tree {
         let mut by_ino = HashMap::with_capacity(dirs.len() + snapshot.socket_count());
         for (dir_index, dir) in dirs.iter().enumerate() {
             by_ino.insert(dir.ino, Node::Dir(dir_index));
+            by_ino.insert(dir.all_ino, Node::All(dir_index));
             for (file_index, file) in dir.files.iter().enumerate() {
                 by_ino.insert(file.ino, Node::File(dir_index, file_index));
             }
@@ -198,6 +225,7 @@ impl Tree {
                     .ok()?;
                 (self.dirs[index].name == name).then_some(Node::Dir(index))
             }
+            Node::Dir(dir_index) if name == ALL_FILE => Some(Node::All(dir_index)),
             Node::Dir(dir_index) => {
                 let files = &self.dirs[dir_index].files;
                 let index = files
@@ -205,7 +233,7 @@ impl Tree {
                     .ok()?;
                 Some(Node::File(dir_index, index))
             }
-            Node::File(..) => None,
+            Node::File(..) | Node::All(_) => None,
         }
     }
 
@@ -367,7 +395,7 @@ mod tests {
         );
         assert!(third.dirs[0].ino > file_ino);
         assert!(third.node(dir_ino).is_none());
-        assert_eq!(inodes.len(), 2);
+        assert_eq!(inodes.len(), 3, "the directory, its all file, the socket");
     }
 
     #[test]

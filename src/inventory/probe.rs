@@ -7,21 +7,23 @@ use std::path::PathBuf;
 use nix::sys::signal::Signal;
 use procfs::process::{FDTarget, Process};
 
-/// Which socket of which process a stream follows.
+/// Which socket of which process a stream follows (or the whole process,
+/// for its `all` stream).
 #[derive(Clone, Debug)]
 pub struct SocketOwner {
     pub pid: i32,
     pub start_ticks: u64,
-    pub inode: u64,
+    /// None: the stream follows the process, not one socket.
+    pub inode: Option<u64>,
     /// The fds that pointed at the socket when the snapshot was taken: tried
     /// first, before a scan of every fd.
     pub fds: Vec<i32>,
 }
 
 impl SocketOwner {
-    /// Whether the process (the same one: same start time) still holds the
-    /// socket through some fd.
-    pub fn still_holds_socket(&self) -> bool {
+    /// Whether the process (the same one: same start time) still runs and
+    /// holds the socket through some fd.
+    pub fn still_there(&self) -> bool {
         let Ok(process) = Process::new(self.pid) else {
             return false;
         };
@@ -31,7 +33,10 @@ impl SocketOwner {
             }
             _ => return false,
         }
-        let wanted = format!("socket:[{}]", self.inode);
+        let Some(inode) = self.inode else {
+            return true;
+        };
+        let wanted = format!("socket:[{inode}]");
         let fd_dir = PathBuf::from(format!("/proc/{}/fd", self.pid));
         let known_fd_holds = self.fds.iter().any(|fd| {
             std::fs::read_link(fd_dir.join(fd.to_string()))
@@ -39,7 +44,7 @@ impl SocketOwner {
         });
         known_fd_holds
             || process.fd().is_ok_and(|mut fds| {
-                fds.any(|fd| matches!(fd, Ok(info) if info.target == FDTarget::Socket(self.inode)))
+                fds.any(|fd| matches!(fd, Ok(info) if info.target == FDTarget::Socket(inode)))
             })
     }
 }
@@ -104,20 +109,25 @@ mod tests {
         let owner = SocketOwner {
             pid: me.pid,
             start_ticks: me.stat().unwrap().starttime,
-            inode,
+            inode: Some(inode),
             fds: vec![],
         };
-        assert!(owner.still_holds_socket());
+        assert!(owner.still_there());
         let gone = SocketOwner {
-            inode: u64::MAX,
+            inode: Some(u64::MAX),
             ..owner.clone()
         };
-        assert!(!gone.still_holds_socket());
+        assert!(!gone.still_there());
+        let whole_process = SocketOwner {
+            inode: None,
+            ..owner.clone()
+        };
+        assert!(whole_process.still_there());
         let reused = SocketOwner {
             start_ticks: owner.start_ticks + 1,
             ..owner
         };
-        assert!(!reused.still_holds_socket());
+        assert!(!reused.still_there());
         drop(socket);
     }
 }

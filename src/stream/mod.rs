@@ -16,6 +16,8 @@
 //! queue and then return EOF.
 
 pub mod pcap;
+pub mod pcapng;
+pub mod process;
 pub mod table;
 
 use std::collections::VecDeque;
@@ -28,6 +30,16 @@ use log::info;
 
 use crate::capture::source::{CaptureControl, CaptureStats, Opened, PacketSink, Timestamp};
 use crate::inventory::probe::{SocketOwner, reader_has_actionable_signal};
+
+/// The file format of every stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// Classic pcap: what every tool reads.
+    #[default]
+    Pcap,
+    /// pcapng, with a comment on each packet naming its process and socket.
+    PcapNg,
+}
 
 /// How a waiting read is answered.
 pub enum Answer<'a> {
@@ -94,6 +106,11 @@ pub struct Stream {
     label: String,
     owner: SocketOwner,
     queue_limit: usize,
+    format: Format,
+    /// The pcapng comment of every packet of a one-socket stream.
+    comment: Option<String>,
+    /// Whether the capture's timestamps are in nanoseconds (pcapng units).
+    nanoseconds: AtomicBool,
     chunks_in: Sender<Chunk>,
     chunks_out: Receiver<Chunk>,
     /// The chunk the capture thread is filling. Full chunks are sent while
@@ -129,6 +146,8 @@ impl Stream {
         label: String,
         owner: SocketOwner,
         queue_limit: usize,
+        format: Format,
+        comment: Option<String>,
     ) -> std::io::Result<Arc<Stream>> {
         let (chunks_in, chunks_out) = crossbeam_channel::unbounded();
         let (doorbell, rings) = crossbeam_channel::bounded(1);
@@ -137,6 +156,9 @@ impl Stream {
             label,
             owner,
             queue_limit,
+            format,
+            comment,
+            nanoseconds: AtomicBool::new(true),
             chunks_in,
             chunks_out,
             building: Mutex::new(Chunk::default()),
@@ -181,7 +203,13 @@ impl Stream {
 
     /// The capture opened: the stream starts with the file header.
     pub fn opened(&self, opened: Opened) {
-        lock(&self.state).carry = pcap::global_header(
+        self.nanoseconds
+            .store(opened.nanosecond_timestamps, Ordering::SeqCst);
+        let header = match self.format {
+            Format::Pcap => pcap::global_header,
+            Format::PcapNg => pcapng::file_header,
+        };
+        lock(&self.state).carry = header(
             opened.linktype,
             opened.snaplen,
             opened.nanosecond_timestamps,
@@ -347,7 +375,7 @@ impl Stream {
         let lifecycle = lock(&self.state).lifecycle;
         let next = match lifecycle {
             Lifecycle::Open { checked } if now.duration_since(checked) >= LIVENESS_INTERVAL => {
-                if self.owner.still_holds_socket() {
+                if self.owner.still_there() {
                     Lifecycle::Open { checked: now }
                 } else {
                     log::debug!("{}: socket closed, ending the stream", self.label);
@@ -391,9 +419,20 @@ impl Stream {
     }
 }
 
-impl PacketSink for Stream {
-    fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]) {
-        let record_len = pcap::RECORD_HEADER_LEN + data.len();
+impl Stream {
+    /// Queues one packet as a record of the stream's format, with a pcapng
+    /// comment where given (pcap has no place for one).
+    pub fn push(
+        &self,
+        timestamp: Timestamp,
+        original_length: u32,
+        data: &[u8],
+        comment: Option<&str>,
+    ) {
+        let record_len = match self.format {
+            Format::Pcap => pcap::RECORD_HEADER_LEN + data.len(),
+            Format::PcapNg => pcapng::packet_block_len(data.len(), comment),
+        };
         if self.queued_bytes.load(Ordering::Relaxed) + record_len > self.queue_limit {
             self.dropped_by_queue.fetch_add(1, Ordering::Relaxed);
             return;
@@ -429,9 +468,27 @@ impl PacketSink for Stream {
                 }
             }
         }
-        pcap::append_record(&mut building.bytes, timestamp, original_length, data);
+        match self.format {
+            Format::Pcap => {
+                pcap::append_record(&mut building.bytes, timestamp, original_length, data)
+            }
+            Format::PcapNg => pcapng::append_packet(
+                &mut building.bytes,
+                timestamp,
+                self.nanoseconds.load(Ordering::Relaxed),
+                original_length,
+                data,
+                comment,
+            ),
+        }
         building.records += 1;
         self.queued_bytes.fetch_add(record_len, Ordering::SeqCst);
+    }
+}
+
+impl PacketSink for Stream {
+    fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        self.push(timestamp, original_length, data, self.comment.as_deref());
     }
 
     fn batch_end(&self) {
@@ -462,10 +519,10 @@ mod tests {
         let owner = SocketOwner {
             pid: 0,
             start_ticks: 0,
-            inode: 0,
+            inode: Some(0),
             fds: Vec::new(),
         };
-        let stream = Stream::start("test".into(), owner, queue_limit).unwrap();
+        let stream = Stream::start("test".into(), owner, queue_limit, Format::Pcap, None).unwrap();
         lock(&stream.state).carry = pcap::global_header(113, 65535, true);
         stream
     }

@@ -157,6 +157,7 @@ fn help_explains_every_option() {
         "--snaplen",
         "--buffer",
         "--kernel-buffer",
+        "--format",
         "--verbose",
         "--quiet",
         "--version",

@@ -9,6 +9,7 @@ mod common;
 mod access;
 mod capture;
 mod lifecycle;
+mod process_stream;
 mod tree;
 
 /// Not a test: the entry point of peer processes (see `common::peer`).

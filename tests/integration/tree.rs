@@ -14,9 +14,11 @@ use crate::common::{list, try_list, wait_for, wait_until, xattr};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Waits until `dir` lists exactly `expected` (order aside).
+/// Waits until process directory `dir` lists exactly the socket files
+/// `expected` (order aside), and its `all` file.
 fn wait_for_listing(dir: &Path, expected: &[String]) {
     let mut expected = expected.to_vec();
+    expected.push("all".to_owned());
     expected.sort();
     let mut last = None;
     let shown = dir.display().to_string();
@@ -424,9 +426,10 @@ fn two_thousand_sockets_in_one_directory() {
     peer.cmd("comm crowded");
     peer.cmd("udp-many 2000 127.0.0.1:0");
     let dir = mount.dir(peer.pid, "crowded");
-    let names = wait_for(WAIT, "2000 files", || {
-        try_list(&dir).filter(|names| names.len() == 2000)
+    let names = wait_for(WAIT, "2000 socket files and all", || {
+        try_list(&dir).filter(|names| names.len() == 2001)
     });
+    let names: Vec<&String> = names.iter().filter(|name| *name != "all").collect();
     assert!(
         names
             .iter()
@@ -447,7 +450,8 @@ fn two_thousand_sockets_in_one_directory() {
             .lines()
             .filter(|line| line.starts_with("-r--------"))
             .count(),
-        2000
+        2001,
+        "2000 socket files and all"
     );
 }
 
@@ -462,7 +466,7 @@ fn all_processes_lists_processes_without_sockets() {
         try_list(&everything.path).is_some_and(|names| names.contains(&name))
     });
     assert!(everything.path.join(&name).is_dir());
-    assert!(try_list(&everything.path.join(&name)).unwrap().is_empty());
+    assert_eq!(try_list(&everything.path.join(&name)).unwrap(), ["all"]);
     assert!(!list(&plain.path).contains(&name));
     assert!(std::fs::metadata(plain.path.join(&name)).is_err());
 }

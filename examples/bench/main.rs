@@ -22,6 +22,11 @@
 //! 5. Latency: send() to readable from the stream, 1,000 small messages.
 //! 6. Memory: the daemon's peak RSS after walking the big workload, and with
 //!    10 streams running.
+//! 7. Accuracy of a process's `all` stream (see `accuracy.rs`); with
+//!    `--check`, a recall under 99% or a packet of another process fails
+//!    the run (the test suite runs `--quick --only accuracy --check`).
+
+mod accuracy;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -831,6 +836,24 @@ fn main() -> Result<(), Error> {
     {
         return worker(connections.parse()?);
     }
+    for (mode, entry) in [
+        ("--accuracy-server", None),
+        (
+            "--accuracy-client",
+            Some(accuracy::client as fn(&[String]) -> Result<(), Error>),
+        ),
+        (
+            "--accuracy-truth",
+            Some(accuracy::truth as fn(&[String]) -> Result<(), Error>),
+        ),
+    ] {
+        if let Some(index) = args.iter().position(|a| a == mode) {
+            return match entry {
+                Some(entry) => entry(&args[index + 1..]),
+                None => accuracy::server(),
+            };
+        }
+    }
     if args.iter().any(|a| a == "--flow") {
         std::fs::write("/proc/self/comm", "bench")?;
         return flow();
@@ -852,7 +875,8 @@ fn main() -> Result<(), Error> {
 
     let scratch = std::env::temp_dir().join(format!("netstatfs-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    let result = run(&binary, &scratch, quick, only.as_deref());
+    let check = args.iter().any(|a| a == "--check");
+    let result = run(&binary, &scratch, quick, only.as_deref(), check);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
@@ -864,7 +888,13 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(binary: &Path, scratch: &Path, quick: bool, only: Option<&[String]>) -> Result<(), Error> {
+fn run(
+    binary: &Path,
+    scratch: &Path,
+    quick: bool,
+    only: Option<&[String]>,
+    check: bool,
+) -> Result<(), Error> {
     let wanted = |section: &str| only.is_none_or(|sections| sections.iter().any(|s| s == section));
     let ttl = Duration::from_millis(500);
     let daemon = Daemon::start(binary, scratch, "500ms")?;
@@ -1022,6 +1052,33 @@ fn run(binary: &Path, scratch: &Path, quick: bool, only: Option<&[String]>) -> R
             flooded as f64 / 1024.0
         );
         println!();
+    }
+    if wanted("accuracy") {
+        let count = if quick { 100 } else { 1000 };
+        let report = accuracy::measure(&daemon, scratch, count)?;
+        println!("## Accuracy of a process's `all` stream\n");
+        println!(
+            "{count} TCP connections and {count} UDP exchanges by the target, half living 10 ms or more, \
+             half under 1 ms; a second process talks to the same server meanwhile.\n"
+        );
+        println!(
+            "| flows | recall (share of their packets in the stream) | caught by polling /proc once a second |"
+        );
+        println!("|---|---:|---:|");
+        for (label, value, polled) in &report.rows {
+            println!("| {label} | {value:.3} | {polled} |");
+        }
+        println!(
+            "\nPackets of the second process in the target's stream: {}\n",
+            report.precision_violations
+        );
+        if check
+            && (report.precision_violations > 0
+                || report.long_tcp_recall < 0.99
+                || report.long_udp_recall < 0.99)
+        {
+            return Err("accuracy below target".into());
+        }
     }
     Ok(())
 }

@@ -1,0 +1,523 @@
+//! Which socket of a process a captured packet belongs to (pure).
+//!
+//! A process's `all` stream captures more than it keeps: the kernel filter
+//! can only name the ports known so far, and a new connection's first
+//! packets come before anyone knows its port. Each packet's headers are read
+//! here (etherparse; the Linux cooked header by hand, because etherparse
+//! rejects loopback packets from the "any" device) and matched against the
+//! process's sockets; packets of no socket of the process are dropped.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+
+use super::filter::LocalNetwork;
+use crate::names::Proto;
+
+/// The transports an `all` stream follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn of(proto: Proto) -> Option<Transport> {
+        match proto {
+            Proto::Tcp | Proto::Tcp6 => Some(Transport::Tcp),
+            Proto::Udp | Proto::Udp6 => Some(Transport::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// A packet's flow, addresses as on the wire (IPv4-mapped made IPv4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub transport: Transport,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// A TCP SYN without ACK: a connection being opened.
+    pub opening: bool,
+}
+
+const LINKTYPE_ETHERNET: i32 = 1;
+const LINKTYPE_RAW: i32 = 101;
+const DLT_RAW: i32 = 12;
+const LINKTYPE_LINUX_SLL: i32 = 113;
+const LINKTYPE_LINUX_SLL2: i32 = 276;
+
+/// The TCP or UDP flow of a captured frame; None for anything else.
+pub fn flow_of(linktype: i32, frame: &[u8]) -> Option<Flow> {
+    let sliced = match linktype {
+        LINKTYPE_LINUX_SLL => {
+            let protocol = u16::from_be_bytes([*frame.get(14)?, *frame.get(15)?]);
+            SlicedPacket::from_ether_type(EtherType(protocol), frame.get(16..)?)
+        }
+        LINKTYPE_LINUX_SLL2 => {
+            let protocol = u16::from_be_bytes([*frame.first()?, *frame.get(1)?]);
+            SlicedPacket::from_ether_type(EtherType(protocol), frame.get(20..)?)
+        }
+        LINKTYPE_ETHERNET => SlicedPacket::from_ethernet(frame),
+        LINKTYPE_RAW | DLT_RAW => SlicedPacket::from_ip(frame),
+        _ => return None,
+    }
+    .ok()?;
+    let (src_ip, dst_ip): (IpAddr, IpAddr) = match sliced.net? {
+        NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Arp(_) => return None,
+    };
+    let (transport, src_port, dst_port, opening) = match sliced.transport? {
+        TransportSlice::Tcp(tcp) => (
+            Transport::Tcp,
+            tcp.source_port(),
+            tcp.destination_port(),
+            tcp.syn() && !tcp.ack(),
+        ),
+        TransportSlice::Udp(udp) => (
+            Transport::Udp,
+            udp.source_port(),
+            udp.destination_port(),
+            false,
+        ),
+        _ => return None,
+    };
+    Some(Flow {
+        transport,
+        src: SocketAddr::new(on_the_wire(src_ip), src_port),
+        dst: SocketAddr::new(on_the_wire(dst_ip), dst_port),
+        opening,
+    })
+}
+
+/// IPv4-mapped IPv6 addresses travel as IPv4.
+pub fn on_the_wire(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One socket of the process, as the matcher needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownSocket {
+    pub transport: Transport,
+    pub local: SocketAddr,
+    /// None for a listener or an unconnected socket.
+    pub remote: Option<SocketAddr>,
+    /// Its file name, for pcapng comments.
+    pub name: String,
+    /// When it was first seen, and when it was found closed.
+    pub seen: SystemTime,
+    pub closed: Option<SystemTime>,
+}
+
+/// The time a socket may claim packets in: from a little before it was
+/// first seen (its first packets come before anyone can look) to a little
+/// after it was found closed (its last ones are sorted after). Outside it, a
+/// port is not enough to say whose a packet is: another process may hold it
+/// by then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Lifetime {
+    seen: SystemTime,
+    from: SystemTime,
+    until: Option<SystemTime>,
+}
+
+/// How long before a socket is first seen its packets may come: the time
+/// the tracker takes to look (a kernel block's 2 ms, then the look). Longer
+/// lets a port another process used just before be taken for this one's.
+const EARLY: Duration = Duration::from_millis(20);
+/// How long after a socket was found closed packets of its exact
+/// connection (its 4-tuple) are still its own: a FIN, its ACK, a late
+/// retransmission. Nobody else can have that 4-tuple meanwhile.
+const LATE_CONNECTED: Duration = Duration::from_secs(2);
+/// The same for a listener's or an unconnected socket's port, which another
+/// process may take right after the close.
+const LATE_BOUND: Duration = Duration::from_millis(20);
+
+impl Lifetime {
+    fn of(socket: &KnownSocket) -> Lifetime {
+        let late = if socket.remote.is_some() {
+            LATE_CONNECTED
+        } else {
+            LATE_BOUND
+        };
+        Lifetime {
+            seen: socket.seen,
+            from: socket
+                .seen
+                .checked_sub(EARLY)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            until: socket.closed.map(|closed| closed + late),
+        }
+    }
+
+    fn covers(&self, at: SystemTime) -> bool {
+        self.from <= at && self.until.is_none_or(|until| at <= until)
+    }
+}
+
+/// Sockets bound to one port: their address (None: a wildcard) and name.
+type BoundSockets = Vec<(Option<IpAddr>, String, Lifetime)>;
+
+/// When TCP connections were opened (their SYNs), by 4-tuple: a closed
+/// connection's 4-tuple can be opened again at once by another socket
+/// (loopback reuses TIME_WAIT tuples), and the SYN is where one connection
+/// ends and the next begins. Kept across updates of [`ProcessSockets`].
+#[derive(Debug, Default)]
+pub struct Openings {
+    by_tuple: HashMap<(SocketAddr, SocketAddr), Vec<SystemTime>>,
+}
+
+/// How long an opening is remembered.
+const OPENINGS_KEPT: Duration = Duration::from_secs(10);
+
+impl Openings {
+    fn key(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+        if a <= b { (a, b) } else { (b, a) }
+    }
+
+    /// Notes a packet; only TCP SYNs matter.
+    pub fn record(&mut self, flow: &Flow, at: SystemTime) {
+        if !flow.opening || flow.transport != Transport::Tcp {
+            return;
+        }
+        let times = self
+            .by_tuple
+            .entry(Self::key(flow.src, flow.dst))
+            .or_default();
+        times.retain(|t| at.duration_since(*t).unwrap_or_default() < OPENINGS_KEPT);
+        times.push(at);
+        if self.by_tuple.len() > 4096 {
+            self.by_tuple.retain(|_, times| {
+                times
+                    .iter()
+                    .any(|t| at.duration_since(*t).unwrap_or_default() < OPENINGS_KEPT)
+            });
+        }
+    }
+
+    /// Whether a packet at `at` of the connection on this 4-tuple that was
+    /// open when first seen at `seen` belongs to it: not before the SYN that
+    /// opened it, not after a later SYN that opened another.
+    fn within(&self, a: SocketAddr, b: SocketAddr, seen: SystemTime, at: SystemTime) -> bool {
+        let Some(times) = self.by_tuple.get(&Self::key(a, b)) else {
+            return true;
+        };
+        let opened = times.iter().filter(|t| **t <= seen).max();
+        let reopened = times.iter().filter(|t| **t > seen).min();
+        opened.is_none_or(|opened| at >= *opened) && reopened.is_none_or(|reopened| at < *reopened)
+    }
+}
+
+/// A process's sockets, indexed for per-packet lookups.
+#[derive(Debug, Default)]
+pub struct ProcessSockets {
+    connected: HashMap<(Transport, SocketAddr, SocketAddr), Vec<(String, Lifetime)>>,
+    bound: HashMap<(Transport, u16), BoundSockets>,
+    locals: Vec<LocalNetwork>,
+}
+
+impl ProcessSockets {
+    pub fn new(sockets: &[KnownSocket], locals: Vec<LocalNetwork>) -> ProcessSockets {
+        let mut index = ProcessSockets {
+            locals,
+            ..ProcessSockets::default()
+        };
+        for socket in sockets {
+            let local = SocketAddr::new(on_the_wire(socket.local.ip()), socket.local.port());
+            match socket.remote {
+                Some(remote) => {
+                    let remote = SocketAddr::new(on_the_wire(remote.ip()), remote.port());
+                    index
+                        .connected
+                        .entry((socket.transport, local, remote))
+                        .or_default()
+                        .push((socket.name.clone(), Lifetime::of(socket)));
+                }
+                None => {
+                    let ip = (!local.ip().is_unspecified()).then_some(local.ip());
+                    index
+                        .bound
+                        .entry((socket.transport, local.port()))
+                        .or_default()
+                        .push((ip, socket.name.clone(), Lifetime::of(socket)));
+                }
+            }
+        }
+        index
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connected.is_empty() && self.bound.is_empty()
+    }
+
+    /// The name of the process's socket this packet, captured at `at`,
+    /// belongs to.
+    pub fn owner_of(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<&str> {
+        for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
+            if let Some(sockets) = self.connected.get(&(flow.transport, local, remote)) {
+                let found = sockets.iter().find(|(_, lifetime)| {
+                    lifetime.covers(at) && openings.within(local, remote, lifetime.seen, at)
+                });
+                if let Some((name, _)) = found {
+                    return Some(name);
+                }
+            }
+        }
+        for local in [flow.src, flow.dst] {
+            let Some(bound) = self.bound.get(&(flow.transport, local.port())) else {
+                continue;
+            };
+            for (ip, name, lifetime) in bound {
+                let matches = match ip {
+                    Some(ip) => *ip == local.ip(),
+                    None => self.is_local(local.ip()),
+                };
+                if matches && lifetime.covers(at) {
+                    return Some(name);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether an address is the namespace's own (any, if unknown).
+    fn is_local(&self, ip: IpAddr) -> bool {
+        self.locals.is_empty() || self.locals.iter().any(|network| network.contains(ip))
+    }
+
+    /// The local ports of the process's TCP and UDP sockets, sorted.
+    pub fn ports(&self, transport: Transport) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .connected
+            .keys()
+            .filter(|(t, _, _)| *t == transport)
+            .map(|(_, local, _)| local.port())
+            .chain(
+                self.bound
+                    .keys()
+                    .filter(|(t, _)| *t == transport)
+                    .map(|(_, port)| *port),
+            )
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn sll_frame(ethertype: u16, ip_packet: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0u8; 16];
+        frame[2..4].copy_from_slice(&772u16.to_be_bytes()); // ARPHRD_LOOPBACK
+        frame[14..16].copy_from_slice(&ethertype.to_be_bytes());
+        frame.extend_from_slice(ip_packet);
+        frame
+    }
+
+    fn tcp_v4(src: SocketAddr, dst: SocketAddr, syn: bool) -> Vec<u8> {
+        let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+            panic!("v4 only");
+        };
+        let builder = etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+            .tcp(src.port(), dst.port(), 1, 1024);
+        let builder = if syn { builder.syn() } else { builder.ack(1) };
+        let mut packet = Vec::new();
+        builder.write(&mut packet, b"hi").unwrap();
+        packet
+    }
+
+    #[test]
+    fn reads_cooked_loopback_frames() {
+        let packet = tcp_v4(addr("127.0.0.1:5000"), addr("127.0.0.2:80"), true);
+        let flow = flow_of(LINKTYPE_LINUX_SLL, &sll_frame(0x0800, &packet)).unwrap();
+        assert_eq!(flow.transport, Transport::Tcp);
+        assert_eq!(
+            (flow.src, flow.dst, flow.opening),
+            (addr("127.0.0.1:5000"), addr("127.0.0.2:80"), true)
+        );
+        assert_eq!(flow_of(LINKTYPE_RAW, &packet), Some(flow));
+        for garbage in [
+            &[][..],
+            &[1, 2, 3],
+            &[0; 16],
+            &sll_frame(0x0800, &[0x45, 0, 0]),
+        ] {
+            assert_eq!(flow_of(LINKTYPE_LINUX_SLL, garbage), None);
+        }
+        assert_eq!(flow_of(LINKTYPE_LINUX_SLL2, &[0; 10]), None);
+    }
+
+    fn known(
+        transport: Transport,
+        local: &str,
+        remote: Option<&str>,
+        name: &str,
+        closed: Option<SystemTime>,
+    ) -> KnownSocket {
+        KnownSocket {
+            transport,
+            local: addr(local),
+            remote: remote.map(addr),
+            name: name.into(),
+            seen: SystemTime::now() - Duration::from_secs(10),
+            closed,
+        }
+    }
+
+    /// Asks as of one moment.
+    struct Checker {
+        index: ProcessSockets,
+        now: SystemTime,
+    }
+
+    impl Checker {
+        fn owner_of(&self, flow: &Flow) -> Option<&str> {
+            self.index.owner_of(flow, self.now, &Openings::default())
+        }
+        fn ports(&self, transport: Transport) -> Vec<u16> {
+            self.index.ports(transport)
+        }
+    }
+
+    #[test]
+    fn a_port_is_claimed_only_while_the_socket_could_hold_it() {
+        let now = SystemTime::now();
+        let closed = now - Duration::from_secs(1);
+        let index = ProcessSockets::new(
+            &[
+                known(
+                    Transport::Udp,
+                    "127.0.0.1:5000",
+                    None,
+                    "gone-udp",
+                    Some(closed),
+                ),
+                known(
+                    Transport::Tcp,
+                    "127.0.0.1:6000",
+                    Some("127.0.0.1:80"),
+                    "gone-tcp",
+                    Some(closed),
+                ),
+            ],
+            Vec::new(),
+        );
+        let udp = Flow {
+            transport: Transport::Udp,
+            src: addr("127.0.0.1:5000"),
+            dst: addr("127.0.0.1:53"),
+            opening: false,
+        };
+        let none = Openings::default();
+        // Before the close: its own. A second after: another's, maybe.
+        assert_eq!(
+            index.owner_of(&udp, closed - Duration::from_millis(5), &none),
+            Some("gone-udp")
+        );
+        assert_eq!(index.owner_of(&udp, now, &none), None);
+        // An exact TCP 4-tuple stays its own for the close's last packets.
+        let fin = Flow {
+            transport: Transport::Tcp,
+            src: addr("127.0.0.1:80"),
+            dst: addr("127.0.0.1:6000"),
+            opening: false,
+        };
+        assert_eq!(index.owner_of(&fin, now, &none), Some("gone-tcp"));
+        // Unless another connection opened the same 4-tuple since.
+        let mut openings = Openings::default();
+        let reopening = Flow {
+            transport: Transport::Tcp,
+            src: addr("127.0.0.1:6000"),
+            dst: addr("127.0.0.1:80"),
+            opening: true,
+        };
+        openings.record(&reopening, closed + Duration::from_millis(10));
+        assert_eq!(index.owner_of(&fin, now, &openings), None);
+        assert_eq!(index.owner_of(&fin, closed, &openings), Some("gone-tcp"));
+        // Long before it was first seen: not its own.
+        assert_eq!(
+            index.owner_of(&udp, now - Duration::from_secs(60), &none),
+            None
+        );
+    }
+
+    #[test]
+    fn matches_connected_and_bound_sockets_only() {
+        let sockets = [
+            known(
+                Transport::Tcp,
+                "127.0.0.1:40000",
+                Some("127.0.0.1:80"),
+                "client",
+                None,
+            ),
+            known(Transport::Tcp, "[::]:8080", None, "listener", None),
+            known(
+                Transport::Udp,
+                "[::ffff:127.0.0.1]:5353",
+                None,
+                "mapped",
+                None,
+            ),
+        ];
+        let locals = vec![LocalNetwork {
+            ip: "127.0.0.0".parse().unwrap(),
+            prefix_len: 8,
+        }];
+        let index = Checker {
+            index: ProcessSockets::new(&sockets, locals),
+            now: SystemTime::now(),
+        };
+        let flow = |transport, src, dst| Flow {
+            transport,
+            src: addr(src),
+            dst: addr(dst),
+            opening: false,
+        };
+        assert_eq!(
+            index.owner_of(&flow(Transport::Tcp, "127.0.0.1:80", "127.0.0.1:40000")),
+            Some("client")
+        );
+        assert_eq!(
+            index.owner_of(&flow(Transport::Tcp, "127.0.0.1:40001", "127.0.0.1:80")),
+            None
+        );
+        assert_eq!(
+            index.owner_of(&flow(Transport::Tcp, "127.0.0.9:6000", "127.0.0.9:8080")),
+            Some("listener")
+        );
+        // Another host's port 8080, reached from here: not the listener's.
+        assert_eq!(
+            index.owner_of(&flow(Transport::Tcp, "127.0.0.1:6000", "10.0.0.1:8080")),
+            None
+        );
+        assert_eq!(
+            index.owner_of(&flow(Transport::Udp, "127.0.0.1:9", "127.0.0.1:5353")),
+            Some("mapped")
+        );
+        assert_eq!(
+            index.owner_of(&flow(Transport::Udp, "127.0.0.2:9", "127.0.0.2:5353")),
+            None
+        );
+        assert_eq!(index.ports(Transport::Tcp), [8080, 40000]);
+    }
+}

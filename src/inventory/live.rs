@@ -1,0 +1,212 @@
+//! One process's TCP and UDP sockets, followed cheaply enough to look many
+//! times a second: its fds from /proc/<pid>/fd, and each new socket's
+//! addresses asked of the socket itself (pidfd_getfd, then getsockname and
+//! getpeername) instead of a /proc/net table, which the kernel builds by
+//! walking its whole connection hash (6 ms per table here, however few
+//! sockets there are).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::net::{AddressFamily, SocketType};
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+
+use crate::names::Proto;
+
+/// A TCP or UDP socket of the followed process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveSocket {
+    pub inode: u64,
+    pub proto: Proto,
+    pub local: SocketAddr,
+    /// None for a listener or an unconnected socket.
+    pub remote: Option<SocketAddr>,
+    /// When it was first seen, and when it was first seen gone.
+    pub seen: SystemTime,
+    pub closed: Option<SystemTime>,
+}
+
+/// Follows one process.
+pub struct ProcessWatch {
+    pid: i32,
+    /// Readable once the process has exited; the handle for pidfd_getfd.
+    pidfd: OwnedFd,
+    proc_pid: PathBuf,
+    /// Every socket inode seen, with what it is (None: not TCP or UDP).
+    sockets: HashMap<u64, Option<LiveSocket>>,
+    /// Sockets closed lately, kept for [`LINGER`]: their last packets (a
+    /// FIN, its ACK, a retransmission) come after the close.
+    closed: Vec<LiveSocket>,
+}
+
+/// How long a closed socket is remembered (what it may still claim is
+/// decided by time: see `capture::classify`).
+pub const LINGER: Duration = Duration::from_secs(2);
+
+impl ProcessWatch {
+    /// Starts following `pid`, if it is still the process started at
+    /// `start_ticks`.
+    pub fn open(pid: i32, start_ticks: u64) -> std::io::Result<ProcessWatch> {
+        let raw = Pid::from_raw(pid).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+        // The pidfd is of whatever holds the pid now: check it is the same
+        // process, after opening (so it cannot change under us).
+        let stat = procfs::process::Process::new(pid)
+            .and_then(|p| p.stat())
+            .map_err(std::io::Error::other)?;
+        if stat.starttime != start_ticks {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        Ok(ProcessWatch {
+            pid,
+            pidfd,
+            proc_pid: PathBuf::from(format!("/proc/{pid}")),
+            sockets: HashMap::new(),
+            closed: Vec::new(),
+        })
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&self) -> bool {
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+    }
+
+    /// Looks again; true if the set of TCP and UDP sockets changed. A socket
+    /// is looked into once, when its inode first shows up.
+    pub fn rescan(&mut self) -> bool {
+        let Ok(fds) = super::socket_fds(&self.proc_pid) else {
+            return false;
+        };
+        let mut changed = false;
+        let mut present: Vec<u64> = Vec::with_capacity(fds.len());
+        for (inode, fd) in fds {
+            present.push(inode);
+            if !self.sockets.contains_key(&inode) {
+                let socket = self.look_into(inode, fd);
+                changed |= socket.is_some();
+                self.sockets.insert(inode, socket);
+            }
+        }
+        present.sort_unstable();
+        let now = SystemTime::now();
+        let closed = &mut self.closed;
+        self.sockets.retain(|inode, socket| {
+            let kept = present.binary_search(inode).is_ok();
+            if !kept && let Some(mut socket) = socket.take() {
+                socket.closed = Some(now);
+                closed.push(socket);
+                changed = true;
+            }
+            kept
+        });
+        let lingering = self.closed.len();
+        self.closed.retain(|socket| {
+            socket
+                .closed
+                .is_some_and(|at| now.duration_since(at).unwrap_or_default() < LINGER)
+        });
+        changed || self.closed.len() != lingering
+    }
+
+    /// A copy of the process's fd, asked what socket it is.
+    fn look_into(&self, inode: u64, fd: i32) -> Option<LiveSocket> {
+        let copy = pidfd_getfd(&self.pidfd, fd, PidfdGetfdFlags::empty()).ok()?;
+        // The fd may have been closed and reused since it was listed.
+        let stat = rustix::fs::fstat(&copy).ok()?;
+        if stat.st_ino != inode {
+            return None;
+        }
+        let v6 = match rustix::net::sockopt::socket_domain(copy.as_fd()).ok()? {
+            AddressFamily::INET => false,
+            AddressFamily::INET6 => true,
+            _ => return None,
+        };
+        let proto = match (rustix::net::sockopt::socket_type(copy.as_fd()).ok()?, v6) {
+            (SocketType::STREAM, false) => Proto::Tcp,
+            (SocketType::STREAM, true) => Proto::Tcp6,
+            (SocketType::DGRAM, false) => Proto::Udp,
+            (SocketType::DGRAM, true) => Proto::Udp6,
+            _ => return None,
+        };
+        // Ping sockets are datagram sockets too, of another protocol.
+        if let Ok(Some(protocol)) = rustix::net::sockopt::socket_protocol(copy.as_fd()) {
+            let udp = rustix::net::ipproto::UDP;
+            let tcp = rustix::net::ipproto::TCP;
+            if protocol != udp && protocol != tcp {
+                return None;
+            }
+        }
+        let local = SocketAddr::try_from(rustix::net::getsockname(&copy).ok()?).ok()?;
+        let remote = rustix::net::getpeername(&copy)
+            .ok()
+            .flatten()
+            .and_then(|peer| SocketAddr::try_from(peer).ok());
+        Some(LiveSocket {
+            inode,
+            proto,
+            local,
+            remote,
+            seen: SystemTime::now(),
+            closed: None,
+        })
+    }
+
+    /// The process's TCP and UDP sockets, as last seen, and those closed
+    /// within [`LINGER`].
+    pub fn sockets(&self) -> impl Iterator<Item = &LiveSocket> {
+        self.sockets.values().flatten().chain(&self.closed)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_its_own_process() {
+        let me = procfs::process::Process::myself().unwrap();
+        let mut watch = ProcessWatch::open(me.pid, me.stat().unwrap().starttime).unwrap();
+        assert!(!watch.exited());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        assert!(watch.rescan());
+        let local = listener.local_addr().unwrap();
+        assert!(
+            watch
+                .sockets()
+                .any(|s| s.proto == Proto::Tcp && s.local == local && s.remote.is_none())
+        );
+        let client = std::net::TcpStream::connect(local).unwrap();
+        watch.rescan();
+        let client_local = client.local_addr().unwrap();
+        assert!(
+            watch
+                .sockets()
+                .any(|s| s.local == client_local && s.remote == Some(local))
+        );
+        assert!(watch.sockets().any(|s| s.proto == Proto::Udp6));
+        drop(udp);
+        watch.rescan();
+        assert!(
+            watch.sockets().any(|s| s.proto == Proto::Udp6),
+            "a closed socket lingers"
+        );
+        assert!(
+            ProcessWatch::open(me.pid, 0).is_err(),
+            "another start time is another process"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! A process's `all` stream: every packet of every TCP and UDP socket the
+//! process holds while the stream is open, sockets opened after it started
+//! included, until the process exits.
+//!
+//! A kernel filter can only name what is already known, and a new
+//! connection's first packets (its handshake, its first datagram) pass
+//! before anyone can know its port: /proc shows a socket only once it
+//! exists, and a look at /proc comes milliseconds after the packet. So the
+//! capture takes every TCP and UDP packet of the process's network
+//! namespace, and the sorting happens here: each packet's headers are read
+//! and matched against the process's sockets ([`ProcessSockets`]); a packet
+//! of no known socket waits (up to [`CANDIDATE_TTL`]) while the tracker
+//! thread looks at /proc again, and is kept if a socket of the process turns
+//! out to own it, dropped otherwise. A connection that opens and closes
+//! before the tracker's look (under about a millisecond) cannot be told from
+//! another process's, and is dropped: precision over recall.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::debug;
+
+use super::{Format, Stream, lock};
+use crate::capture::classify::{KnownSocket, Openings, ProcessSockets, Transport, flow_of};
+use crate::capture::filter::LocalNetwork;
+use crate::capture::source::{CaptureStats, Opened, PacketSink, Timestamp};
+use crate::inventory::live::{LiveSocket, ProcessWatch};
+use crate::names;
+
+/// How long a packet of an unknown flow waits for its socket to show up.
+pub const CANDIDATE_TTL: Duration = Duration::from_millis(500);
+/// The most bytes of such packets held at once.
+const CANDIDATE_BYTES: usize = 4 << 20;
+/// How often the tracker looks at the process's fds when nothing prompts it
+/// and the process has been quiet for [`BUSY_FOR`].
+const RESCAN_INTERVAL: Duration = Duration::from_millis(20);
+/// How often it looks while the process opens and closes sockets.
+const BUSY_INTERVAL: Duration = Duration::from_millis(1);
+const BUSY_FOR: Duration = Duration::from_secs(1);
+
+struct Candidate {
+    seen: Instant,
+    timestamp: Timestamp,
+    original_length: u32,
+    data: Vec<u8>,
+    flow: crate::capture::classify::Flow,
+}
+
+/// The capture's sink for an `all` stream: sorts packets by socket.
+pub struct ProcessSink {
+    stream: Arc<Stream>,
+    pid: i32,
+    start_ticks: u64,
+    comm: String,
+    linktype: AtomicI32,
+    local_networks: Mutex<Vec<LocalNetwork>>,
+    sockets: RwLock<ProcessSockets>,
+    openings: Mutex<Openings>,
+    candidates: Mutex<VecDeque<Candidate>>,
+    candidate_bytes: AtomicUsize,
+    /// Packets that no socket of the process claimed.
+    unclaimed: AtomicU64,
+    poke: Sender<()>,
+    pokes: Mutex<Option<Receiver<()>>>,
+}
+
+impl ProcessSink {
+    pub fn new(stream: Arc<Stream>, pid: i32, start_ticks: u64, comm: String) -> Arc<ProcessSink> {
+        let (poke, pokes) = crossbeam_channel::bounded(1);
+        Arc::new(ProcessSink {
+            stream,
+            pid,
+            start_ticks,
+            comm,
+            linktype: AtomicI32::new(-1),
+            local_networks: Mutex::new(Vec::new()),
+            sockets: RwLock::new(ProcessSockets::default()),
+            openings: Mutex::new(Openings::default()),
+            candidates: Mutex::new(VecDeque::new()),
+            candidate_bytes: AtomicUsize::new(0),
+            unclaimed: AtomicU64::new(0),
+            poke,
+            pokes: Mutex::new(Some(pokes)),
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    /// The capture opened: the stream starts, and the tracker follows the
+    /// process (its sockets are known before the first packet is sorted).
+    pub fn opened(self: &Arc<Self>, opened: Opened) -> std::io::Result<()> {
+        self.linktype.store(opened.linktype, Ordering::SeqCst);
+        *lock(&self.local_networks) = opened.local_networks.clone();
+        self.stream.opened(opened);
+        let mut watch = ProcessWatch::open(self.pid, self.start_ticks)?;
+        watch.rescan();
+        self.update(&watch);
+        let pokes = lock(&self.pokes)
+            .take()
+            .ok_or(std::io::ErrorKind::AlreadyExists)?;
+        let sink = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tracker".into())
+            .spawn(move || track(&sink, watch, &pokes))?;
+        Ok(())
+    }
+
+    /// Takes the process's sockets as the watch last saw them, and sorts
+    /// the packets that waited for them.
+    fn update(&self, watch: &ProcessWatch) {
+        let sockets: Vec<&LiveSocket> = watch.sockets().collect();
+        let endpoints: Vec<_> = sockets
+            .iter()
+            .map(|s| {
+                (
+                    s.proto,
+                    s.local,
+                    s.remote.unwrap_or_else(|| unconnected(s.local)),
+                    s.inode,
+                )
+            })
+            .collect();
+        let names = names::unique_socket_names(&endpoints);
+        let known: Vec<KnownSocket> = sockets
+            .iter()
+            .zip(names)
+            .filter_map(|(socket, name)| {
+                Some(KnownSocket {
+                    transport: Transport::of(socket.proto)?,
+                    local: socket.local,
+                    remote: socket.remote,
+                    name,
+                    seen: socket.seen,
+                    closed: socket.closed,
+                })
+            })
+            .collect();
+        let index = ProcessSockets::new(&known, lock(&self.local_networks).clone());
+        *self
+            .sockets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = index;
+        self.sort_candidates();
+        self.stream.batch_end();
+    }
+
+    /// A capture timestamp as wall-clock time.
+    fn wall_time(&self, timestamp: Timestamp) -> SystemTime {
+        let fraction = if self.stream.nanoseconds.load(Ordering::Relaxed) {
+            Duration::from_nanos(u64::from(timestamp.fraction))
+        } else {
+            Duration::from_micros(u64::from(timestamp.fraction))
+        };
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(timestamp.seconds)) + fraction
+    }
+
+    fn emit(&self, name: &str, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        let comment = (self.stream.format == Format::PcapNg)
+            .then(|| format!("pid={} comm={} socket={name}", self.pid, self.comm));
+        self.stream
+            .push(timestamp, original_length, data, comment.as_deref());
+    }
+
+    /// Keeps the waiting packets whose socket is now known, in the order
+    /// they came; drops those that waited too long.
+    fn sort_candidates(&self) {
+        let sockets = self
+            .sockets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let openings = lock(&self.openings);
+        let mut candidates = lock(&self.candidates);
+        let mut kept = VecDeque::with_capacity(candidates.len());
+        for candidate in candidates.drain(..) {
+            let at = self.wall_time(candidate.timestamp);
+            if let Some(name) = sockets.owner_of(&candidate.flow, at, &openings) {
+                self.candidate_bytes
+                    .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                self.emit(
+                    name,
+                    candidate.timestamp,
+                    candidate.original_length,
+                    &candidate.data,
+                );
+            } else if candidate.seen.elapsed() > CANDIDATE_TTL {
+                self.candidate_bytes
+                    .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                self.unclaimed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                kept.push_back(candidate);
+            }
+        }
+        *candidates = kept;
+    }
+}
+
+impl PacketSink for ProcessSink {
+    fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        let Some(flow) = flow_of(self.linktype.load(Ordering::Relaxed), data) else {
+            return;
+        };
+        let at = self.wall_time(timestamp);
+        let owner = {
+            let mut openings = lock(&self.openings);
+            openings.record(&flow, at);
+            self.sockets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .owner_of(&flow, at, &openings)
+                .map(str::to_owned)
+        };
+        match owner {
+            Some(name) => self.emit(&name, timestamp, original_length, data),
+            None => {
+                if self.candidate_bytes.load(Ordering::Relaxed) + data.len() > CANDIDATE_BYTES {
+                    self.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.candidate_bytes
+                    .fetch_add(data.len(), Ordering::Relaxed);
+                lock(&self.candidates).push_back(Candidate {
+                    seen: Instant::now(),
+                    timestamp,
+                    original_length,
+                    data: data.to_vec(),
+                    flow,
+                });
+                let _ = self.poke.try_send(());
+            }
+        }
+    }
+
+    fn batch_end(&self) {
+        self.stream.batch_end();
+    }
+
+    fn ended(&self, stats: CaptureStats) {
+        debug!(
+            "{}: {} packets of the namespace belonged to no socket of the process",
+            self.stream.label(),
+            self.unclaimed.load(Ordering::Relaxed)
+        );
+        self.stream.ended(stats);
+    }
+}
+
+/// How a socket with no peer is named: `0.0.0.0:0` or `[::]:0`.
+fn unconnected(local: std::net::SocketAddr) -> std::net::SocketAddr {
+    match local {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+/// The tracker thread: looks at the process's fds when a packet of an
+/// unknown flow comes, and on its own every few milliseconds while the
+/// process opens sockets (so that short-lived ones are seen too), less
+/// often when it is quiet. It ends the stream when the process exits, and
+/// itself when the capture is gone.
+fn track(sink: &Weak<ProcessSink>, mut watch: ProcessWatch, pokes: &Receiver<()>) {
+    let mut last_change = Instant::now();
+    let mut interval = BUSY_INTERVAL;
+    loop {
+        let wait = if last_change.elapsed() < BUSY_FOR {
+            interval
+        } else {
+            RESCAN_INTERVAL
+        };
+        let _ = pokes.recv_timeout(wait);
+        let Some(sink) = sink.upgrade() else {
+            return;
+        };
+        if watch.exited() {
+            debug!(
+                "{}: the process exited, ending the stream",
+                sink.stream.label()
+            );
+            sink.sort_candidates();
+            sink.stream.stop_capture();
+            return;
+        }
+        let started = Instant::now();
+        if watch.rescan() {
+            sink.update(&watch);
+            last_change = Instant::now();
+        } else if !lock(&sink.candidates).is_empty() {
+            sink.sort_candidates();
+            sink.stream.batch_end();
+        }
+        // Never spend more than about a fifth of a core looking.
+        interval = BUSY_INTERVAL.max(started.elapsed() * 4);
+    }
+}
