@@ -12,7 +12,9 @@ if [ "$profile" = test ]; then
     # tcpdump and tshark read the streams; attr gives getfattr/setfattr;
     # iproute2 makes network namespaces; util-linux gives unshare, setpriv
     # and mount; libcap2-bin gives setcap/capsh; coreutils gives timeout.
-    packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd)
+    # man-db and systemd (systemd-analyze) check the Debian package.
+    packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd
+               man-db systemd init-system-helpers)
 fi
 
 if [ "$profile" = bench ]; then

@@ -18,19 +18,35 @@ namespace. Reading a socket file streams that socket's live traffic as pcap:
     tcpdump -r m/<pid>_<comm>/<socket>
     wireshark -k -i <(cat m/<pid>_<comm>/<socket>)
 
-netstatfs runs in the foreground; Ctrl-C, SIGTERM or an unmount
-(umount m, fusermount3 -u m) stops it.";
+Started by hand (netstatfs MOUNTPOINT) it runs in the foreground; Ctrl-C,
+SIGTERM or an unmount (umount m, fusermount3 -u m) stops it. Started the way
+mount(8) starts FUSE file systems (netstatfs SOURCE MOUNTPOINT -o OPTIONS,
+from `mount -t fuse.netstatfs netstatfs /mnt/net` or an fstab line), it
+returns once the mount is up and serves in the background, until umount;
+-f keeps it in the foreground.";
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "netstatfs", version, about = ABOUT, long_about = LONG_ABOUT, args_override_self = true)]
 pub struct Cli {
-    /// Directory to mount on.
-    #[arg(value_name = "MOUNTPOINT", required_unless_present = "mount")]
-    pub mountpoint: Option<PathBuf>,
+    /// Directory to mount on. mount(8) passes a source first (any word,
+    /// such as "netstatfs"), then the mountpoint.
+    #[arg(value_name = "MOUNTPOINT", num_args = 1..=2, required_unless_present = "mount")]
+    pub mountpoint: Vec<PathBuf>,
 
     /// Directory to mount on (the original netstatfs's spelling of MOUNTPOINT).
     #[arg(long = "mount", value_name = "DIR", conflicts_with = "mountpoint")]
     pub mount: Option<PathBuf>,
+
+    /// Mount options, comma-separated, as mount(8) passes them:
+    /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
+    /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng
+    /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
+    #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
+    pub options: Vec<String>,
+
+    /// Stay in the foreground when started with a SOURCE (by mount(8)).
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
 
     /// List every process, not only those holding an inet socket.
     #[arg(long)]
@@ -95,12 +111,113 @@ impl From<StreamFormat> for crate::stream::Format {
     }
 }
 
+/// Mount options mount(8) or mount.fuse3 may pass that mean nothing here
+/// (the mount is always read-only, nosuid and nodev).
+const GENERIC_OPTIONS: &[&str] = &[
+    "defaults",
+    "rw",
+    "ro",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "async",
+    "sync",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "nofail",
+    "_netdev",
+];
+
 impl Cli {
+    /// Parses the command line, `-o` options included; a bad `-o` option
+    /// exits like a bad flag, naming it.
+    pub fn parse_all() -> Cli {
+        let mut cli = <Cli as Parser>::parse();
+        if let Err(message) = cli.apply_mount_options() {
+            use clap::CommandFactory;
+            Cli::command()
+                .error(clap::error::ErrorKind::InvalidValue, message)
+                .exit();
+        }
+        cli
+    }
+
+    /// Folds the `-o` options into the flags they stand for.
+    pub fn apply_mount_options(&mut self) -> Result<(), String> {
+        let options: Vec<String> = self
+            .options
+            .iter()
+            .flat_map(|list| list.split(','))
+            .filter(|option| !option.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for option in options {
+            let (key, value) = match option.split_once('=') {
+                Some((key, value)) => (key, Some(value)),
+                None => (option.as_str(), None),
+            };
+            let needs =
+                || value.ok_or_else(|| format!("mount option {key} needs a value ({key}=...)"));
+            let bad = |err: String| format!("mount option {option}: {err}");
+            match key {
+                "allow_other" => self.allow_other = true,
+                "all_processes" => self.all_processes = true,
+                "cache_ttl" => self.cache_ttl = parse_duration(needs()?).map_err(bad)?,
+                "interface" => self.interface = needs()?.to_owned(),
+                "snaplen" => {
+                    self.snaplen = needs()?
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (64..=262_144).contains(n))
+                        .ok_or_else(|| bad("not a byte count from 64 to 262144".into()))?
+                }
+                "buffer" => self.buffer = parse_size(needs()?).map_err(bad)?,
+                "kernel_buffer" => self.kernel_buffer = parse_size(needs()?).map_err(bad)?,
+                "format" => {
+                    self.format = match needs()? {
+                        "pcap" => StreamFormat::Pcap,
+                        "pcapng" => StreamFormat::Pcapng,
+                        _ => return Err(bad("use pcap or pcapng".into())),
+                    }
+                }
+                "fsname" | "subtype" => {}
+                generic if GENERIC_OPTIONS.contains(&generic) || generic.starts_with("x-") => {}
+                unknown => {
+                    return Err(format!(
+                        "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
+                         interface, snaplen, buffer, kernel_buffer, format)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn mountpoint(&self) -> PathBuf {
         self.mountpoint
-            .clone()
+            .last()
+            .cloned()
             .or_else(|| self.mount.clone())
             .unwrap_or_default()
+    }
+
+    /// Started as mount(8) starts a FUSE file system (with a SOURCE): it then
+    /// returns once mounted and serves in the background, unless -f.
+    pub fn background(&self) -> bool {
+        self.mountpoint.len() == 2 && !self.foreground
     }
 
     /// The log filter the flags ask for (RUST_LOG, if set, wins).
@@ -159,10 +276,44 @@ mod tests {
     fn mountpoint_by_position_or_flag() {
         let cli = Cli::try_parse_from(["netstatfs", "m"]).unwrap();
         assert_eq!(cli.mountpoint(), PathBuf::from("m"));
+        assert!(!cli.background());
         let cli = Cli::try_parse_from(["netstatfs", "--mount", "x"]).unwrap();
         assert_eq!(cli.mountpoint(), PathBuf::from("x"));
         assert!(Cli::try_parse_from(["netstatfs"]).is_err());
         assert!(Cli::try_parse_from(["netstatfs", "a", "--mount", "b"]).is_err());
+        assert!(Cli::try_parse_from(["netstatfs", "a", "b", "c"]).is_err());
+    }
+
+    #[test]
+    fn the_mount_helper_form() {
+        let mut cli = Cli::try_parse_from([
+            "netstatfs",
+            "netstatfs",
+            "/mnt/net",
+            "-o",
+            "rw,nosuid,allow_other,cache_ttl=2s,interface=lo",
+            "-o",
+            "snaplen=1500,all_processes,format=pcapng,x-systemd.automount",
+        ])
+        .unwrap();
+        cli.apply_mount_options().unwrap();
+        assert_eq!(cli.mountpoint(), PathBuf::from("/mnt/net"));
+        assert!(cli.background());
+        assert!(cli.allow_other && cli.all_processes);
+        assert_eq!(cli.cache_ttl, Duration::from_secs(2));
+        assert_eq!((cli.interface.as_str(), cli.snaplen), ("lo", 1500));
+        assert_eq!(cli.format, StreamFormat::Pcapng);
+        let foreground = Cli::try_parse_from(["netstatfs", "src", "/mnt/net", "-f"]).unwrap();
+        assert!(!foreground.background());
+        for (bad, named) in [
+            ("colour=blue", "colour"),
+            ("cache_ttl", "cache_ttl"),
+            ("snaplen=9", "snaplen=9"),
+        ] {
+            let mut cli = Cli::try_parse_from(["netstatfs", "m", "-o", bad]).unwrap();
+            let err = cli.apply_mount_options().unwrap_err();
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     #[test]

@@ -26,7 +26,10 @@ use crate::stream::table::StreamTable;
 const UNMOUNT_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs netstatfs until it is stopped. Err is one line for the user.
-pub fn run(cli: &Cli) -> Result<(), String> {
+///
+/// `on_mounted` gets one friendly line once the mount is up (where, how
+/// many processes and sockets, how to stop it).
+pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let mountpoint = cli.mountpoint();
     check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
@@ -90,11 +93,11 @@ pub fn run(cli: &Cli) -> Result<(), String> {
         })
         .map_err(|err| format!("cannot start a thread: {err}"))?;
 
-    info!(
+    on_mounted(&format!(
         "mounted at {}: {processes} processes, {sockets} sockets. Stop with Ctrl-C or umount {}",
         mountpoint.display(),
         mountpoint.display()
-    );
+    ));
     select! {
         recv(ended_rx) -> ended => {
             if let Ok(Err(err)) = ended {
@@ -118,6 +121,64 @@ pub fn run(cli: &Cli) -> Result<(), String> {
     signals_handle.close();
     let _ = watchdog.join();
     Ok(())
+}
+
+/// Runs netstatfs in the background, as mount(8) expects of a FUSE file
+/// system: the process forks (before any thread exists), the parent waits
+/// until the child has mounted, then returns; the child serves until
+/// unmounted. A start-up error reaches the parent and its caller.
+pub fn run_in_background(cli: &Cli) -> Result<(), String> {
+    use nix::unistd::{ForkResult, fork, pipe2, setsid};
+    use std::io::{BufRead, Write};
+    // Close-on-exec: the fusermount3 helper the child starts must not hold
+    // the parent's end open.
+    let (report_read, report_write) =
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|err| format!("cannot make a pipe: {err}"))?;
+    // SAFETY: no other thread exists yet (nothing has been started), so
+    // the child may run any code.
+    match unsafe { fork() }.map_err(|err| format!("cannot fork: {err}"))? {
+        ForkResult::Parent { .. } => {
+            drop(report_write);
+            // One line: "ok", or the reason it did not mount.
+            let mut report = String::new();
+            let _ =
+                std::io::BufReader::new(std::fs::File::from(report_read)).read_line(&mut report);
+            match report.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if report.is_empty() => Err("netstatfs stopped before mounting".into()),
+                None => Err(report.trim().to_owned()),
+            }
+        }
+        ForkResult::Child => {
+            drop(report_read);
+            let _ = setsid();
+            let mut report = Some(std::fs::File::from(report_write));
+            let result = run(cli, |_| {
+                if let Some(mut report) = report.take() {
+                    let _ = report.write_all(b"ok\n");
+                }
+                detach_from_terminal();
+            });
+            if let (Err(message), Some(mut report)) = (&result, report.take()) {
+                let _ = writeln!(report, "{message}");
+            }
+            result
+        }
+    }
+}
+
+/// Points stdin, stdout and stderr at /dev/null: the caller's terminal is
+/// not the daemon's any more.
+fn detach_from_terminal() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
 }
 
 fn signal_name(signal: i32) -> Option<&'static str> {
@@ -259,9 +320,12 @@ fn mount(
 /// allow_other: always allowed for root, for others only where
 /// /etc/fuse.conf says user_allow_other.
 fn auto_unmount_available(allow_other: bool) -> bool {
-    let has_fusermount3 = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join("fusermount3").is_file())
-    });
+    // In PATH, or where fuser also looks: mount(8) may start us with none.
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    dirs.extend(["/bin", "/sbin"].map(PathBuf::from));
+    let has_fusermount3 = dirs.iter().any(|dir| dir.join("fusermount3").is_file());
     if !has_fusermount3 {
         return false;
     }

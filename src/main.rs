@@ -3,12 +3,11 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use netstatfs::cli::Cli;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = Cli::parse();
+    let cli = Cli::parse_all();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(cli.log_filter()))
         .format(|out, record| {
             writeln!(
@@ -19,7 +18,12 @@ fn main() -> ExitCode {
             )
         })
         .init();
-    match netstatfs::daemon::run(&cli) {
+    let outcome = if cli.background() {
+        netstatfs::daemon::run_in_background(&cli)
+    } else {
+        netstatfs::daemon::run(&cli, |line| eprintln!("netstatfs: {line}"))
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("netstatfs: error: {message}");

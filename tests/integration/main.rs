@@ -9,6 +9,7 @@ mod common;
 mod access;
 mod capture;
 mod lifecycle;
+mod package;
 mod process_stream;
 mod tree;
 

@@ -1,0 +1,235 @@
+//! The Debian package: install it, use it the way mount(8) and fstab do,
+//! remove it, and leave the machine as it was.
+//!
+//! The package is built by scripts/package.sh (scripts/test.sh runs it
+//! before the tests): building it here would wait on cargo's lock.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::common::{ScratchDir, mounted_at, try_list, wait_until};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// One test installs packages at a time.
+static DPKG: Mutex<()> = Mutex::new(());
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("{program} runs: {err}"))
+}
+
+fn the_package() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
+    std::fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .max_by_key(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no .deb in {}: build it with scripts/package.sh",
+                dir.display()
+            )
+        })
+}
+
+/// Removes the package (and any mount of it) however the test ends.
+struct Installed {
+    mounts: Vec<PathBuf>,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for mount in &self.mounts {
+            if mounted_at(mount) {
+                let _ = run("umount", &["-l", mount.to_str().unwrap()]);
+            }
+        }
+        let _ = run("dpkg", &["--purge", "netstatfs"]);
+    }
+}
+
+#[test]
+fn the_debian_package_installs_mounts_and_removes_cleanly() {
+    let _serial = DPKG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let deb = the_package();
+    assert!(
+        run("dpkg-query", &["-W", "netstatfs"]).stdout.is_empty(),
+        "netstatfs is already installed: the test would not leave the machine as it found it"
+    );
+    let scratch = ScratchDir::new("package");
+    let by_type = scratch.0.join("by-type");
+    let by_fstab = scratch.0.join("by-fstab");
+    std::fs::create_dir(&by_type).unwrap();
+    std::fs::create_dir(&by_fstab).unwrap();
+    let mut installed = Installed {
+        mounts: vec![by_type.clone(), by_fstab.clone()],
+    };
+
+    let install = run("dpkg", &["-i", deb.to_str().unwrap()]);
+    assert!(
+        install.status.success(),
+        "{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+
+    let version = run("/usr/bin/netstatfs", &["--version"]);
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("netstatfs {}", env!("CARGO_PKG_VERSION"))
+    );
+    let man = run("man", &["-w", "netstatfs"]);
+    assert!(
+        man.status.success(),
+        "man -w: {}",
+        String::from_utf8_lossy(&man.stderr)
+    );
+    assert!(String::from_utf8_lossy(&man.stdout).contains("/usr/share/man/man1/netstatfs.1"));
+    let page = run("man", &["netstatfs"]);
+    let page = String::from_utf8_lossy(&page.stdout);
+    for section in [
+        "OPTIONS",
+        "MOUNTING",
+        "FILES AND NAMES",
+        "EXTENDED ATTRIBUTES",
+        "STREAMS",
+        "SECURITY",
+        "EXIT STATUS",
+    ] {
+        assert!(page.contains(section), "the man page lacks {section}");
+    }
+    let caps = run("getcap", &["/usr/bin/netstatfs"]);
+    let caps = String::from_utf8_lossy(&caps.stdout);
+    for cap in [
+        "cap_net_raw",
+        "cap_net_admin",
+        "cap_sys_ptrace",
+        "cap_dac_read_search",
+    ] {
+        assert!(caps.contains(cap), "getcap: {caps}");
+    }
+    for completion in [
+        "/usr/share/bash-completion/completions/netstatfs",
+        "/usr/share/zsh/vendor-completions/_netstatfs",
+        "/usr/share/fish/vendor_completions.d/netstatfs.fish",
+    ] {
+        let text = std::fs::read_to_string(completion).unwrap_or_default();
+        assert!(text.contains("cache-ttl"), "{completion} completes the options");
+    }
+    let verify = run(
+        "systemd-analyze",
+        &["verify", "/usr/lib/systemd/system/netstatfs.service"],
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // mount -t fuse.netstatfs: returns once mounted, serves in the
+    // background, stops on umount.
+    let mount = run(
+        "mount",
+        &[
+            "-t",
+            "fuse.netstatfs",
+            "netstatfs",
+            by_type.to_str().unwrap(),
+            "-o",
+            "allow_other,cache_ttl=2s",
+        ],
+    );
+    assert!(
+        mount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mount.stderr)
+    );
+    assert!(mounted_at(&by_type), "mounted when mount returns");
+    assert!(try_list(&by_type).is_some(), "lists");
+    let umount = run("umount", &[by_type.to_str().unwrap()]);
+    assert!(umount.status.success());
+    assert!(!mounted_at(&by_type));
+    let daemons = || {
+        String::from_utf8_lossy(&run("pgrep", &["-f", "^netstatfs netstatfs"]).stdout)
+            .trim()
+            .to_owned()
+    };
+    wait_until(WAIT, "the background daemon to exit after umount", || {
+        daemons().is_empty()
+    });
+
+    // An fstab line, from an alternative fstab.
+    let fstab = scratch.0.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "netstatfs {} fuse.netstatfs allow_other,noauto 0 0\n",
+            by_fstab.display()
+        ),
+    )
+    .unwrap();
+    let mount = run(
+        "mount",
+        &[
+            "--fstab",
+            fstab.to_str().unwrap(),
+            by_fstab.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        mount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mount.stderr)
+    );
+    assert!(mounted_at(&by_fstab));
+    assert!(try_list(&by_fstab).is_some());
+    assert!(
+        run("umount", &[by_fstab.to_str().unwrap()])
+            .status
+            .success()
+    );
+    wait_until(WAIT, "the fstab daemon to exit", || daemons().is_empty());
+
+    // An unknown mount option is an error naming it.
+    let bad = run(
+        "mount",
+        &[
+            "-t",
+            "fuse.netstatfs",
+            "netstatfs",
+            by_type.to_str().unwrap(),
+            "-o",
+            "colour=blue",
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("colour"),
+        "{bad:?}"
+    );
+    assert!(!mounted_at(&by_type));
+
+    // Removed, nothing of it is left.
+    installed.mounts.clear();
+    drop(installed);
+    assert!(
+        run("dpkg-query", &["-W", "netstatfs"]).stdout.is_empty()
+            || !Path::new("/usr/bin/netstatfs").exists()
+    );
+    for path in [
+        "/usr/bin/netstatfs",
+        "/usr/share/man/man1/netstatfs.1.gz",
+        "/usr/share/bash-completion/completions/netstatfs",
+        "/usr/lib/systemd/system/netstatfs.service",
+    ] {
+        assert!(!Path::new(path).exists(), "{path} left behind");
+    }
+}

@@ -1,0 +1,148 @@
+//! Build helpers: `cargo run -p xtask -- assets <DIR>` writes the man page
+//! (from the clap definition, plus sections on naming, attributes, streams,
+//! security and exit status) and the bash, zsh and fish completions that the
+//! Debian package installs.
+
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+use clap_complete::{Shell, generate_to};
+use netstatfs::cli::Cli;
+use roff::{Roff, bold, italic, roman};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [command, dir] if command == "assets" => assets(Path::new(dir)),
+        _ => Err("usage: cargo run -p xtask -- assets <DIR>".into()),
+    }
+}
+
+fn assets(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir.join("completions"))?;
+    let mut command = Cli::command();
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        generate_to(shell, &mut command, "netstatfs", dir.join("completions"))?;
+    }
+    let page = man_page()?;
+    let path: PathBuf = dir.join("netstatfs.1");
+    std::fs::write(&path, page)?;
+    println!(
+        "wrote {} and completions in {}",
+        path.display(),
+        dir.join("completions").display()
+    );
+    Ok(())
+}
+
+/// The clap-generated page with the sections a user needs beyond options.
+fn man_page() -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(Cli::command())
+        .section("1")
+        .manual("User Commands");
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    extra_sections().to_writer(&mut out)?;
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+fn section(roff: &mut Roff, title: &str, paragraphs: &[&str]) {
+    roff.control("SH", [title]);
+    for paragraph in paragraphs {
+        roff.control("PP", []).text([roman(*paragraph)]);
+    }
+}
+
+fn extra_sections() -> Roff {
+    let mut roff = Roff::new();
+    roff.control("SH", ["MOUNTING"]);
+    roff.control("PP", [])
+        .text([bold("netstatfs"), roman(" "), italic("MOUNTPOINT")])
+        .text([roman(" runs in the foreground. The form mount(8) uses, ")])
+        .text([bold("netstatfs"), roman(" "), italic("SOURCE MOUNTPOINT"), roman(" -o "), italic("OPTIONS")])
+        .text([roman(
+            ", returns once the mount is up and serves in the background until unmounted (-f keeps it in \
+             the foreground). So both of these work:",
+        )]);
+    roff.control("PP", []).text([roman(
+        "mount -t fuse.netstatfs netstatfs /mnt/net -o allow_other",
+    )]);
+    roff.control("PP", []).text([roman(
+        "netstatfs /mnt/net fuse.netstatfs allow_other 0 0    (an /etc/fstab line)",
+    )]);
+    roff.control("PP", []).text([roman(
+        "Mount options: allow_other, all_processes, cache_ttl=DURATION, interface=NAME, snaplen=BYTES, \
+         buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng; the generic ones (rw, nosuid, noauto, x-..., ...) \
+         change nothing; any other option is an error naming it. umount stops the daemon.",
+    )]);
+    section(
+        &mut roff,
+        "FILES AND NAMES",
+        &[
+            "The root holds one directory per process that holds an inet socket (every process with \
+             --all-processes), named PID_COMM; the comm has '/' and control characters made '_', and an empty \
+             comm is 'unnamed'. A name resolves only while both pid and comm match the live process.",
+            "A process directory holds one file per socket, named PROTO_LOCAL_REMOTE: \
+             tcp_127.0.0.1:41234_127.0.0.1:8080, tcp6_[::1]:8080_[::]:0, udp_0.0.0.0:5353_0.0.0.0:0. PROTO is \
+             tcp, tcp6, udp, udp6, raw, raw6, icmp or icmp6; IPv6 addresses are bracketed and compressed as \
+             RFC 5952 says; an unconnected remote end is 0.0.0.0:0 or [::]:0. Two sockets that would share a \
+             name each get a ~INODE suffix. The file 'all' streams the whole process.",
+        ],
+    );
+    section(
+        &mut roff,
+        "EXTENDED ATTRIBUTES",
+        &[
+            "Socket files: user.netstatfs.proto, .state (the kernel's TCP state names; UNCONN or ESTABLISHED \
+             for datagram sockets), .inode, .uid, .local, .remote, .rx_queue, .tx_queue, .fds (the process's fds \
+             for the socket, comma-separated), .netns (the network namespace's inode). Process directories: \
+             user.netstatfs.pid, .comm, .uid, .netns, .sockets. Read them with getfattr -d.",
+        ],
+    );
+    section(
+        &mut roff,
+        "STREAMS",
+        &[
+            "Reading a socket file streams its live traffic as pcap (or pcapng with --format pcapng, each \
+             packet commented with its pid, comm and socket): the file header at once, then a record per \
+             packet. A connected socket's stream holds both directions of exactly its address and port pair; \
+             a listener's or an unconnected socket's holds everything to or from its local address and port, a \
+             wildcard address standing for the namespace's own addresses. IPv4-mapped IPv6 sockets carry IPv4 \
+             packets. Each packet appears once. The capture runs in the socket's network namespace.",
+            "A stream ends (EOF) shortly after its socket closes or its process exits, once the last packets \
+             are in; the 'all' stream when the process exits. A reader blocked on a quiet socket that gets a \
+             signal it would act on (Ctrl-C, SIGKILL, a caught signal) is answered EINTR within about 100 ms. \
+             A reader that falls behind costs at most --buffer; beyond it packets are dropped, and the count is \
+             logged when the stream closes.",
+        ],
+    );
+    section(
+        &mut roff,
+        "SECURITY",
+        &[
+            "The mount is private to the user who mounted it and root. --allow-other lets every user list the \
+             tree, as /proc does; a socket's stream stays readable only by the socket's owner and root (socket \
+             files are mode 0400, owned by the socket's uid, and the kernel checks them). The mount is read-only.",
+            "Capturing needs CAP_NET_RAW; reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH; entering another network namespace needs CAP_SYS_ADMIN. Run as root, netstatfs \
+             keeps these (and CAP_NET_ADMIN) and drops every other capability. The Debian package grants the \
+             binary cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search so that users can run it; \
+             without them it lists the user's own processes and says at start-up what it cannot do.",
+        ],
+    );
+    section(
+        &mut roff,
+        "EXIT STATUS",
+        &[
+            "0 after Ctrl-C, SIGTERM or SIGHUP, or when someone else unmounts it; 1 when it cannot start (a \
+             missing mountpoint, an existing mount, no /dev/fuse, a refused mount), with one line saying why; \
+             2 for a command line it does not understand.",
+        ],
+    );
+    roff
+}
