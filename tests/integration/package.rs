@@ -122,7 +122,10 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         "/usr/share/fish/vendor_completions.d/netstatfs.fish",
     ] {
         let text = std::fs::read_to_string(completion).unwrap_or_default();
-        assert!(text.contains("cache-ttl"), "{completion} completes the options");
+        assert!(
+            text.contains("cache-ttl"),
+            "{completion} completes the options"
+        );
     }
     let verify = run(
         "systemd-analyze",
