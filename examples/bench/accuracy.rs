@@ -22,7 +22,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Daemon, Error, Helper, unix_nanos};
+use super::{Daemon, Error, Helper, unix_nanos, wait_for_path};
 
 /// `bench --accuracy-server`: TCP and UDP echo on loopback.
 pub fn server() -> Result<(), Error> {
@@ -280,13 +280,7 @@ pub fn measure(
         .mountpoint
         .join(format!("{}_bench", target.child.id()))
         .join("all");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !all.exists() {
-        if Instant::now() > deadline {
-            return Err(format!("{} did not appear", all.display()).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&all, Duration::from_secs(10))?;
     let stream_bytes: Arc<Mutex<Vec<u8>>> = Arc::default();
     let mut file = File::open(&all)?;
     let sink = Arc::clone(&stream_bytes);

@@ -199,6 +199,51 @@ impl Drop for Helper {
     }
 }
 
+/// A `--flow` helper and its sender's socket file on the mount.
+struct Flow {
+    helper: Helper,
+    sender: u16,
+    receiver: u16,
+    file: PathBuf,
+}
+
+impl Flow {
+    fn start(daemon: &Daemon) -> Result<Flow, Error> {
+        let mut helper = Helper::spawn(&["--flow"])?;
+        let ready = helper.read_line()?;
+        let ports: Vec<u16> = ready
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let [sender, receiver] = ports[..] else {
+            return Err(format!("flow helper said {ready:?}").into());
+        };
+        let file = daemon
+            .mountpoint
+            .join(format!("{}_bench", helper.child.id()))
+            .join(format!("tcp_127.0.0.1:{sender}_127.0.0.1:{receiver}"));
+        wait_for_path(&file, Duration::from_secs(10))?;
+        Ok(Flow {
+            helper,
+            sender,
+            receiver,
+            file,
+        })
+    }
+}
+
+fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear", path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// P worker processes, all connected.
 struct Workload {
     /// Held to keep the processes (and their sockets) alive.
@@ -488,7 +533,11 @@ fn listing(
                 _ => "lsof",
             };
             tool.counted = if kind == "ls" {
-                output.lines().filter(|line| line.starts_with('-')).count()
+                output
+                    .lines()
+                    // Socket files; each directory's `all` is not a socket.
+                    .filter(|line| line.starts_with('-') && !line.ends_with(" all"))
+                    .count()
             } else {
                 count_workload_sockets(&output, &workload.ports, kind)
             };
@@ -554,18 +603,12 @@ fn capture_run(
     volume: usize,
     with_tcpdump: bool,
 ) -> Result<CaptureResult, Error> {
-    let mut flow = Helper::spawn(&["--flow"])?;
-    let ready = flow.read_line()?;
-    let ports: Vec<u16> = ready
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let (sender, receiver) = (ports[0], ports[1]);
-    let file = daemon
-        .mountpoint
-        .join(format!("{}_bench", flow.child.id()))
-        .join(format!("tcp_127.0.0.1:{sender}_127.0.0.1:{receiver}"));
+    let Flow {
+        helper: mut flow,
+        sender,
+        receiver,
+        file,
+    } = Flow::start(daemon)?;
     let out = scratch.join("out.pcap");
     let _ = std::fs::remove_file(&out);
     let log_before = daemon.log().len();
@@ -587,14 +630,6 @@ fn capture_run(
         wait_for_text(&tcpdump_err, "listening on", Duration::from_secs(10))?;
         child
     } else {
-        // The flow's process names itself after exec: wait for the file.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            if Instant::now() > deadline {
-                return Err(format!("{} did not appear", file.display()).into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let child = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -680,24 +715,11 @@ fn capture_run(
 
 /// send() to readable from the stream, for `count` small messages.
 fn latency(daemon: &Daemon, count: usize) -> Result<(f64, f64, f64), Error> {
-    let mut flow = Helper::spawn(&["--flow"])?;
-    let ready = flow.read_line()?;
-    let ports: Vec<u16> = ready
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let file = daemon
-        .mountpoint
-        .join(format!("{}_bench", flow.child.id()))
-        .join(format!("tcp_127.0.0.1:{}_127.0.0.1:{}", ports[0], ports[1]));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !file.exists() {
-        if Instant::now() > deadline {
-            return Err("the flow's socket file did not appear".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let Flow {
+        helper: mut flow,
+        file,
+        ..
+    } = Flow::start(daemon)?;
     let arrivals: Arc<Mutex<Vec<(usize, u128)>>> = Arc::default();
     let mut stream = File::open(&file)?;
     let seen = Arc::clone(&arrivals);
@@ -769,21 +791,9 @@ fn memory_with_streams(daemon: &Daemon, command: &str) -> Result<u64, Error> {
     let mut flows = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..10 {
-        let mut flow = Helper::spawn(&["--flow"])?;
-        let ready = flow.read_line()?;
-        let ports: Vec<u16> = ready
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        let file = daemon
-            .mountpoint
-            .join(format!("{}_bench", flow.child.id()))
-            .join(format!("tcp_127.0.0.1:{}_127.0.0.1:{}", ports[0], ports[1]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let Flow {
+            helper: flow, file, ..
+        } = Flow::start(daemon)?;
         readers.push(
             Command::new("sh")
                 .arg("-c")

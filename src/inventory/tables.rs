@@ -86,33 +86,14 @@ pub fn parse_table(text: &[u8], proto: Proto) -> Table {
     table
 }
 
-fn parse_rows(text: &[u8], proto: Proto) -> Option<Vec<SocketRow>> {
-    let system = procfs::current_system_info();
-    let rows = if proto.is_tcp() {
-        TcpNetEntries::from_buf_read(text, system)
-            .ok()?
+/// procfs's TCP and UDP entries have the same fields and no common trait.
+macro_rules! socket_rows {
+    ($entries:expr, $proto:expr) => {
+        $entries
             .0
             .into_iter()
             .map(|entry| SocketRow {
-                proto,
-                local: entry.local_address,
-                remote: entry.remote_address,
-                state: entry.state.to_u8(),
-                uid: entry.uid,
-                rx_queue: entry.rx_queue,
-                tx_queue: entry.tx_queue,
-                inode: entry.inode,
-            })
-            .collect()
-    } else {
-        // udp, raw and icmp (ping) tables share one layout; for raw sockets
-        // the "port" is the IP protocol number.
-        UdpNetEntries::from_buf_read(text, system)
-            .ok()?
-            .0
-            .into_iter()
-            .map(|entry| SocketRow {
-                proto,
+                proto: $proto,
                 local: entry.local_address,
                 remote: entry.remote_address,
                 state: entry.state.to_u8(),
@@ -123,7 +104,17 @@ fn parse_rows(text: &[u8], proto: Proto) -> Option<Vec<SocketRow>> {
             })
             .collect()
     };
-    Some(rows)
+}
+
+fn parse_rows(text: &[u8], proto: Proto) -> Option<Vec<SocketRow>> {
+    let system = procfs::current_system_info();
+    Some(if proto.is_tcp() {
+        socket_rows!(TcpNetEntries::from_buf_read(text, system).ok()?, proto)
+    } else {
+        // udp, raw and icmp (ping) tables share one layout; for raw sockets
+        // the "port" is the IP protocol number.
+        socket_rows!(UdpNetEntries::from_buf_read(text, system).ok()?, proto)
+    })
 }
 
 /// The name `ss` and netstat users know for a state. TCP states are the
