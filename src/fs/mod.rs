@@ -370,6 +370,9 @@ impl NetstatFs {
             process.pid,
             process.start_ticks,
             process.comm.clone(),
+            self.options.capture.clone(),
+            process.netns,
+            self.own_netns,
         );
         let sink: Arc<dyn PacketSink> = sorter.clone();
         let request = CaptureRequest {

@@ -28,6 +28,8 @@ pub struct LiveSocket {
     /// When it was first seen, and when it was first seen gone.
     pub seen: SystemTime,
     pub closed: Option<SystemTime>,
+    /// The network namespace it lives in (its inode number), where known.
+    pub netns: Option<u64>,
 }
 
 /// Follows one process.
@@ -41,6 +43,9 @@ pub struct ProcessWatch {
     /// Sockets closed lately, kept for [`LINGER`]: their last packets (a
     /// FIN, its ACK, a retransmission) come after the close.
     closed: Vec<LiveSocket>,
+    /// The network namespaces its sockets live in, each with an open handle
+    /// (to capture there).
+    namespaces: HashMap<u64, OwnedFd>,
 }
 
 /// How long a closed socket is remembered (what it may still claim is
@@ -67,6 +72,7 @@ impl ProcessWatch {
             proc_pid: PathBuf::from(format!("/proc/{pid}")),
             sockets: HashMap::new(),
             closed: Vec::new(),
+            namespaces: HashMap::new(),
         })
     }
 
@@ -91,7 +97,12 @@ impl ProcessWatch {
         for (inode, fd) in fds {
             present.push(inode);
             if !self.sockets.contains_key(&inode) {
-                let socket = self.look_into(inode, fd);
+                let socket = self.look_into(inode, fd).map(|(socket, namespace)| {
+                    if let (Some(id), Some(handle)) = (socket.netns, namespace) {
+                        self.namespaces.entry(id).or_insert(handle);
+                    }
+                    socket
+                });
                 changed |= socket.is_some();
                 self.sockets.insert(inode, socket);
             }
@@ -117,8 +128,9 @@ impl ProcessWatch {
         changed || self.closed.len() != lingering
     }
 
-    /// A copy of the process's fd, asked what socket it is.
-    fn look_into(&self, inode: u64, fd: i32) -> Option<LiveSocket> {
+    /// A copy of the process's fd, asked what socket it is and in which
+    /// namespace.
+    fn look_into(&self, inode: u64, fd: i32) -> Option<(LiveSocket, Option<OwnedFd>)> {
         let copy = pidfd_getfd(&self.pidfd, fd, PidfdGetfdFlags::empty()).ok()?;
         // The fd may have been closed and reused since it was listed.
         let stat = rustix::fs::fstat(&copy).ok()?;
@@ -145,19 +157,31 @@ impl ProcessWatch {
                 return None;
             }
         }
+        let namespace = namespace_of(&copy);
+        let netns = namespace.as_ref().map(|(id, _)| *id);
         let local = SocketAddr::try_from(rustix::net::getsockname(&copy).ok()?).ok()?;
         let remote = rustix::net::getpeername(&copy)
             .ok()
             .flatten()
             .and_then(|peer| SocketAddr::try_from(peer).ok());
-        Some(LiveSocket {
+        let socket = LiveSocket {
             inode,
             proto,
             local,
             remote,
             seen: SystemTime::now(),
             closed: None,
-        })
+            netns,
+        };
+        Some((socket, namespace.map(|(_, handle)| handle)))
+    }
+
+    /// The namespaces the process's sockets live in, with handles.
+    pub fn namespaces(&self) -> Vec<(u64, std::os::fd::BorrowedFd<'_>)> {
+        self.namespaces
+            .iter()
+            .map(|(id, fd)| (*id, fd.as_fd()))
+            .collect()
     }
 
     /// The process's TCP and UDP sockets, as last seen, and those closed
@@ -169,6 +193,22 @@ impl ProcessWatch {
     pub fn pid(&self) -> i32 {
         self.pid
     }
+}
+
+/// The namespace a socket lives in: SIOCGSKNS hands over a handle to it,
+/// whose inode number names it.
+fn namespace_of(socket: &OwnedFd) -> Option<(u64, OwnedFd)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const SIOCGSKNS: nix::libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd or -1.
+    let raw = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCGSKNS as _) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a new fd that nothing else owns.
+    let handle = unsafe { OwnedFd::from_raw_fd(raw) };
+    let id = rustix::fs::fstat(&handle).ok()?.st_ino;
+    Some((id, handle))
 }
 
 #[cfg(test)]
@@ -198,6 +238,12 @@ mod tests {
                 .any(|s| s.local == client_local && s.remote == Some(local))
         );
         assert!(watch.sockets().any(|s| s.proto == Proto::Udp6));
+        let own = crate::inventory::own_netns();
+        assert!(
+            watch.sockets().all(|s| s.netns == own),
+            "the test's own namespace"
+        );
+        assert_eq!(watch.namespaces().len(), 1);
         drop(udp);
         watch.rescan();
         assert!(

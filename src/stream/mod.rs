@@ -129,7 +129,11 @@ pub struct Stream {
     capture_ended: AtomicBool,
     has_pending: AtomicBool,
     state: Mutex<ReadState>,
-    control: Mutex<Option<CaptureControl>>,
+    /// The captures feeding the stream (an `all` stream has one per
+    /// network namespace of its process's sockets).
+    controls: Mutex<Vec<CaptureControl>>,
+    /// Set once the stream is to end: a capture added later stops at once.
+    stopping: AtomicBool,
     /// Set once released and once ended; the closing log line is written by
     /// whichever comes second, when both the counts and stats are final.
     closing_report: Mutex<(bool, Option<CaptureStats>)>,
@@ -179,7 +183,8 @@ impl Stream {
                     checked: Instant::now(),
                 },
             }),
-            control: Mutex::new(None),
+            controls: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
             closing_report: Mutex::new((false, None)),
         });
         let weak: Weak<Stream> = Arc::downgrade(&stream);
@@ -214,7 +219,7 @@ impl Stream {
             opened.snaplen,
             opened.nanosecond_timestamps,
         );
-        *lock(&self.control) = Some(opened.control);
+        self.add_capture(opened.control);
     }
 
     /// A read of up to `size` bytes by thread `caller`.
@@ -391,9 +396,20 @@ impl Stream {
         lock(&self.state).lifecycle = next;
     }
 
-    /// Stops the capture; the stream ends once it has.
+    /// One more capture feeds the stream.
+    pub fn add_capture(&self, control: CaptureControl) {
+        let mut controls = lock(&self.controls);
+        if self.stopping.load(Ordering::SeqCst) {
+            control.stop();
+        }
+        controls.push(control);
+    }
+
+    /// Stops the captures; the stream ends once they have.
     pub fn stop_capture(&self) {
-        if let Some(control) = lock(&self.control).as_ref() {
+        let controls = lock(&self.controls);
+        self.stopping.store(true, Ordering::SeqCst);
+        for control in controls.iter() {
             control.stop();
         }
     }

@@ -1,6 +1,7 @@
 //! A process's `all` stream: every packet of every TCP and UDP socket the
 //! process holds while the stream is open, sockets opened after it started
-//! included, until the process exits.
+//! included, until the process exits; a capture in each network namespace
+//! its sockets live in (found with SIOCGSKNS), all feeding one sorter.
 //!
 //! A kernel filter can only name what is already known, and a new
 //! connection's first packets (its handshake, its first datagram) pass
@@ -15,18 +16,22 @@
 //! before the tracker's look (under about a millisecond) cannot be told from
 //! another process's, and is dropped: precision over recall.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::debug;
+use log::{debug, warn};
 
 use super::{Format, Stream, lock};
 use crate::capture::classify::{KnownSocket, Openings, ProcessSockets, Transport, flow_of};
 use crate::capture::filter::LocalNetwork;
-use crate::capture::source::{CaptureStats, Opened, PacketSink, Timestamp};
+use crate::capture::source::{
+    self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
+    Timestamp,
+};
+use crate::inventory::NetnsId;
 use crate::inventory::live::{LiveSocket, ProcessWatch};
 use crate::names;
 
@@ -65,10 +70,29 @@ pub struct ProcessSink {
     unclaimed: AtomicU64,
     poke: Sender<()>,
     pokes: Mutex<Option<Receiver<()>>>,
+    /// How captures are opened, for those started in other namespaces.
+    settings: CaptureSettings,
+    own_netns: Option<NetnsId>,
+    /// The namespaces with a capture, the process's own first.
+    capturing: Mutex<HashSet<NetnsId>>,
+    /// Captures that opened and have not ended; the stream ends with the
+    /// last, with their counts summed.
+    running: AtomicUsize,
+    stats: Mutex<CaptureStats>,
 }
 
 impl ProcessSink {
-    pub fn new(stream: Arc<Stream>, pid: i32, start_ticks: u64, comm: String) -> Arc<ProcessSink> {
+    /// `netns` is the process's own namespace (where the first capture
+    /// runs), `own_netns` the daemon's.
+    pub fn new(
+        stream: Arc<Stream>,
+        pid: i32,
+        start_ticks: u64,
+        comm: String,
+        settings: CaptureSettings,
+        netns: Option<NetnsId>,
+        own_netns: Option<NetnsId>,
+    ) -> Arc<ProcessSink> {
         let (poke, pokes) = crossbeam_channel::bounded(1);
         Arc::new(ProcessSink {
             stream,
@@ -84,6 +108,11 @@ impl ProcessSink {
             unclaimed: AtomicU64::new(0),
             poke,
             pokes: Mutex::new(Some(pokes)),
+            settings,
+            own_netns,
+            capturing: Mutex::new(netns.into_iter().collect()),
+            running: AtomicUsize::new(0),
+            stats: Mutex::new(CaptureStats::default()),
         })
     }
 
@@ -94,6 +123,7 @@ impl ProcessSink {
     /// The capture opened: the stream starts, and the tracker follows the
     /// process (its sockets are known before the first packet is sorted).
     pub fn opened(self: &Arc<Self>, opened: Opened) -> std::io::Result<()> {
+        self.running.fetch_add(1, Ordering::SeqCst);
         self.linktype.store(opened.linktype, Ordering::SeqCst);
         *lock(&self.local_networks) = opened.local_networks.clone();
         self.stream.opened(opened);
@@ -112,7 +142,12 @@ impl ProcessSink {
 
     /// Takes the process's sockets as the watch last saw them, and sorts
     /// the packets that waited for them.
-    fn update(&self, watch: &ProcessWatch) {
+    fn update(self: &Arc<Self>, watch: &ProcessWatch) {
+        for (netns, handle) in watch.namespaces() {
+            if lock(&self.capturing).insert(netns) {
+                self.capture_in(netns, handle);
+            }
+        }
         let sockets: Vec<&LiveSocket> = watch.sockets().collect();
         let endpoints: Vec<_> = sockets
             .iter()
@@ -147,6 +182,53 @@ impl ProcessSink {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = index;
         self.sort_candidates();
         self.stream.batch_end();
+    }
+
+    /// Starts one more capture, in another namespace the process holds a
+    /// socket in, feeding this same sorter.
+    fn capture_in(self: &Arc<Self>, netns: NetnsId, handle: std::os::fd::BorrowedFd<'_>) {
+        let label = format!("{} (netns {netns})", self.stream.label());
+        let entered = if Some(netns) == self.own_netns {
+            None
+        } else {
+            match handle.try_clone_to_owned() {
+                Ok(owned) => Some(owned),
+                Err(err) => return warn!("{label}: cannot hold the namespace: {err}"),
+            }
+        };
+        let request = CaptureRequest {
+            netns: entered,
+            filter: CaptureFilter::TcpAndUdp,
+            label: label.clone(),
+        };
+        let sorter = Arc::clone(self);
+        let sink: Arc<dyn PacketSink> = sorter.clone();
+        let failed_label = label.clone();
+        let started = source::start(
+            request,
+            &self.settings,
+            sink,
+            move |outcome| match outcome {
+                Ok(opened) => {
+                    debug!("{label}: capture running");
+                    sorter.running.fetch_add(1, Ordering::SeqCst);
+                    if opened.linktype != sorter.linktype.load(Ordering::SeqCst) {
+                        warn!(
+                            "{label}: another link type ({}) than the stream's; not captured",
+                            opened.linktype
+                        );
+                        opened.control.stop();
+                        return;
+                    }
+                    lock(&sorter.local_networks).extend(opened.local_networks);
+                    sorter.stream.add_capture(opened.control);
+                }
+                Err(err) => warn!("{label}: cannot capture there: {err:?}"),
+            },
+        );
+        if let Err(err) = started {
+            warn!("{failed_label}: cannot start a capture thread: {err}");
+        }
     }
 
     /// A capture timestamp as wall-clock time.
@@ -240,6 +322,16 @@ impl PacketSink for ProcessSink {
     }
 
     fn ended(&self, stats: CaptureStats) {
+        {
+            let mut total = lock(&self.stats);
+            total.received += stats.received;
+            total.dropped_by_kernel += stats.dropped_by_kernel;
+            total.dropped_by_interface += stats.dropped_by_interface;
+        }
+        if self.running.fetch_sub(1, Ordering::SeqCst) > 1 {
+            return;
+        }
+        let stats = *lock(&self.stats);
         debug!(
             "{}: {} packets of the namespace belonged to no socket of the process",
             self.stream.label(),

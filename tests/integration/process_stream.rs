@@ -126,6 +126,47 @@ fn all_follows_every_socket_of_the_process_new_ones_included_and_ends_with_it() 
 }
 
 #[test]
+fn all_follows_sockets_the_process_holds_in_another_namespace() {
+    let netns = crate::common::netns::Netns::new("allns");
+    let mount = Mount::start(&[]);
+    let mut target = Peer::spawn();
+    target.cmd("comm two-spaces");
+    let home = target.cmd("udp-bind 127.0.0.1:0");
+    let all = mount.dir(target.pid, "two-spaces").join("all");
+    wait_until(WAIT, "the all file", || all.exists());
+    let (bytes, reader) = read_to_eof(&all);
+    wait_until(WAIT, "the capture", || {
+        mount.log().contains("all: capture running")
+    });
+    target.cmd(&format!("sendto {} {} at-home", home[0], home[1]));
+    // The process's command thread enters the other namespace; what it
+    // opens there lives there, and is captured there.
+    target.cmd(&format!("netns {}", netns.name));
+    let listener = target.cmd("tcp-listen 127.0.0.1:0");
+    let client = target.cmd(&format!("tcp-connect {}", listener[1]));
+    let served = target.cmd(&format!("tcp-accept {}", listener[0]));
+    wait_until(WAIT, "a second capture, in the other namespace", || {
+        mount.log().contains("(netns ") && mount.log().matches("capture running").count() >= 2
+    });
+    target.cmd(&format!("send {} over-there", client[0]));
+    target.cmd(&format!("recv {} 10", served[0]));
+    std::thread::sleep(Duration::from_millis(100));
+    target.kill();
+    wait_until(WAIT, "EOF after the process exited", || {
+        reader.is_finished()
+    });
+    reader.join().unwrap();
+    let packets = read_pcap(&bytes.lock().unwrap()).1;
+    let payloads: Vec<String> = packets
+        .iter()
+        .filter(|p| !p.payload.is_empty())
+        .map(Seen::payload_text)
+        .collect();
+    assert!(payloads.contains(&"at-home".to_owned()), "{payloads:?}");
+    assert!(payloads.contains(&"over-there".to_owned()), "{payloads:?}");
+}
+
+#[test]
 fn pcapng_comments_name_the_process_and_the_socket() {
     let mount = Mount::start(&["--format", "pcapng"]);
     let mut peer = Peer::spawn();

@@ -395,6 +395,13 @@ impl PeerState {
                 self.held.remove(&id).ok_or("no such object")?;
                 Ok(vec![])
             }
+            "netns" => {
+                // Sockets made after this live in that namespace (the
+                // command thread enters it; the process stays where it was).
+                let handle = std::fs::File::open(format!("/run/netns/{}", arg(0)?)).map_err(err)?;
+                nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).map_err(err)?;
+                Ok(vec![])
+            }
             "exit" => Ok(vec![]),
             other => Err(format!("unknown command {other:?}")),
         }
