@@ -405,6 +405,13 @@ impl Stream {
         controls.push(control);
     }
 
+    /// Replaces the kernel filter of every capture feeding the stream.
+    pub fn set_filter(&self, filter: &str) {
+        for control in lock(&self.controls).iter() {
+            control.set_filter(filter.to_owned());
+        }
+    }
+
     /// Stops the captures; the stream ends once they have.
     pub fn stop_capture(&self) {
         let controls = lock(&self.controls);

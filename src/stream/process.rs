@@ -15,8 +15,15 @@
 //! out to own it, dropped otherwise. A connection that opens and closes
 //! before the tracker's look (under about a millisecond) cannot be told from
 //! another process's, and is dropped: precision over recall.
+//!
+//! What is found to be another process's is then kept out in the kernel:
+//! a flow whose packets go unclaimed again and again joins the capture's
+//! filter as an exclusion ([`process_filter`]), so a busy neighbour costs a
+//! few dozen packets, not all of its traffic. TCP SYNs still pass, so a new
+//! connection on an excluded 4-tuple is seen; an exclusion is dropped when
+//! a socket of the process comes to own the flow.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -25,8 +32,8 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 
 use super::{Format, Stream, lock};
-use crate::capture::classify::{KnownSocket, Openings, ProcessSockets, Transport, flow_of};
-use crate::capture::filter::LocalNetwork;
+use crate::capture::classify::{Flow, KnownSocket, Openings, ProcessSockets, Transport, flow_of};
+use crate::capture::filter::{ForeignFlow, LocalNetwork, process_filter};
 use crate::capture::source::{
     self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
     Timestamp,
@@ -36,9 +43,14 @@ use crate::inventory::live::{LiveSocket, ProcessWatch};
 use crate::names;
 
 /// How long a packet of an unknown flow waits for its socket to show up.
-pub const CANDIDATE_TTL: Duration = Duration::from_millis(500);
+pub const CANDIDATE_TTL: Duration = Duration::from_millis(200);
 /// The most bytes of such packets held at once.
 const CANDIDATE_BYTES: usize = 4 << 20;
+/// How many unclaimed packets make a flow another process's, to exclude.
+const FOREIGN_AFTER: u64 = 32;
+/// The most flows excluded at once (the kernel takes 4096 instructions).
+const MAX_EXCLUDED: usize = 64;
+
 /// How often the tracker looks at the process's fds when nothing prompts it
 /// and the process has been quiet for [`BUSY_FOR`].
 const RESCAN_INTERVAL: Duration = Duration::from_millis(20);
@@ -51,7 +63,7 @@ struct Candidate {
     timestamp: Timestamp,
     original_length: u32,
     data: Vec<u8>,
-    flow: crate::capture::classify::Flow,
+    flow: Flow,
 }
 
 /// The capture's sink for an `all` stream: sorts packets by socket.
@@ -79,6 +91,22 @@ pub struct ProcessSink {
     /// last, with their counts summed.
     running: AtomicUsize,
     stats: Mutex<CaptureStats>,
+    /// Unclaimed packets by flow, and the flows the kernel filter leaves out.
+    unclaimed_flows: Mutex<HashMap<ForeignFlow, u64>>,
+    excluded: Mutex<Vec<ForeignFlow>>,
+}
+
+fn foreign(flow: &Flow) -> ForeignFlow {
+    let (a, b) = if flow.src <= flow.dst {
+        (flow.src, flow.dst)
+    } else {
+        (flow.dst, flow.src)
+    };
+    ForeignFlow {
+        tcp: flow.transport == Transport::Tcp,
+        a,
+        b,
+    }
 }
 
 impl ProcessSink {
@@ -113,6 +141,8 @@ impl ProcessSink {
             capturing: Mutex::new(netns.into_iter().collect()),
             running: AtomicUsize::new(0),
             stats: Mutex::new(CaptureStats::default()),
+            unclaimed_flows: Mutex::new(HashMap::new()),
+            excluded: Mutex::new(Vec::new()),
         })
     }
 
@@ -273,11 +303,70 @@ impl ProcessSink {
                 self.candidate_bytes
                     .fetch_sub(candidate.data.len(), Ordering::Relaxed);
                 self.unclaimed.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.unclaimed_flows)
+                    .entry(foreign(&candidate.flow))
+                    .or_insert(0) += 1;
             } else {
                 kept.push_back(candidate);
             }
         }
         *candidates = kept;
+    }
+
+    /// Rewrites the kernel filter where the excluded flows should change:
+    /// flows often unclaimed join it, flows the process now owns leave it.
+    fn narrow(&self) {
+        let now = SystemTime::now();
+        let sockets = self
+            .sockets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let openings = lock(&self.openings);
+        let owned = |flow: &ForeignFlow| {
+            let transport = if flow.tcp {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            };
+            let packet = Flow {
+                transport,
+                src: flow.a,
+                dst: flow.b,
+                opening: false,
+            };
+            sockets.owner_of(&packet, now, &openings).is_some()
+        };
+        let mut excluded = lock(&self.excluded);
+        let before = excluded.len();
+        excluded.retain(|flow| !owned(flow));
+        let mut changed = excluded.len() != before;
+        let mut counts = lock(&self.unclaimed_flows);
+        let mut often: Vec<(ForeignFlow, u64)> = counts
+            .iter()
+            .filter(|(flow, count)| {
+                **count >= FOREIGN_AFTER && !excluded.contains(flow) && !owned(flow)
+            })
+            .map(|(flow, count)| (*flow, *count))
+            .collect();
+        often.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        let room = MAX_EXCLUDED.saturating_sub(excluded.len());
+        for (flow, _) in often.into_iter().take(room) {
+            excluded.push(flow);
+            counts.remove(&flow);
+            changed = true;
+        }
+        if counts.len() > 4 * MAX_EXCLUDED {
+            counts.retain(|_, count| *count >= FOREIGN_AFTER / 2);
+        }
+        if changed {
+            let filter = process_filter(&excluded);
+            debug!(
+                "{}: {} flows of other processes left out; filter: {filter}",
+                self.stream.label(),
+                excluded.len()
+            );
+            self.stream.set_filter(&filter);
+        }
     }
 }
 
@@ -384,6 +473,7 @@ fn track(sink: &Weak<ProcessSink>, mut watch: ProcessWatch, pokes: &Receiver<()>
             sink.sort_candidates();
             sink.stream.batch_end();
         }
+        sink.narrow();
         // Never spend more than about a fifth of a core looking.
         interval = BUSY_INTERVAL.max(started.elapsed() * 4);
     }

@@ -339,6 +339,34 @@ impl PeerState {
                 });
                 Ok(vec![])
             }
+            "pace" => {
+                // Writes `bytes` bytes at `kib` KiB/s in 16 KiB writes, from
+                // a thread; the other end must be drained ("drain").
+                let bytes: usize = arg(1)?.parse().map_err(err)?;
+                let kib_per_second: f64 = arg(2)?.parse().map_err(err)?;
+                let Held::Stream(stream) = self.get(arg(0)?)? else {
+                    return Err("not a tcp stream".into());
+                };
+                let mut stream = stream.try_clone().map_err(err)?;
+                std::thread::spawn(move || {
+                    let chunk = vec![b'p'; 16 * 1024];
+                    let started = std::time::Instant::now();
+                    let mut sent = 0;
+                    while sent < bytes {
+                        let due = started
+                            + Duration::from_secs_f64(sent as f64 / 1024.0 / kib_per_second);
+                        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let n = (bytes - sent).min(chunk.len());
+                        if stream.write_all(&chunk[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                    }
+                });
+                Ok(vec![])
+            }
             "drain" => {
                 // Reads exactly `bytes` bytes.
                 let bytes: usize = arg(1)?.parse().map_err(err)?;
