@@ -466,8 +466,7 @@ impl Stream {
             let _ = self.chunks_in.send(full);
         }
         // Small at first (a quiet socket's chunk goes out with one record),
-        // then at once a whole chunk, reused where a reader gave one back:
-        // not a doubling series that copies the chunk again and again.
+        // growing fast to a whole chunk, reused where a reader gave one back.
         let filled = building.bytes.len();
         let needed = filled + record_len;
         if building.bytes.capacity() < needed {
@@ -482,11 +481,13 @@ impl Stream {
                     building.bytes = spare;
                 }
                 None => {
-                    let target = if filled == 0 {
-                        needed.max(64 * 1024)
-                    } else {
-                        needed.max(CHUNK_BYTES)
-                    };
+                    // Four times larger each time: a stream that keeps up
+                    // stays in small chunks, a busy one reaches a whole
+                    // chunk in two steps.
+                    let target = needed
+                        .max(64 * 1024)
+                        .max(4 * filled)
+                        .min(CHUNK_BYTES.max(needed));
                     building.bytes.reserve_exact(target - filled);
                 }
             }
