@@ -423,7 +423,8 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// Counts the workload's sockets in a tool's output: lines (or file names)
-/// naming one of its ports, as local or remote end.
+/// naming one of its ports, as local or remote end, held by a process
+/// (ss and netstat also list TIME_WAIT leftovers that no process holds).
 fn count_workload_sockets(output: &str, ports: &HashSet<u16>, tool: &str) -> usize {
     let port_of = |end: &str| {
         end.rsplit(':')
@@ -432,6 +433,11 @@ fn count_workload_sockets(output: &str, ports: &HashSet<u16>, tool: &str) -> usi
     };
     output
         .lines()
+        .filter(|line| match tool {
+            "ss" => line.contains("users:"),
+            "netstat" => !line.trim_end().ends_with('-'),
+            _ => true,
+        })
         .filter(|line| {
             let ends: Vec<&str> = match tool {
                 "netstatfs" => line
