@@ -59,6 +59,22 @@ fn worker(connections: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Reads `bytes` from `drain` on a thread of its own (or until the peer
+/// closes); the thread's result is how many bytes arrived.
+fn spawn_drain(mut drain: TcpStream, bytes: usize) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0;
+        while total < bytes {
+            match drain.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    })
+}
+
 /// `bench --flow`: a connected pair; "ready <sender local port> <receiver
 /// port>"; on "send <bytes>" the sender writes that many bytes and closes,
 /// the receiver drains; "done <seconds>" when the receiver has it all.
@@ -81,18 +97,7 @@ fn flow() -> Result<(), Error> {
         match words.as_slice() {
             ["send", bytes] => {
                 let bytes: usize = bytes.parse()?;
-                let mut drain = receiver.try_clone()?;
-                let reader = std::thread::spawn(move || {
-                    let mut buffer = vec![0u8; 1 << 20];
-                    let mut total = 0;
-                    while total < bytes {
-                        match drain.read(&mut buffer) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => total += n,
-                        }
-                    }
-                    total
-                });
+                let reader = spawn_drain(receiver.try_clone()?, bytes);
                 let started = Instant::now();
                 let chunk = vec![b'x'; 256 * 1024];
                 let mut left = bytes;
@@ -107,17 +112,7 @@ fn flow() -> Result<(), Error> {
             ["pace", bytes, mib_per_second] => {
                 // Sends `bytes` in 64 KiB writes at a steady rate.
                 let (bytes, rate): (usize, f64) = (bytes.parse()?, mib_per_second.parse()?);
-                let mut drain = receiver.try_clone()?;
-                let reader = std::thread::spawn(move || {
-                    let mut buffer = vec![0u8; 1 << 20];
-                    let mut total = 0;
-                    while total < bytes {
-                        match drain.read(&mut buffer) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => total += n,
-                        }
-                    }
-                });
+                let reader = spawn_drain(receiver.try_clone()?, bytes);
                 let started = Instant::now();
                 let chunk = vec![b'y'; 64 * 1024];
                 let mut sent = 0;

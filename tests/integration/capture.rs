@@ -435,13 +435,7 @@ fn tcpdump_reads_live_and_exits_when_the_connection_closes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = BufReader::new(tcpdump.stdout.take().unwrap());
-    let (lines_tx, lines) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines = lines_of(tcpdump.stdout.take().unwrap());
     // Live: each message shows before the next is sent.
     wait_until(WAIT, "tcpdump's capture to run", || {
         mount.log().contains("capture running")
@@ -450,15 +444,9 @@ fn tcpdump_reads_live_and_exits_when_the_connection_closes() {
         let text = format!("live-message-{i}");
         peer.cmd(&format!("send {} {text}", client[0]));
         peer.cmd(&format!("recv {} {}", server[0], text.len()));
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let line = lines
-                .recv_deadline(deadline)
-                .unwrap_or_else(|_| panic!("tcpdump did not show {text}"));
-            if line.contains(&text) {
-                break;
-            }
-        }
+        await_line(&lines, &format!("tcpdump to show {text}"), |line| {
+            line.contains(&text)
+        });
     }
     peer.cmd(&format!("close {}", client[0]));
     let closed = Instant::now();
@@ -503,13 +491,7 @@ fn tshark_reads_a_saved_stream_and_a_live_pipe() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pipe_out = BufReader::new(pipe.stdout.take().unwrap());
-    let (lines_tx, lines) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in pipe_out.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines = lines_of(pipe.stdout.take().unwrap());
     wait_until(WAIT, "both readers to open the stream", || {
         mount.log().matches("capture running").count() >= 2
     });
@@ -517,15 +499,9 @@ fn tshark_reads_a_saved_stream_and_a_live_pipe() {
     peer.cmd(&format!("send {} through-tshark", client[0]));
     peer.cmd(&format!("recv {} 13", server[0]));
     // tshark shows it while the connection is still open.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let line = lines
-            .recv_deadline(deadline)
-            .expect("tshark shows the payload live");
-        if line.replace(':', "") == hex("through-tshark") {
-            break;
-        }
-    }
+    await_line(&lines, "tshark to show the payload live", |line| {
+        line.replace(':', "") == hex("through-tshark")
+    });
     peer.cmd(&format!("close {}", client[0]));
     wait_until(WAIT, "cat and the pipe to end", || {
         cat.try_wait().unwrap().is_some() && pipe.try_wait().unwrap().is_some()
@@ -951,4 +927,32 @@ fn a_wildcard_listener_leaves_out_outgoing_connections_to_its_port_elsewhere() {
         "{packets:#?}"
     );
     assert!(!payloads(&packets).contains(&"outgoing-data".to_owned()));
+}
+
+/// The lines a child prints, as they come, from a thread of their own.
+fn lines_of(output: impl std::io::Read + Send + 'static) -> crossbeam_channel::Receiver<String> {
+    let (lines_tx, lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    lines
+}
+
+/// Waits, at most `WAIT`, for a line that `wanted` accepts.
+fn await_line(
+    lines: &crossbeam_channel::Receiver<String>,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = lines
+            .recv_deadline(deadline)
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+        if wanted(&line) {
+            return;
+        }
+    }
 }
