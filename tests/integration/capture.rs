@@ -37,6 +37,33 @@ fn socket_file(mount: &Mount, peer: &Peer, comm: &str, name: &str) -> PathBuf {
     path
 }
 
+/// A loopback TCP connection `peer` (named `comm`) holds both ends of:
+/// the client's and the server's replies, and the client socket's file.
+fn tcp_connection(
+    mount: &Mount,
+    peer: &mut Peer,
+    comm: &str,
+) -> (Vec<String>, Vec<String>, PathBuf) {
+    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
+    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
+    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
+    let path = socket_file(
+        mount,
+        peer,
+        comm,
+        &format!("tcp_{}_{}", client[1], client[2]),
+    );
+    (client, server, path)
+}
+
+/// A UDP socket `peer` (named `comm`) binds on loopback: the peer's reply
+/// and the socket's file.
+fn udp_socket(mount: &Mount, peer: &mut Peer, comm: &str) -> (Vec<String>, PathBuf) {
+    let udp = peer.cmd("udp-bind 127.0.0.1:0");
+    let path = socket_file(mount, peer, comm, &format!("udp_{}_0.0.0.0:0", udp[1]));
+    (udp, path)
+}
+
 /// Reads a socket file on a thread, as a user's `cat` would, keeping what
 /// it got so far.
 struct Reader {
@@ -366,13 +393,7 @@ fn the_header_comes_at_once_and_reads_take_what_is_queued() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm header");
-    let udp = peer.cmd("udp-bind 127.0.0.1:0");
-    let path = socket_file(
-        &mount,
-        &peer,
-        "header",
-        &format!("udp_{}_0.0.0.0:0", udp[1]),
-    );
+    let (udp, path) = udp_socket(&mount, &mut peer, "header");
     let mut file = File::open(&path).unwrap();
     let mut header = [0u8; 4096];
     // Nothing has been sent: the first read still returns the 24-byte
@@ -419,15 +440,7 @@ fn tcpdump_reads_live_and_exits_when_the_connection_closes() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm tcpdump-live");
-    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
-    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
-    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
-    let path = socket_file(
-        &mount,
-        &peer,
-        "tcpdump-live",
-        &format!("tcp_{}_{}", client[1], client[2]),
-    );
+    let (client, server, path) = tcp_connection(&mount, &mut peer, "tcpdump-live");
     let mut tcpdump = Command::new("tcpdump")
         .args(["-nn", "-l", "-A", "-r"])
         .arg(&path)
@@ -462,15 +475,7 @@ fn tshark_reads_a_saved_stream_and_a_live_pipe() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm tshark-peer");
-    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
-    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
-    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
-    let path = socket_file(
-        &mount,
-        &peer,
-        "tshark-peer",
-        &format!("tcp_{}_{}", client[1], client[2]),
-    );
+    let (client, server, path) = tcp_connection(&mount, &mut peer, "tshark-peer");
     let saved = mount.scratch().join("saved.pcap");
     let mut cat = Command::new("sh")
         .arg("-c")
@@ -533,15 +538,7 @@ fn a_socket_in_another_network_namespace_is_captured_there() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn_in_netns(&netns.name);
     peer.cmd("comm ns-capture");
-    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
-    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
-    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
-    let path = socket_file(
-        &mount,
-        &peer,
-        "ns-capture",
-        &format!("tcp_{}_{}", client[1], client[2]),
-    );
+    let (client, server, path) = tcp_connection(&mount, &mut peer, "ns-capture");
     let stream = Reader::open(&path);
     peer.cmd(&format!("send {} inside-the-namespace", client[0]));
     peer.cmd(&format!("recv {} 20", server[0]));
@@ -562,14 +559,8 @@ fn two_readers_of_one_socket_each_get_the_whole_stream() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm two-readers");
-    let a = peer.cmd("udp-bind 127.0.0.1:0");
+    let (a, path) = udp_socket(&mount, &mut peer, "two-readers");
     let b = peer.cmd("udp-bind 127.0.0.1:0");
-    let path = socket_file(
-        &mount,
-        &peer,
-        "two-readers",
-        &format!("udp_{}_0.0.0.0:0", a[1]),
-    );
     let first = Reader::open(&path);
     let second = Reader::open(&path);
     for i in 0..20 {
@@ -615,8 +606,7 @@ fn ctrl_c_and_kill_free_a_reader_blocked_on_a_quiet_socket() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm quiet");
-    let udp = peer.cmd("udp-bind 127.0.0.1:0");
-    let path = socket_file(&mount, &peer, "quiet", &format!("udp_{}_0.0.0.0:0", udp[1]));
+    let (udp, path) = udp_socket(&mount, &mut peer, "quiet");
 
     // timeout -s INT 1 cat: SIGINT after a second, then out within 2 s.
     let started = Instant::now();
@@ -663,20 +653,8 @@ fn daemon_shutdown_ends_open_streams_and_unmounts() {
     let mut mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm shutdown-peer");
-    let a = peer.cmd("udp-bind 127.0.0.1:0");
-    let b = peer.cmd("udp-bind 127.0.0.1:0");
-    let path_a = socket_file(
-        &mount,
-        &peer,
-        "shutdown-peer",
-        &format!("udp_{}_0.0.0.0:0", a[1]),
-    );
-    let path_b = socket_file(
-        &mount,
-        &peer,
-        "shutdown-peer",
-        &format!("udp_{}_0.0.0.0:0", b[1]),
-    );
+    let (_a, path_a) = udp_socket(&mount, &mut peer, "shutdown-peer");
+    let (_b, path_b) = udp_socket(&mount, &mut peer, "shutdown-peer");
     let mut cat_a = blocked_reader(&mount, &["cat"], &path_a);
     let mut cat_b = blocked_reader(&mount, &["cat"], &path_b);
     mount.signal(Signal::SIGTERM);
@@ -699,13 +677,7 @@ fn closing_readers_leaves_nothing_behind() {
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn();
     peer.cmd("comm leak-check");
-    let udp = peer.cmd("udp-bind 127.0.0.1:0");
-    let path = socket_file(
-        &mount,
-        &peer,
-        "leak-check",
-        &format!("udp_{}_0.0.0.0:0", udp[1]),
-    );
+    let (_udp, path) = udp_socket(&mount, &mut peer, "leak-check");
     let before = fd_and_thread_counts(mount.pid());
     for _ in 0..201 {
         let mut file = File::open(&path).unwrap();
@@ -742,15 +714,7 @@ fn a_stalled_reader_does_not_grow_the_daemon() {
     let mount = Mount::start(&["--buffer", "4MiB"]);
     let mut peer = Peer::spawn();
     peer.cmd("comm stalled");
-    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
-    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
-    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
-    let path = socket_file(
-        &mount,
-        &peer,
-        "stalled",
-        &format!("tcp_{}_{}", client[1], client[2]),
-    );
+    let (client, server, path) = tcp_connection(&mount, &mut peer, "stalled");
     let baseline = vm_rss_kib(mount.pid());
     // Open, read the header, then read nothing while 100 MB flow.
     let mut file = File::open(&path).unwrap();
@@ -846,13 +810,7 @@ fn without_cap_net_raw_open_is_eperm_and_the_log_says_how_to_grant_it() {
     );
     let mut peer = Peer::spawn();
     peer.cmd("comm no-net-raw");
-    let udp = peer.cmd("udp-bind 127.0.0.1:0");
-    let path = socket_file(
-        &mount,
-        &peer,
-        "no-net-raw",
-        &format!("udp_{}_0.0.0.0:0", udp[1]),
-    );
+    let (_udp, path) = udp_socket(&mount, &mut peer, "no-net-raw");
     let err = File::open(&path).unwrap_err();
     assert!(
         matches!(
@@ -874,14 +832,9 @@ fn a_pinned_interface_gives_its_link_type() {
     let mount = Mount::start(&["--interface", "lo"]);
     let mut peer = Peer::spawn();
     peer.cmd("comm pinned");
-    let a = peer.cmd("udp-bind 127.0.0.1:0");
+    let (a, path) = udp_socket(&mount, &mut peer, "pinned");
     let b = peer.cmd("udp-bind 127.0.0.1:0");
-    let stream = Reader::open(&socket_file(
-        &mount,
-        &peer,
-        "pinned",
-        &format!("udp_{}_0.0.0.0:0", a[1]),
-    ));
+    let stream = Reader::open(&path);
     peer.cmd(&format!("sendto {} {} on-lo", b[0], a[1]));
     peer.cmd(&format!("close {}", a[0]));
     let (bytes, _) = stream.wait_eof(WAIT);
