@@ -36,6 +36,22 @@ fn read_to_eof(path: &std::path::Path) -> (Arc<Mutex<Vec<u8>>>, std::thread::Joi
     (bytes, thread)
 }
 
+/// Opens the `all` file of `process` (named `comm`) once it is listed and
+/// reads it to EOF on a thread, returning once its capture is running.
+fn read_all_file(
+    mount: &Mount,
+    process: &Peer,
+    comm: &str,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<Instant>) {
+    let all = mount.dir(process.pid, comm).join("all");
+    wait_until(WAIT, "the all file", || all.exists());
+    let reading = read_to_eof(&all);
+    wait_until(WAIT, "the capture", || {
+        mount.log().contains("all: capture running")
+    });
+    reading
+}
+
 #[test]
 fn all_follows_every_socket_of_the_process_new_ones_included_and_ends_with_it() {
     let mount = Mount::start(&[]);
@@ -46,12 +62,7 @@ fn all_follows_every_socket_of_the_process_new_ones_included_and_ends_with_it() 
     target.cmd("comm all-target");
     target.cmd("udp-bind 127.0.0.1:0");
     let mut other = Peer::spawn();
-    let all = mount.dir(target.pid, "all-target").join("all");
-    wait_until(WAIT, "the all file", || all.exists());
-    let (bytes, reader) = read_to_eof(&all);
-    wait_until(WAIT, "the capture", || {
-        mount.log().contains("all: capture running")
-    });
+    let (bytes, reader) = read_all_file(&mount, &target, "all-target");
 
     // New sockets, after the stream began: a TCP connection and a UDP socket.
     let client = target.cmd(&format!("tcp-connect {}", listener[1]));
@@ -132,12 +143,7 @@ fn all_follows_sockets_the_process_holds_in_another_namespace() {
     let mut target = Peer::spawn();
     target.cmd("comm two-spaces");
     let home = target.cmd("udp-bind 127.0.0.1:0");
-    let all = mount.dir(target.pid, "two-spaces").join("all");
-    wait_until(WAIT, "the all file", || all.exists());
-    let (bytes, reader) = read_to_eof(&all);
-    wait_until(WAIT, "the capture", || {
-        mount.log().contains("all: capture running")
-    });
+    let (bytes, reader) = read_all_file(&mount, &target, "two-spaces");
     target.cmd(&format!("sendto {} {} at-home", home[0], home[1]));
     // The process's command thread enters the other namespace; what it
     // opens there lives there, and is captured there.
@@ -174,12 +180,7 @@ fn a_busy_neighbour_is_left_out_in_the_kernel() {
     let mut target = Peer::spawn_in_netns(&netns.name);
     target.cmd("comm quiet-target");
     let own = target.cmd("udp-bind 127.0.0.1:0");
-    let all = mount.dir(target.pid, "quiet-target").join("all");
-    wait_until(WAIT, "the all file", || all.exists());
-    let (bytes, reader) = read_to_eof(&all);
-    wait_until(WAIT, "the capture", || {
-        mount.log().contains("all: capture running")
-    });
+    let (bytes, reader) = read_all_file(&mount, &target, "quiet-target");
     // Another process's steady flow in the same namespace: 24 MiB at
     // 8 MiB/s, about 1,500 segments and their ACKs.
     let mut neighbour = Peer::spawn_in_netns(&netns.name);
