@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use crate::common::mount::Mount;
 use crate::common::netns::Netns;
-use crate::common::packets::{Seen, read_pcap, read_pcap_file};
+use crate::common::packets::{Seen, payloads, read_pcap, read_pcap_file};
 use crate::common::peer::Peer;
 use crate::common::{wait_for, wait_until};
 
@@ -131,14 +131,6 @@ impl Reader {
         let ended = self.ended_at.lock().unwrap().expect("ended by EOF");
         (self.bytes.lock().unwrap().clone(), ended)
     }
-}
-
-fn payloads(packets: &[Seen]) -> Vec<String> {
-    packets
-        .iter()
-        .filter(|p| !p.payload.is_empty())
-        .map(Seen::payload_text)
-        .collect()
 }
 
 /// No packet appears twice (loopback traffic is seen once).

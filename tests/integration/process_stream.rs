@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::mount::{BINARY, Mount};
-use crate::common::packets::{Seen, read_pcap};
+use crate::common::packets::{payloads, read_pcap};
 use crate::common::peer::Peer;
 use crate::common::{wait_for, wait_until};
 
@@ -103,11 +103,7 @@ fn all_follows_every_socket_of_the_process_new_ones_included_and_ends_with_it() 
     );
 
     let packets = read_pcap(&bytes.lock().unwrap()).1;
-    let payloads: Vec<String> = packets
-        .iter()
-        .filter(|p| !p.payload.is_empty())
-        .map(Seen::payload_text)
-        .collect();
+    let payloads = payloads(&packets);
     for round in 0..3 {
         assert!(
             payloads.contains(&format!("target-tcp-{round}")),
@@ -163,11 +159,7 @@ fn all_follows_sockets_the_process_holds_in_another_namespace() {
     });
     reader.join().unwrap();
     let packets = read_pcap(&bytes.lock().unwrap()).1;
-    let payloads: Vec<String> = packets
-        .iter()
-        .filter(|p| !p.payload.is_empty())
-        .map(Seen::payload_text)
-        .collect();
+    let payloads = payloads(&packets);
     assert!(payloads.contains(&"at-home".to_owned()), "{payloads:?}");
     assert!(payloads.contains(&"over-there".to_owned()), "{payloads:?}");
 }

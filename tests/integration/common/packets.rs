@@ -27,6 +27,15 @@ impl Seen {
     }
 }
 
+/// The payloads of the packets that carry one, as text, in stream order.
+pub fn payloads(packets: &[Seen]) -> Vec<String> {
+    packets
+        .iter()
+        .filter(|p| !p.payload.is_empty())
+        .map(Seen::payload_text)
+        .collect()
+}
+
 /// The link type and packets of a pcap stream saved at `path`.
 pub fn read_pcap_file(path: &Path) -> (i32, Vec<Seen>) {
     let mut capture = pcap::Capture::from_file(path).expect("a valid pcap file");
