@@ -19,4 +19,5 @@ pub mod fs;
 pub mod inventory;
 pub mod names;
 pub mod privileges;
+pub mod scheduling;
 pub mod stream;

@@ -4,6 +4,7 @@
 //! ```text
 //! scripts/bench.sh            (installs what it needs, builds, runs this)
 //! cargo run --release --example bench -- --netstatfs target/release/netstatfs [--quick]
+//!     [--only SECTION,...] [--daemon-args 'NETSTATFS OPTIONS']
 //! ```
 //!
 //! Timings on shared machines are noisy, so it reports medians of runs that
@@ -296,12 +297,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(binary: &Path, scratch: &Path, cache_ttl: &str) -> Result<Daemon, Error> {
+    /// Mounts netstatfs with `options` (command-line arguments) in scratch.
+    fn start(binary: &Path, scratch: &Path, options: &[String]) -> Result<Daemon, Error> {
         let mountpoint = scratch.join("m");
         std::fs::create_dir_all(&mountpoint)?;
         let log = scratch.join("daemon.log");
         let child = Command::new(binary)
-            .args(["--cache-ttl", cache_ttl])
+            .args(options)
             .arg(&mountpoint)
             .env("RUST_LOG", "netstatfs=debug")
             .stderr(File::create(&log)?)
@@ -657,8 +659,9 @@ fn capture_run(
         .ok_or("flow failed")?
         .parse()?;
     let segments_sent = tcp_out_segments() - segments_before;
+    // The helper lives on (reaped only at the end) so that its CPU, the
+    // flow's own, stays out of the children's CPU counted below.
     flow.send("close")?;
-    drop(flow);
     let dropped = if with_tcpdump {
         std::thread::sleep(Duration::from_millis(500));
         nix::sys::signal::kill(
@@ -694,6 +697,7 @@ fn capture_run(
         } else {
             daemon.cpu_seconds() - daemon_cpu
         };
+    drop(flow);
     let packets = count_pcap_packets(&out);
     let bytes = std::fs::metadata(&out).map_or(0, |m| m.len() as usize);
     let _ = std::fs::remove_file(&out);
@@ -882,12 +886,27 @@ fn main() -> Result<(), Error> {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').map(str::to_owned).collect());
+    // --daemon-args '--kernel-buffer 8MiB ...' mounts netstatfs with those
+    // options, to compare settings.
+    let daemon_args: Vec<String> = args
+        .iter()
+        .position(|a| a == "--daemon-args")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
     raise_fd_limit();
 
     let scratch = std::env::temp_dir().join(format!("netstatfs-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let check = args.iter().any(|a| a == "--check");
-    let result = run(&binary, &scratch, quick, only.as_deref(), check);
+    let result = run(
+        &binary,
+        &daemon_args,
+        &scratch,
+        quick,
+        only.as_deref(),
+        check,
+    );
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
@@ -901,6 +920,7 @@ fn raise_fd_limit() {
 
 fn run(
     binary: &Path,
+    daemon_args: &[String],
     scratch: &Path,
     quick: bool,
     only: Option<&[String]>,
@@ -908,7 +928,9 @@ fn run(
 ) -> Result<(), Error> {
     let wanted = |section: &str| only.is_none_or(|sections| sections.iter().any(|s| s == section));
     let ttl = Duration::from_millis(500);
-    let daemon = Daemon::start(binary, scratch, "500ms")?;
+    let mut options = vec!["--cache-ttl".to_owned(), "500ms".to_owned()];
+    options.extend_from_slice(daemon_args);
+    let daemon = Daemon::start(binary, scratch, &options)?;
     let runs = if quick { 3 } else { 7 };
     let sizes: &[(usize, usize)] = if quick {
         &[(10, 5), (20, 10), (40, 10)]
@@ -923,6 +945,7 @@ fn run(
         memory(),
         kernel()
     );
+    println!("netstatfs options: {}", options.join(" "));
     println!(
         "Medians of {runs} alternating runs; ratios are to netstatfs's cold walk in the same run.\n"
     );

@@ -1,0 +1,69 @@
+//! A hint to the CPU scheduler that the daemon's work is short and due at
+//! once.
+//!
+//! The daemon's threads sleep until a piece of work arrives, do it in well
+//! under a millisecond and sleep again: a capture thread copies one kernel
+//! block of packets out of the ring, the FUSE thread answers one read. When
+//! the traffic being captured keeps every core busy (a loopback flow at full
+//! speed does), the scheduler's default slice (several milliseconds on
+//! Linux's EEVDF) lets the flow run on while a woken capture thread waits,
+//! and the 2 MiB ring overflows in well under a millisecond.
+//!
+//! Since Linux 6.12 a thread may ask for a shorter slice (the `sched_runtime`
+//! of `sched_setattr` for a normal thread). That gives it no more CPU, only
+//! earlier turns: a waking thread with a shorter slice than the running one
+//! preempts it. It needs no privilege. Measured on a 2-core machine with a
+//! 3 GB/s loopback flow (`scripts/bench.sh --only capture`): the share of
+//! packets a `cat` of the socket file keeps rose from about 0.60 to 0.69,
+//! for the same CPU. Older kernels accept the call and ignore the slice.
+
+use log::debug;
+
+/// The shortest slice Linux allows (it clamps to 0.1-100 ms).
+const SLICE_NS: u64 = 100_000;
+
+/// Asks for short slices for the calling thread and every thread it starts
+/// from now on (threads inherit it). Best effort: a kernel that refuses is
+/// only logged.
+pub fn prefer_short_slices() {
+    let attr = libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: current_nice(),
+        sched_priority: 0,
+        sched_runtime: SLICE_NS,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads a
+    // sched_attr whose `size` names its length; `attr` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0,
+            &attr as *const libc::sched_attr,
+            0,
+        )
+    };
+    if rc == 0 {
+        debug!("asked the scheduler for {} µs slices", SLICE_NS / 1000);
+    } else {
+        debug!(
+            "the scheduler kept its default slices: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The thread's nice value, kept as it is (sched_setattr sets it too).
+fn current_nice() -> i32 {
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority(2) has no memory arguments.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice == -1 && nix::errno::Errno::last_raw() != 0 {
+        0
+    } else {
+        nice
+    }
+}
