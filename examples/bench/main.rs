@@ -19,7 +19,9 @@
 //! 3. Scaling: the walk at three workload sizes.
 //! 4. Capture: one loopback TCP flow at full speed, once through
 //!    `cat <socket file> > out.pcap`, once through `tcpdump -w` with the same
-//!    filter: packets written against segments sent, drops, throughput, CPU.
+//!    filter: packets written against segments sent, drops, throughput, CPU;
+//!    then through a cat of our own that times its reads and writes, to
+//!    show where a reader's time goes.
 //! 5. Latency: send() to readable from the stream, 1,000 small messages.
 //! 6. Memory: the daemon's peak RSS after walking the big workload, and with
 //!    10 streams running.
@@ -74,6 +76,39 @@ fn spawn_drain(mut drain: TcpStream, bytes: usize) -> std::thread::JoinHandle<us
         }
         total
     })
+}
+
+/// `bench --timed-cat IN OUT`: what `cat IN > OUT` does with a socket file
+/// (1 MiB reads, its block size, each written out whole), timing every
+/// call. Prints "reads <ms> writes <ms> full <count>": the median time of
+/// a read that returned a whole MiB (the stream had it queued) and of the
+/// write of that MiB.
+fn timed_cat(input: &Path, output: &Path) -> Result<(), Error> {
+    let mut input = File::open(input)?;
+    let mut output = File::create(output)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut reads, mut writes) = (Vec::new(), Vec::new());
+    loop {
+        let started = Instant::now();
+        let n = input.read(&mut buffer)?;
+        let read = started.elapsed().as_secs_f64() * 1e3;
+        if n == 0 {
+            break;
+        }
+        let started = Instant::now();
+        output.write_all(&buffer[..n])?;
+        if n == buffer.len() {
+            reads.push(read);
+            writes.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "reads {} writes {} full {}",
+        median(&mut reads),
+        median(&mut writes),
+        reads.len()
+    );
+    Ok(())
 }
 
 /// `bench --flow`: a connected pair; "ready <sender local port> <receiver
@@ -551,14 +586,39 @@ fn listing(
 
 // ---------------------------------------------------------------- capture
 
+/// What writes the capture to out.pcap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capturer {
+    /// `cat <socket file> > out.pcap`
+    Cat,
+    /// The same through `bench --timed-cat`, which times its reads and
+    /// writes.
+    TimedCat,
+    /// `tcpdump -i any -w out.pcap <the socket's filter>`
+    Tcpdump,
+}
+
 struct CaptureResult {
     name: &'static str,
+    /// From `Capturer::TimedCat`: (read ms, write ms) per whole MiB.
+    reader_steps: Option<(f64, f64)>,
     packets: u64,
     segments_sent: u64,
     dropped: String,
     seconds: f64,
     cpu: f64,
     bytes: usize,
+}
+
+/// (read ms, write ms) from what `bench --timed-cat` printed.
+fn parse_timed_cat(said: &str) -> Option<(f64, f64)> {
+    let words: Vec<&str> = said.split_whitespace().collect();
+    match words.as_slice() {
+        ["reads", read, "writes", write, "full", full] if *full != "0" => {
+            Some((read.parse().ok()?, write.parse().ok()?))
+        }
+        _ => None,
+    }
 }
 
 fn tcp_out_segments() -> u64 {
@@ -604,8 +664,9 @@ fn capture_run(
     daemon: &Daemon,
     scratch: &Path,
     volume: usize,
-    with_tcpdump: bool,
+    capturer: Capturer,
 ) -> Result<CaptureResult, Error> {
+    let with_tcpdump = capturer == Capturer::Tcpdump;
     let Flow {
         helper: mut flow,
         sender,
@@ -633,14 +694,22 @@ fn capture_run(
         wait_for_text(&tcpdump_err, "listening on", Duration::from_secs(10))?;
         child
     } else {
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "exec cat '{}' > '{}'",
-                file.display(),
-                out.display()
-            ))
-            .spawn()?;
+        let child = if capturer == Capturer::TimedCat {
+            Command::new(std::env::current_exe()?)
+                .arg("--timed-cat")
+                .args([&file, &out])
+                .stdout(Stdio::piped())
+                .spawn()?
+        } else {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "exec cat '{}' > '{}'",
+                    file.display(),
+                    out.display()
+                ))
+                .spawn()?
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon.log()[log_before..].contains("capture running") {
             if Instant::now() > deadline {
@@ -662,6 +731,7 @@ fn capture_run(
     // The helper lives on (reaped only at the end) so that its CPU, the
     // flow's own, stays out of the children's CPU counted below.
     flow.send("close")?;
+    let mut reader_steps = None;
     let dropped = if with_tcpdump {
         std::thread::sleep(Duration::from_millis(500));
         nix::sys::signal::kill(
@@ -678,7 +748,12 @@ fn capture_run(
             + " by the kernel"
     } else {
         // The socket closed: the stream ends by itself.
+        let mut said = String::new();
+        if let Some(mut stdout) = reader.stdout.take() {
+            stdout.read_to_string(&mut said)?;
+        }
         reader.wait()?;
+        reader_steps = parse_timed_cat(&said);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon.log()[log_before..].contains("stream closed") && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -702,11 +777,12 @@ fn capture_run(
     let bytes = std::fs::metadata(&out).map_or(0, |m| m.len() as usize);
     let _ = std::fs::remove_file(&out);
     Ok(CaptureResult {
-        name: if with_tcpdump {
-            "tcpdump -i any -w"
-        } else {
-            "cat <socket file> >"
+        name: match capturer {
+            Capturer::Cat => "cat <socket file> >",
+            Capturer::TimedCat => "timed cat <socket file> >",
+            Capturer::Tcpdump => "tcpdump -i any -w",
         },
+        reader_steps,
         packets,
         segments_sent,
         dropped,
@@ -714,6 +790,45 @@ fn capture_run(
         cpu,
         bytes,
     })
+}
+
+/// Where the time of a reader like cat goes: it reads a MiB from the socket
+/// file, then writes it out, in turn, while the flow goes on.
+fn reader_steps_table(timed: &[CaptureResult], volume: usize) {
+    let steps: Vec<(f64, f64)> = timed.iter().filter_map(|r| r.reader_steps).collect();
+    if steps.is_empty() {
+        println!("(the timed reader never read a whole MiB)\n");
+        return;
+    }
+    let read = median(&mut steps.iter().map(|s| s.0).collect::<Vec<_>>());
+    let write = median(&mut steps.iter().map(|s| s.1).collect::<Vec<_>>());
+    let flow = median(
+        &mut timed
+            .iter()
+            .map(|r| r.seconds * 1e3 / (volume >> 20) as f64)
+            .collect::<Vec<_>>(),
+    );
+    let kept = median(
+        &mut timed
+            .iter()
+            .map(|r| r.packets as f64 / r.segments_sent.max(1) as f64)
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "### Where a reader's time goes ({} timed runs)\n",
+        timed.len()
+    );
+    println!("| step | median ms per MiB |");
+    println!("|---|---:|");
+    println!("| read() from the socket file (the MiB already queued) | {read:.3} |");
+    println!("| write() of that MiB to out.pcap | {write:.3} |");
+    println!("| the flow sending a MiB | {flow:.3} |");
+    println!(
+        "\nA reader that reads and writes in turn at these speeds keeps up with about {:.2} \
+         of the flow (the kernel ring and the stream's queue absorb a little more); these \
+         runs kept {kept:.3} of the segments.\n",
+        (flow / (read + write)).min(1.0)
+    );
 }
 
 // ---------------------------------------------------------------- latency
@@ -869,6 +984,12 @@ fn main() -> Result<(), Error> {
             };
         }
     }
+    if let Some(index) = args.iter().position(|a| a == "--timed-cat") {
+        return match &args[index + 1..] {
+            [input, output, ..] => timed_cat(Path::new(input), Path::new(output)),
+            _ => Err("--timed-cat needs an input and an output file".into()),
+        };
+    }
     if args.iter().any(|a| a == "--flow") {
         std::fs::write("/proc/self/comm", "bench")?;
         return flow();
@@ -1017,8 +1138,12 @@ fn run(
         println!("|---|---:|---:|---:|---|---:|---:|");
         let mut captured = Vec::new();
         let rounds = if quick { 2 } else { 5 };
-        for with_tcpdump in [false, true].repeat(rounds) {
-            captured.push(capture_run(&daemon, scratch, volume, with_tcpdump)?);
+        for capturer in [Capturer::Cat, Capturer::Tcpdump].repeat(rounds) {
+            captured.push(capture_run(&daemon, scratch, volume, capturer)?);
+        }
+        let mut timed = Vec::new();
+        for _ in 0..rounds {
+            timed.push(capture_run(&daemon, scratch, volume, Capturer::TimedCat)?);
         }
         for result in &captured {
             println!(
@@ -1056,6 +1181,7 @@ fn run(
             share(&ours),
             share(&theirs)
         );
+        reader_steps_table(&timed, volume);
     }
 
     if wanted("latency") {
