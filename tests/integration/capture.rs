@@ -903,42 +903,65 @@ fn await_line(
 }
 
 /// The daemon's threads, capture threads included, ask for the short
-/// scheduler slice (src/scheduling.rs): the kernel reports each thread's
+/// scheduler slice (src/scheduling.rs), except an `all` stream's tracker
+/// and capture, which keep the default. The kernel reports each thread's
 /// slice in /proc/<pid>/task/<tid>/sched.
 #[test]
-fn every_daemon_thread_runs_with_short_scheduler_slices() {
+fn daemon_threads_run_with_short_scheduler_slices_but_all_streams_keep_the_default() {
     let default_slice = slice_ns(Path::new("/proc/self/sched"));
-    let mount = Mount::start(&[]);
-    let mut peer = Peer::spawn();
-    peer.cmd("comm slices");
-    let (_udp, path) = udp_socket(&mount, &mut peer, "slices");
-    let _reader = Reader::open(&path);
-    let tasks = PathBuf::from(format!("/proc/{}/task", mount.pid()));
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(&tasks).unwrap().map_while(Result::ok) {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        threads.push((comm.trim().to_owned(), slice_ns(&task.path().join("sched"))));
-    }
-    assert!(
-        threads.iter().any(|(comm, _)| comm == "capture"),
-        "a capture thread runs: {threads:?}"
-    );
     assert_ne!(
         default_slice, 100_000,
         "the test's own slice is the default"
     );
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm slices");
+    let (_udp, path) = udp_socket(&mount, &mut peer, "slices");
+    let _socket_reader = Reader::open(&path);
+    let _all_reader = Reader::open(&mount.dir(peer.pid, "slices").join("all"));
+    let tasks = PathBuf::from(format!("/proc/{}/task", mount.pid()));
+    let threads = || -> Vec<(String, u64)> {
+        std::fs::read_dir(&tasks)
+            .unwrap()
+            .map_while(Result::ok)
+            .filter_map(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                let sched = std::fs::read_to_string(task.path().join("sched")).ok()?;
+                Some((comm.trim().to_owned(), slice_in(&sched)?))
+            })
+            .collect()
+    };
+    let named =
+        |threads: &[(String, u64)], name: &str| threads.iter().any(|(comm, _)| comm == name);
+    wait_until(WAIT, "the capture and tracker threads", || {
+        let threads = threads();
+        ["capture", "capture-all", "tracker"]
+            .iter()
+            .all(|name| named(&threads, name))
+    });
+    let threads = threads();
     for (comm, slice) in &threads {
-        assert_eq!(*slice, 100_000, "thread {comm}'s slice, in ns: {threads:?}");
+        let expected = match comm.as_str() {
+            "capture-all" | "tracker" => default_slice,
+            _ => 100_000,
+        };
+        assert_eq!(
+            *slice, expected,
+            "thread {comm}'s slice, in ns: {threads:?}"
+        );
     }
 }
 
 /// A thread's scheduler slice in ns, from its `sched` file.
 fn slice_ns(sched: &Path) -> u64 {
     let text = std::fs::read_to_string(sched).unwrap();
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            (name.trim() == "se.slice").then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no se.slice in {}", sched.display()))
+    slice_in(&text).unwrap_or_else(|| panic!("no se.slice in {}", sched.display()))
+}
+
+/// The `se.slice` line of a `sched` file's text.
+fn slice_in(sched: &str) -> Option<u64> {
+    sched.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name.trim() == "se.slice").then(|| value.trim().parse().ok())?
+    })
 }
