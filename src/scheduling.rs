@@ -15,7 +15,9 @@
 //! preempts it. It needs no privilege. Measured on a 2-core machine with a
 //! 3 GB/s loopback flow (`scripts/bench.sh --only capture`): the share of
 //! packets a `cat` of the socket file keeps went from 0.58-0.63 to 0.64-0.72,
-//! for the same CPU. Older kernels accept the call and ignore the slice.
+//! for the same CPU. Older kernels accept the call and ignore the slice. A
+//! daemon started with `nice` keeps its nice value; one started under
+//! `chrt` (batch, idle or real-time) is left as the user set it.
 //!
 //! A process's `all` stream keeps the default slice for its tracker and its
 //! capture threads: its packets wait until the tracker has named their
@@ -41,21 +43,42 @@ pub fn prefer_default_slices() {
     set_slice(0);
 }
 
-/// Sets the calling thread's slice; 0 is the kernel's default.
+/// Sets the calling thread's slice; 0 is the kernel's default. A thread
+/// that is not a normal one (run under `chrt` as batch, idle or real-time)
+/// is left as it is.
 fn set_slice(runtime_ns: u64) {
-    let attr = libc::sched_attr {
-        size: std::mem::size_of::<libc::sched_attr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
+    let size = std::mem::size_of::<libc::sched_attr>() as u32;
+    let mut attr = libc::sched_attr {
+        size,
+        sched_policy: 0,
         sched_flags: 0,
-        sched_nice: current_nice(),
+        sched_nice: 0,
         sched_priority: 0,
-        sched_runtime: runtime_ns,
+        sched_runtime: 0,
         sched_deadline: 0,
         sched_period: 0,
     };
-    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads a
-    // sched_attr whose `size` names its length; `attr` outlives the call.
-    let rc = unsafe {
+    // SAFETY: sched_getattr(2) on the calling thread (pid 0) writes at most
+    // `size` bytes into `attr`, which is that large and outlives the call.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut attr as *mut libc::sched_attr,
+            size,
+            0,
+        )
+    };
+    if got != 0 || attr.sched_policy != libc::SCHED_OTHER as u32 {
+        return;
+    }
+    // Everything else as it was (the nice value in particular).
+    attr.size = size;
+    attr.sched_flags = 0;
+    attr.sched_runtime = runtime_ns;
+    // SAFETY: sched_setattr(2) on the calling thread reads a sched_attr
+    // whose `size` names its length; `attr` outlives the call.
+    let set = unsafe {
         libc::syscall(
             libc::SYS_sched_setattr,
             0,
@@ -63,22 +86,10 @@ fn set_slice(runtime_ns: u64) {
             0,
         )
     };
-    if rc != 0 {
+    if set != 0 {
         debug!(
             "the scheduler kept its slice (asked for {runtime_ns} ns): {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-/// The thread's nice value, kept as it is (sched_setattr sets it too).
-fn current_nice() -> i32 {
-    nix::errno::Errno::clear();
-    // SAFETY: getpriority(2) has no memory arguments.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if nice == -1 && nix::errno::Errno::last_raw() != 0 {
-        0
-    } else {
-        nice
     }
 }
