@@ -41,8 +41,6 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         );
     }
 
-    // First, so that every thread the daemon starts inherits it.
-    crate::scheduling::prefer_short_slices();
     let streams = StreamTable::new();
     let options = FsOptions {
         cache_ttl: cli.cache_ttl,

@@ -19,5 +19,4 @@ pub mod fs;
 pub mod inventory;
 pub mod names;
 pub mod privileges;
-pub mod scheduling;
 pub mod stream;

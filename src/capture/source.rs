@@ -145,24 +145,10 @@ pub fn start(
     on_ready: impl FnOnce(Result<Opened, CaptureError>) + Send + 'static,
 ) -> std::io::Result<()> {
     let settings = settings.clone();
-    let whole_namespace = matches!(request.filter, CaptureFilter::TcpAndUdp);
     thread::Builder::new()
-        .name(
-            if whole_namespace {
-                "capture-all"
-            } else {
-                "capture"
-            }
-            .into(),
-        )
+        .name("capture".into())
         .spawn(move || {
             let label = request.label.clone();
-            if whole_namespace {
-                // An `all` stream's packets wait for its tracker to name
-                // their socket; a capture that preempts the tracker at every
-                // block makes that later (see crate::scheduling).
-                crate::scheduling::prefer_default_slices();
-            }
             let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
             match open(request, &settings) {
                 Ok((mut capture, linktype, nanosecond_timestamps, local_networks)) => {

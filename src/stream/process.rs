@@ -166,10 +166,7 @@ impl ProcessSink {
         let sink = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("tracker".into())
-            .spawn(move || {
-                crate::scheduling::prefer_default_slices();
-                track(&sink, watch, &pokes)
-            })?;
+            .spawn(move || track(&sink, watch, &pokes))?;
         Ok(())
     }
 
