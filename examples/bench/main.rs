@@ -78,14 +78,18 @@ fn spawn_drain(mut drain: TcpStream, bytes: usize) -> std::thread::JoinHandle<us
     })
 }
 
-/// `bench --timed-cat IN OUT`: what `cat IN > OUT` does with a socket file
-/// (1 MiB reads, its block size, each written out whole), timing every
-/// call. Prints "reads <ms> writes <ms> full <count>": the median time of
-/// a read that returned a whole MiB (the stream had it queued) and of the
-/// write of that MiB.
-fn timed_cat(input: &Path, output: &Path) -> Result<(), Error> {
+/// `bench --timed-cat IN OUT [GATE]`: what `cat IN > OUT` does with a
+/// socket file (1 MiB reads, its block size, each written out whole),
+/// timing every call. Prints "reads <ms> writes <ms> full <count>": the
+/// median time of a read that returned a whole MiB (the stream had it
+/// queued) and of the write of that MiB. With GATE, it opens IN (which
+/// starts the capture) and reads only once GATE exists.
+fn timed_cat(input: &Path, output: &Path, gate: Option<&Path>) -> Result<(), Error> {
     let mut input = File::open(input)?;
     let mut output = File::create(output)?;
+    if let Some(gate) = gate {
+        wait_for_path(gate, Duration::from_secs(60))?;
+    }
     let mut buffer = vec![0u8; 1 << 20];
     let (mut reads, mut writes) = (Vec::new(), Vec::new());
     loop {
@@ -792,9 +796,64 @@ fn capture_run(
     })
 }
 
+/// The timed reader's (read ms, write ms) per MiB with no flow competing
+/// for the cores: a daemon with room for the whole flow (`volume` bytes)
+/// queues it first, and the reader starts once the flow is over.
+fn quiet_reader_steps(
+    binary: &Path,
+    scratch: &Path,
+    volume: usize,
+) -> Result<Option<(f64, f64)>, Error> {
+    let scratch = scratch.join("quiet");
+    let room = format!("{}MiB", (volume >> 20) * 2);
+    let options = [
+        "--cache-ttl",
+        "500ms",
+        "--buffer",
+        &room,
+        "--kernel-buffer",
+        "32MiB",
+    ]
+    .map(str::to_owned);
+    let daemon = Daemon::start(binary, &scratch, &options)?;
+    let Flow {
+        helper: mut flow,
+        file,
+        ..
+    } = Flow::start(&daemon)?;
+    let gate = scratch.join("go");
+    let mut reader = Command::new(std::env::current_exe()?)
+        .arg("--timed-cat")
+        .args([&file, &scratch.join("out.pcap"), &gate])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("capture running") {
+        if Instant::now() > deadline {
+            let _ = reader.kill();
+            return Err("the quiet capture did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    flow.send(&format!("send {volume}"))?;
+    flow.read_line()?;
+    // The last kernel blocks reach the queue within milliseconds.
+    std::thread::sleep(Duration::from_millis(500));
+    File::create(&gate)?;
+    flow.send("close")?;
+    let mut said = String::new();
+    if let Some(mut stdout) = reader.stdout.take() {
+        stdout.read_to_string(&mut said)?;
+    }
+    reader.wait()?;
+    let _ = std::fs::remove_file(scratch.join("out.pcap"));
+    Ok(parse_timed_cat(&said))
+}
+
 /// Where the time of a reader like cat goes: it reads a MiB from the socket
-/// file, then writes it out, in turn, while the flow goes on.
-fn reader_steps_table(timed: &[CaptureResult], volume: usize) {
+/// file, then writes it out, in turn, while the flow goes on; and the same
+/// two steps with the flow over.
+fn reader_steps_table(timed: &[CaptureResult], quiet: Option<(f64, f64)>, volume: usize) {
     let steps: Vec<(f64, f64)> = timed.iter().filter_map(|r| r.reader_steps).collect();
     if steps.is_empty() {
         println!("(the timed reader never read a whole MiB)\n");
@@ -823,12 +882,23 @@ fn reader_steps_table(timed: &[CaptureResult], volume: usize) {
     println!("| read() from the socket file (the MiB already queued) | {read:.3} |");
     println!("| write() of that MiB to out.pcap | {write:.3} |");
     println!("| the flow sending a MiB | {flow:.3} |");
+    if let Some((quiet_read, quiet_write)) = quiet {
+        println!("| read() of a queued MiB, the flow over | {quiet_read:.3} |");
+        println!("| write() of that MiB, the flow over | {quiet_write:.3} |");
+    }
     println!(
         "\nA reader that reads and writes in turn at these speeds keeps up with about {:.2} \
          of the flow (the kernel ring and the stream's queue absorb a little more); these \
-         runs kept {kept:.3} of the segments.\n",
+         runs kept {kept:.3} of the segments.",
         (flow / (read + write)).min(1.0)
     );
+    if let Some((quiet_read, quiet_write)) = quiet {
+        println!(
+            "With the cores to itself, the same reader would keep up with about {:.2} of it.",
+            (flow / (quiet_read + quiet_write)).min(1.0)
+        );
+    }
+    println!();
 }
 
 // ---------------------------------------------------------------- latency
@@ -986,7 +1056,11 @@ fn main() -> Result<(), Error> {
     }
     if let Some(index) = args.iter().position(|a| a == "--timed-cat") {
         return match &args[index + 1..] {
-            [input, output, ..] => timed_cat(Path::new(input), Path::new(output)),
+            [input, output, rest @ ..] => timed_cat(
+                Path::new(input),
+                Path::new(output),
+                rest.first().map(Path::new),
+            ),
             _ => Err("--timed-cat needs an input and an output file".into()),
         };
     }
@@ -1181,7 +1255,8 @@ fn run(
             share(&ours),
             share(&theirs)
         );
-        reader_steps_table(&timed, volume);
+        let quiet = quiet_reader_steps(binary, scratch, if quick { 64 << 20 } else { 128 << 20 })?;
+        reader_steps_table(&timed, quiet, volume);
     }
 
     if wanted("latency") {
