@@ -370,6 +370,18 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to 10 s for `text` in the log written after byte `since`.
+    fn await_log(&self, since: usize, text: &str) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().get(since..).unwrap_or_default().contains(text) {
+            if Instant::now() > deadline {
+                return Err(format!("netstatfs did not log {text:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// User plus system CPU seconds so far.
     fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(self.pid())
@@ -614,6 +626,24 @@ struct CaptureResult {
     bytes: usize,
 }
 
+impl CaptureResult {
+    /// Packets written against segments sent.
+    fn share(&self) -> f64 {
+        self.packets as f64 / self.segments_sent.max(1) as f64
+    }
+}
+
+/// Waits for a reader (a plain cat's output is empty) and returns what a
+/// `bench --timed-cat` printed, if it was one.
+fn finish_timed_cat(reader: &mut Child) -> Result<Option<(f64, f64)>, Error> {
+    let mut said = String::new();
+    if let Some(mut stdout) = reader.stdout.take() {
+        stdout.read_to_string(&mut said)?;
+    }
+    reader.wait()?;
+    Ok(parse_timed_cat(&said))
+}
+
 /// (read ms, write ms) from what `bench --timed-cat` printed.
 fn parse_timed_cat(said: &str) -> Option<(f64, f64)> {
     let words: Vec<&str> = said.split_whitespace().collect();
@@ -714,13 +744,7 @@ fn capture_run(
                 ))
                 .spawn()?
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon.log()[log_before..].contains("capture running") {
-            if Instant::now() > deadline {
-                return Err("the capture did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        daemon.await_log(log_before, "capture running")?;
         child
     };
     let segments_before = tcp_out_segments();
@@ -752,12 +776,7 @@ fn capture_run(
             + " by the kernel"
     } else {
         // The socket closed: the stream ends by itself.
-        let mut said = String::new();
-        if let Some(mut stdout) = reader.stdout.take() {
-            stdout.read_to_string(&mut said)?;
-        }
-        reader.wait()?;
-        reader_steps = parse_timed_cat(&said);
+        reader_steps = finish_timed_cat(&mut reader)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon.log()[log_before..].contains("stream closed") && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -827,13 +846,9 @@ fn quiet_reader_steps(
         .args([&file, &scratch.join("out.pcap"), &gate])
         .stdout(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon.log().contains("capture running") {
-        if Instant::now() > deadline {
-            let _ = reader.kill();
-            return Err("the quiet capture did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if let Err(err) = daemon.await_log(0, "capture running") {
+        let _ = reader.kill();
+        return Err(err);
     }
     flow.send(&format!("send {volume}"))?;
     flow.read_line()?;
@@ -841,13 +856,9 @@ fn quiet_reader_steps(
     std::thread::sleep(Duration::from_millis(500));
     File::create(&gate)?;
     flow.send("close")?;
-    let mut said = String::new();
-    if let Some(mut stdout) = reader.stdout.take() {
-        stdout.read_to_string(&mut said)?;
-    }
-    reader.wait()?;
+    let steps = finish_timed_cat(&mut reader)?;
     let _ = std::fs::remove_file(scratch.join("out.pcap"));
-    Ok(parse_timed_cat(&said))
+    Ok(steps)
 }
 
 /// Where the time of a reader like cat goes: it reads a MiB from the socket
@@ -867,12 +878,7 @@ fn reader_steps_table(timed: &[CaptureResult], quiet: Option<(f64, f64)>, volume
             .map(|r| r.seconds * 1e3 / (volume >> 20) as f64)
             .collect::<Vec<_>>(),
     );
-    let kept = median(
-        &mut timed
-            .iter()
-            .map(|r| r.packets as f64 / r.segments_sent.max(1) as f64)
-            .collect::<Vec<_>>(),
-    );
+    let kept = median(&mut timed.iter().map(CaptureResult::share).collect::<Vec<_>>());
     println!(
         "### Where a reader's time goes ({} timed runs)\n",
         timed.len()
@@ -1225,7 +1231,7 @@ fn run(
                 result.name,
                 result.packets,
                 result.segments_sent,
-                result.packets as f64 / result.segments_sent.max(1) as f64,
+                result.share(),
                 result.dropped,
                 volume as f64 / (1 << 20) as f64 / result.seconds,
                 result.cpu
@@ -1243,12 +1249,7 @@ fn run(
         let cpu_ratio = median(&mut ours.iter().map(|r| r.cpu).collect::<Vec<_>>())
             / median(&mut theirs.iter().map(|r| r.cpu).collect::<Vec<_>>());
         let share = |runs: &[&CaptureResult]| {
-            median(
-                &mut runs
-                    .iter()
-                    .map(|r| r.packets as f64 / r.segments_sent.max(1) as f64)
-                    .collect::<Vec<_>>(),
-            )
+            median(&mut runs.iter().map(|r| r.share()).collect::<Vec<_>>())
         };
         println!(
             "\nCPU of netstatfs + cat against tcpdump: {cpu_ratio:.2}x; share kept: {:.3} against {:.3}\n",
