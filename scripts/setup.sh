@@ -15,6 +15,9 @@ if [ "$profile" = test ]; then
     # man-db and systemd (systemd-analyze) check the Debian package.
     packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd
                man-db systemd init-system-helpers)
+    # Real programs the attribution tests watch: a prefork nginx under ab,
+    # a shell's curls, dig against dnsmasq.
+    packages+=(nginx-light apache2-utils curl dnsmasq-base bind9-dnsutils)
 fi
 
 if [ "$profile" = bench ]; then
@@ -31,7 +34,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     # tshark's package asks whether non-root users may capture: answer no.
     echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true
     apt-get update -qq
+    # No service may start from a package (nginx would take port 80): the
+    # tests start what they need themselves.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$made_policy" ]; then rm -f "$policy"; fi
 fi
 
 # Rust, from rustup, if the machine has none.

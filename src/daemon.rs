@@ -32,6 +32,10 @@ const UNMOUNT_WAIT: Duration = Duration::from_secs(3);
 pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let mountpoint = cli.mountpoint();
     check_mountpoint(&mountpoint)?;
+    // Held until exit; checked again once held, since a daemon that held it
+    // a moment ago may have mounted since.
+    let _claim = claim_mountpoint(&mountpoint)?;
+    check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
     if cli.allow_other && !nix::unistd::geteuid().is_root() && !user_allow_other() {
         return Err(
@@ -52,6 +56,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         },
         stream_buffer: cli.buffer,
         format: cli.format.into(),
+        allow_other: cli.allow_other,
     };
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {
@@ -64,7 +69,14 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
     let signals_handle = signals.handle();
+    // Resolved before mounting: afterwards the path leads into the mount,
+    // which answers nothing until the session runs.
+    let canonical = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.clone());
     let session = mount(fs, &mountpoint, cli.allow_other)?;
+    let (detached_tx, detached_rx) = crossbeam_channel::bounded(1);
+    let mount_watch = MountWatch::start(&canonical, detached_tx);
     crate::privileges::report_missing();
     // Before any thread starts: threads inherit their creator's capabilities.
     if let Err(err) = crate::privileges::drop_unused() {
@@ -72,6 +84,8 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     }
     let watchdog = streams
         .spawn_watchdog()
+        .map_err(|err| format!("cannot start a thread: {err}"))?;
+    let waker = crate::capture::source::Waker::start()
         .map_err(|err| format!("cannot start a thread: {err}"))?;
 
     let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
@@ -106,6 +120,16 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
             info!("{} was unmounted; exiting", mountpoint.display());
             streams.shutdown();
         }
+        recv(detached_rx) -> _ => {
+            // `umount -l`: the mount left the tree, but the kernel keeps it
+            // (and this daemon's session) until the last open file closes.
+            // Readers get EOF and close; the session then ends.
+            info!("{} was detached (umount -l); ending the streams and exiting", mountpoint.display());
+            streams.shutdown();
+            if ended_rx.recv_timeout(UNMOUNT_WAIT).is_err() {
+                debug!("a process still holds the detached mount; exiting all the same");
+            }
+        }
         recv(signal_rx) -> signal => {
             let name = signal.ok().and_then(signal_name).unwrap_or("a signal");
             info!("{name}: unmounting {}", mountpoint.display());
@@ -120,7 +144,93 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     }
     signals_handle.close();
     let _ = watchdog.join();
+    waker.stop();
+    if let Some(watch) = mount_watch {
+        watch.stop();
+    }
     Ok(())
+}
+
+/// Takes an exclusive lock on the mountpoint directory, so that of several
+/// daemons started at once on one directory exactly one mounts: the others
+/// find it taken (or, once mounted, find the mount).
+fn claim_mountpoint(mountpoint: &Path) -> Result<std::fs::File, String> {
+    let shown = mountpoint.display();
+    let dir =
+        std::fs::File::open(mountpoint).map_err(|err| format!("mountpoint {shown}: {err}"))?;
+    match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(dir),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(format!(
+            "{shown} is already a mount point (another netstatfs is mounting there)"
+        )),
+        Err(err) => Err(format!("cannot lock mountpoint {shown}: {err}")),
+    }
+}
+
+/// Watches the mount table for this daemon's mount to leave it (a lazy
+/// unmount, `umount -l`, which ends no FUSE session while files are open).
+struct MountWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl MountWatch {
+    /// None where the mount cannot be found in /proc/self/mountinfo (it is
+    /// then not watched: a plain unmount still ends the session).
+    fn start(mountpoint: &Path, detached: crossbeam_channel::Sender<()>) -> Option<MountWatch> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mount_id = own_mount_id(mountpoint)?;
+        let table = std::fs::File::open("/proc/self/mountinfo").ok()?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("mount-watch".into())
+            .spawn(move || {
+                use rustix::event::{PollFd, PollFlags, Timespec, poll};
+                let tick = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
+                };
+                while !stopped.load(Ordering::SeqCst) {
+                    // POLLPRI: the mount table changed since the last poll.
+                    let mut fds = [PollFd::new(&table, PollFlags::PRI)];
+                    if !matches!(poll(&mut fds, Some(&tick)), Ok(n) if n > 0) {
+                        continue;
+                    }
+                    if !mount_ids().contains(&mount_id) {
+                        let _ = detached.send(());
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(MountWatch { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+/// The id of the netstatfs mount at `canonical` (the topmost one).
+fn own_mount_id(canonical: &Path) -> Option<i32> {
+    procfs::process::Process::myself()
+        .ok()?
+        .mountinfo()
+        .ok()?
+        .into_iter()
+        .rfind(|mount| {
+            mount.mount_point == canonical && mount.mount_source.as_deref() == Some("netstatfs")
+        })
+        .map(|mount| mount.mnt_id)
+}
+
+fn mount_ids() -> Vec<i32> {
+    procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .map(|mounts| mounts.into_iter().map(|mount| mount.mnt_id).collect())
+        .unwrap_or_default()
 }
 
 /// Runs netstatfs in the background, as mount(8) expects of a FUSE file

@@ -7,6 +7,7 @@
 //! | CAP_NET_ADMIN         | capture setups that change socket or device settings  |
 //! | CAP_SYS_PTRACE        | reading other users' /proc/<pid>/fd and ns/net links  |
 //! | CAP_DAC_READ_SEARCH   | listing other users' /proc/<pid>/fd directories       |
+//! | CAP_PERFMON           | kernel events that tell who owns a flow (`all`, `tree`) |
 //! | CAP_SYS_ADMIN         | entering another network namespace (setns), unmount   |
 //!
 //! Capabilities belong to threads and are inherited by the threads they
@@ -16,11 +17,12 @@ use caps::{CapSet, Capability};
 use log::{debug, warn};
 
 /// What netstatfs keeps.
-pub const USED: [Capability; 5] = [
+pub const USED: [Capability; 6] = [
     Capability::CAP_NET_RAW,
     Capability::CAP_NET_ADMIN,
     Capability::CAP_SYS_PTRACE,
     Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_PERFMON,
     Capability::CAP_SYS_ADMIN,
 ];
 
@@ -30,7 +32,9 @@ pub fn setcap_command() -> String {
     let program = std::env::current_exe()
         .map(|path| path.display().to_string())
         .unwrap_or_else(|_| "netstatfs".into());
-    format!("sudo setcap cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search+ep {program}")
+    format!(
+        "sudo setcap cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search,cap_perfmon+ep {program}"
+    )
 }
 
 fn has(capability: Capability) -> bool {
@@ -49,6 +53,13 @@ pub fn report_missing() {
         warn!(
             "without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, only your own processes are listed \
              (other users' /proc/<pid>/fd cannot be read); grant them with: {}",
+            setcap_command()
+        );
+    }
+    if !has(Capability::CAP_PERFMON) && !has(Capability::CAP_SYS_ADMIN) {
+        warn!(
+            "without CAP_PERFMON, all and tree streams follow /proc instead of kernel events \
+             (flows shorter than about 10 ms are missed); grant it with: {}",
             setcap_command()
         );
     }

@@ -116,6 +116,10 @@ pub struct KnownSocket {
     pub remote: Option<SocketAddr>,
     /// Its file name, for pcapng comments.
     pub name: String,
+    /// Its owner (the socket's uid), for streams read by another user.
+    pub uid: u32,
+    /// The process holding it.
+    pub pid: u32,
     /// When it was first seen, and when it was found closed.
     pub seen: SystemTime,
     pub closed: Option<SystemTime>,
@@ -167,8 +171,19 @@ impl Lifetime {
     }
 }
 
-/// Sockets bound to one port: their address (None: a wildcard) and name.
-type BoundSockets = Vec<(Option<IpAddr>, String, Lifetime)>;
+/// Which socket of which process a packet belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The socket's file name.
+    pub name: String,
+    /// The socket's uid.
+    pub uid: u32,
+    /// The process holding it.
+    pub pid: u32,
+}
+
+/// Sockets bound to one port: their address (None: a wildcard) and owner.
+type BoundSockets = Vec<(Option<IpAddr>, Owner, Lifetime)>;
 
 /// When TCP connections were opened (their SYNs), by 4-tuple: a closed
 /// connection's 4-tuple can be opened again at once by another socket
@@ -210,7 +225,7 @@ impl Openings {
     /// Whether a packet at `at` of the connection on this 4-tuple that was
     /// open when first seen at `seen` belongs to it: not before the SYN that
     /// opened it, not after a later SYN that opened another.
-    fn within(&self, a: SocketAddr, b: SocketAddr, seen: SystemTime, at: SystemTime) -> bool {
+    pub fn within(&self, a: SocketAddr, b: SocketAddr, seen: SystemTime, at: SystemTime) -> bool {
         let Some(times) = self.by_tuple.get(&Self::key(a, b)) else {
             return true;
         };
@@ -223,7 +238,7 @@ impl Openings {
 /// A process's sockets, indexed for per-packet lookups.
 #[derive(Debug, Default)]
 pub struct ProcessSockets {
-    connected: HashMap<(Transport, SocketAddr, SocketAddr), Vec<(String, Lifetime)>>,
+    connected: HashMap<(Transport, SocketAddr, SocketAddr), Vec<(Owner, Lifetime)>>,
     bound: HashMap<(Transport, u16), BoundSockets>,
     locals: Vec<LocalNetwork>,
 }
@@ -235,6 +250,11 @@ impl ProcessSockets {
             ..ProcessSockets::default()
         };
         for socket in sockets {
+            let owner = Owner {
+                name: socket.name.clone(),
+                uid: socket.uid,
+                pid: socket.pid,
+            };
             let local = SocketAddr::new(on_the_wire(socket.local.ip()), socket.local.port());
             match socket.remote {
                 Some(remote) => {
@@ -243,7 +263,7 @@ impl ProcessSockets {
                         .connected
                         .entry((socket.transport, local, remote))
                         .or_default()
-                        .push((socket.name.clone(), Lifetime::of(socket)));
+                        .push((owner, Lifetime::of(socket)));
                 }
                 None => {
                     let ip = (!local.ip().is_unspecified()).then_some(local.ip());
@@ -251,7 +271,7 @@ impl ProcessSockets {
                         .bound
                         .entry((socket.transport, local.port()))
                         .or_default()
-                        .push((ip, socket.name.clone(), Lifetime::of(socket)));
+                        .push((ip, owner, Lifetime::of(socket)));
                 }
             }
         }
@@ -262,30 +282,47 @@ impl ProcessSockets {
         self.connected.is_empty() && self.bound.is_empty()
     }
 
-    /// The name of the process's socket this packet, captured at `at`,
-    /// belongs to.
-    pub fn owner_of(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<&str> {
+    /// The process's socket this packet, captured at `at`, belongs to: a
+    /// connected socket of its exact flow, else a bound one of its port.
+    pub fn owner_of(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<&Owner> {
+        self.connected_owner(flow, at, openings)
+            .or_else(|| self.bound_owner(flow, at))
+    }
+
+    /// The connected socket of this exact flow, while it could hold it.
+    pub fn connected_owner(
+        &self,
+        flow: &Flow,
+        at: SystemTime,
+        openings: &Openings,
+    ) -> Option<&Owner> {
         for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
             if let Some(sockets) = self.connected.get(&(flow.transport, local, remote)) {
                 let found = sockets.iter().find(|(_, lifetime)| {
                     lifetime.covers(at) && openings.within(local, remote, lifetime.seen, at)
                 });
-                if let Some((name, _)) = found {
-                    return Some(name);
+                if let Some((owner, _)) = found {
+                    return Some(owner);
                 }
             }
         }
+        None
+    }
+
+    /// A listener or unconnected socket bound to one of the flow's ports
+    /// (and address, or a wildcard of the namespace's own addresses).
+    pub fn bound_owner(&self, flow: &Flow, at: SystemTime) -> Option<&Owner> {
         for local in [flow.src, flow.dst] {
             let Some(bound) = self.bound.get(&(flow.transport, local.port())) else {
                 continue;
             };
-            for (ip, name, lifetime) in bound {
+            for (ip, owner, lifetime) in bound {
                 let matches = match ip {
                     Some(ip) => *ip == local.ip(),
                     None => self.is_local(local.ip()),
                 };
                 if matches && lifetime.covers(at) {
-                    return Some(name);
+                    return Some(owner);
                 }
             }
         }
@@ -378,6 +415,8 @@ mod tests {
             local: addr(local),
             remote: remote.map(addr),
             name: name.into(),
+            uid: 0,
+            pid: 1,
             seen: SystemTime::now() - Duration::from_secs(10),
             closed,
         }
@@ -391,7 +430,9 @@ mod tests {
 
     impl Checker {
         fn owner_of(&self, flow: &Flow) -> Option<&str> {
-            self.index.owner_of(flow, self.now, &Openings::default())
+            self.index
+                .owner_of(flow, self.now, &Openings::default())
+                .map(|owner| owner.name.as_str())
         }
         fn ports(&self, transport: Transport) -> Vec<u16> {
             self.index.ports(transport)
@@ -429,8 +470,9 @@ mod tests {
         };
         let none = Openings::default();
         // Before the close: its own. A second after: another's, maybe.
+        let name = |owner: Option<&Owner>| owner.map(|owner| owner.name.clone());
         assert_eq!(
-            index.owner_of(&udp, closed - Duration::from_millis(5), &none),
+            name(index.owner_of(&udp, closed - Duration::from_millis(5), &none)).as_deref(),
             Some("gone-udp")
         );
         assert_eq!(index.owner_of(&udp, now, &none), None);
@@ -441,7 +483,10 @@ mod tests {
             dst: addr("127.0.0.1:6000"),
             opening: false,
         };
-        assert_eq!(index.owner_of(&fin, now, &none), Some("gone-tcp"));
+        assert_eq!(
+            name(index.owner_of(&fin, now, &none)).as_deref(),
+            Some("gone-tcp")
+        );
         // Unless another connection opened the same 4-tuple since.
         let mut openings = Openings::default();
         let reopening = Flow {
@@ -452,7 +497,10 @@ mod tests {
         };
         openings.record(&reopening, closed + Duration::from_millis(10));
         assert_eq!(index.owner_of(&fin, now, &openings), None);
-        assert_eq!(index.owner_of(&fin, closed, &openings), Some("gone-tcp"));
+        assert_eq!(
+            name(index.owner_of(&fin, closed, &openings)).as_deref(),
+            Some("gone-tcp")
+        );
         // Long before it was first seen: not its own.
         assert_eq!(
             index.owner_of(&udp, now - Duration::from_secs(60), &none),

@@ -3,6 +3,7 @@
 //! ([`source`]: a libpcap handle on its own thread, in the socket's network
 //! namespace). Knows nothing of FUSE or of the stream format.
 
+pub mod attribution;
 pub mod classify;
 pub mod filter;
 pub mod source;

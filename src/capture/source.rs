@@ -9,8 +9,7 @@
 //! the caller's `on_ready` callback, so the caller never blocks on it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -18,6 +17,7 @@ use log::{debug, warn};
 use pcap::{Active, Capture, Precision};
 
 use super::filter::{FilterTarget, LocalNetwork, bpf_filter_for};
+use crate::inventory::Netns;
 
 /// How long the kernel holds a block of packets before handing it over.
 ///
@@ -28,6 +28,9 @@ use super::filter::{FilterTarget, LocalNetwork, bpf_filter_for};
 /// a block over when it is full or this old: packets still reach the reader
 /// within a few milliseconds, and an idle capture costs only a kernel timer.
 const BLOCK_TIMEOUT_MS: i32 = 2;
+
+/// The least kernel ring of an `all` or `tree` stream's captures.
+pub const PROCESS_RING: usize = 8 << 20;
 
 /// How every capture is opened (from the command line).
 #[derive(Clone, Debug)]
@@ -41,9 +44,9 @@ pub struct CaptureSettings {
 
 /// What to capture.
 pub struct CaptureRequest {
-    /// The socket's namespace (an open /proc/<pid>/ns/net), or None to stay
-    /// in the daemon's own.
-    pub netns: Option<OwnedFd>,
+    /// The namespace to capture in (the daemon's own included: the capture
+    /// thread enters it whatever its spawner was in).
+    pub netns: Netns,
     /// What to keep; the filter is made inside the namespace, where its own
     /// addresses are known.
     pub filter: CaptureFilter,
@@ -126,13 +129,68 @@ impl CaptureControl {
     /// calls [`PacketSink::ended`]. Idempotent.
     pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
-        self.wake.breakloop();
+        wake(&self.wake);
     }
 
     /// Replaces the kernel filter of the running capture.
     pub fn set_filter(&self, filter: String) {
         let _ = self.commands.send(Command::SetFilter(filter));
-        self.wake.breakloop();
+        wake(&self.wake);
+    }
+}
+
+/// Wakes a capture thread blocked in libpcap, from the one waker thread.
+///
+/// `BreakLoop::breakloop` holds the pcap handle for a moment: if the woken
+/// capture thread exits meanwhile, the last reference is the caller's, and
+/// the caller closes the packet socket, which waits for an RCU grace period
+/// (seconds on a loaded machine). Called on the FUSE session thread (a
+/// release), that stalled every request of the mount; on the waker thread
+/// it stalls nothing that matters. Before [`Waker::start`] (and in unit
+/// tests) the caller wakes the capture itself.
+fn wake(handle: &Arc<pcap::BreakLoop>) {
+    let waker = WAKER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match waker.as_ref() {
+        Some(wakes) => {
+            let _ = wakes.send(Arc::clone(handle));
+        }
+        None => handle.breakloop(),
+    }
+}
+
+static WAKER: Mutex<Option<Sender<Arc<pcap::BreakLoop>>>> = Mutex::new(None);
+
+/// The daemon's capture waker thread: started with the daemon, joined at
+/// its end.
+pub struct Waker {
+    thread: thread::JoinHandle<()>,
+}
+
+impl Waker {
+    pub fn start() -> std::io::Result<Waker> {
+        let (wakes, woken) = crossbeam_channel::unbounded::<Arc<pcap::BreakLoop>>();
+        let thread = thread::Builder::new()
+            .name("capture-waker".into())
+            .spawn(move || {
+                for handle in woken {
+                    handle.breakloop();
+                }
+            })?;
+        *WAKER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(wakes);
+        Ok(Waker { thread })
+    }
+
+    /// Wakes what is still queued, then ends the thread.
+    pub fn stop(self) {
+        WAKER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let _ = self.thread.join();
     }
 }
 
@@ -179,14 +237,19 @@ fn open(
     request: CaptureRequest,
     settings: &CaptureSettings,
 ) -> Result<(Capture<Active>, i32, bool, Vec<LocalNetwork>), CaptureError> {
-    if let Some(netns) = &request.netns {
-        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|err| {
-            CaptureError::Namespace(format!(
-                "cannot enter the socket's network namespace: {err}"
-            ))
-        })?;
-    }
+    request.netns.enter().map_err(|err| {
+        CaptureError::Namespace(format!(
+            "cannot enter network namespace {}: {err}",
+            request.netns.id()
+        ))
+    })?;
     let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
+    // A process's stream takes every TCP and UDP packet of the namespace,
+    // far more than one socket's: its ring absorbs a longer stall.
+    let ring = match request.filter {
+        CaptureFilter::Socket(_) => settings.kernel_buffer,
+        CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
+    };
     let inactive = || {
         Capture::from_device(settings.interface.as_str())
             .map(|capture| {
@@ -195,7 +258,7 @@ fn open(
                     .promisc(false)
                     .immediate_mode(false)
                     .timeout(BLOCK_TIMEOUT_MS)
-                    .buffer_size(i32::try_from(settings.kernel_buffer).unwrap_or(i32::MAX))
+                    .buffer_size(i32::try_from(ring).unwrap_or(i32::MAX))
             })
             .map_err(|err| {
                 CaptureError::Failed(format!("no capture device {:?}: {err}", settings.interface))
@@ -309,17 +372,19 @@ fn run(
         match handed {
             Ok(0) => {}
             Ok(_) => sink.batch_end(),
-            // pcap_breakloop (only a command calls it) makes dispatch fail;
-            // with no command waiting, the failure is real.
-            Err(err) => {
+            // pcap_breakloop (only a command calls it) makes dispatch fail
+            // with PCAP_ERROR_BREAK, which carries no message; a wake-up whose
+            // command an earlier wake-up already applied carries none either.
+            Err(err) if is_break(&err) => {
                 sink.batch_end();
-                if commands.is_empty() {
-                    warn!("{label}: capture failed: {err}");
-                    break;
-                }
                 if !apply_commands(capture, commands, label) {
                     break;
                 }
+            }
+            Err(err) => {
+                sink.batch_end();
+                warn!("{label}: capture failed: {err}");
+                break;
             }
         }
     }
@@ -331,6 +396,12 @@ fn run(
             dropped_by_interface: stat.if_dropped,
         })
         .unwrap_or_default()
+}
+
+/// Whether dispatch failed only because pcap_breakloop woke it: libpcap
+/// reports that as an error with an empty message.
+fn is_break(err: &pcap::Error) -> bool {
+    matches!(err, pcap::Error::PcapError(message) if message.trim().is_empty())
 }
 
 /// Applies queued commands; false when the capture must stop.

@@ -1,16 +1,26 @@
 //! The one place that builds file attributes.
 //!
-//! Root: 0555, the mounting user's, nlink 2 + directories. Process
-//! directories: 0555, owned as /proc/<pid> is, times = process start.
-//! Socket files: 0400, owned by the socket's uid (so with
-//! `default_permissions` the kernel lets only that user and root open its
-//! stream), size 0 (a stream), times = when netstatfs first saw the socket.
+//! The kernel checks every access against these (`default_permissions`),
+//! even from its own caches, so they are the mount's access control:
+//!
+//! - Root: the mounting user's, nlink 2 + directories; 0555 with
+//!   `--allow-other` (every user may see which pids hold sockets, as /proc
+//!   shows every pid), 0500 otherwise (a private mount: nobody else may
+//!   even stat a name in it).
+//! - Process directories: 0500, owned as /proc/<pid>/fd is (the effective
+//!   user, or root while the process is not dumpable), times = process
+//!   start. Like /proc/<pid>/fd, another user may see that the pid exists
+//!   but not its sockets, namespace or attributes.
+//! - Socket files: 0400, owned by the socket's uid (so only that user and
+//!   root open its stream), size 0 (a stream), times = when netstatfs first
+//!   saw the socket. The `all` and `tree` files: 0400, the process
+//!   directory's owner.
 
 use std::time::SystemTime;
 
 use fuser::{FileAttr, FileType, INodeNo};
 
-use super::tree::{Node, ROOT_INO, Tree};
+use super::tree::{Node, ROOT_INO, Tree, Whole};
 
 /// The block size socket files report: readers size their reads by it
 /// (cat, and stdio under libpcap's `tcpdump -r`), and one 1 MiB read is one
@@ -23,12 +33,15 @@ pub struct MountIdentity {
     pub uid: u32,
     pub gid: u32,
     pub mounted_at: SystemTime,
+    /// Whether other users may enter the mount (`--allow-other`).
+    pub shared: bool,
 }
 
 pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
     match node {
         Node::Root => FileAttr {
             nlink: 2 + u32::try_from(tree.dirs.len()).unwrap_or(u32::MAX - 2),
+            perm: if mount.shared { 0o555 } else { 0o500 },
             ..directory(
                 ROOT_INO,
                 mount.uid,
@@ -48,12 +61,16 @@ pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
                 process.started,
             )
         }
-        Node::All(dir_index) => {
+        Node::Whole(dir_index, which) => {
             let dir = &tree.dirs[dir_index];
             let process = tree.process_of(dir);
+            let ino = match which {
+                Whole::All => dir.all_ino,
+                Whole::Tree => dir.tree_ino,
+            };
             FileAttr {
                 uid: process.uid,
-                ..stream_file(dir.all_ino, process.started, process.gid)
+                ..stream_file(ino, process.started, process.gid)
             }
         }
         Node::File(dir_index, file_index) => {
@@ -100,7 +117,7 @@ fn directory(ino: u64, uid: u32, gid: u32, born: SystemTime, changed: SystemTime
         ctime: changed,
         crtime: born,
         kind: FileType::Directory,
-        perm: 0o555,
+        perm: 0o500,
         nlink: 2,
         uid,
         gid,
@@ -113,6 +130,6 @@ fn directory(ino: u64, uid: u32, gid: u32, born: SystemTime, changed: SystemTime
 pub fn file_type_of(node: Node) -> FileType {
     match node {
         Node::Root | Node::Dir(_) => FileType::Directory,
-        Node::File(..) | Node::All(_) => FileType::RegularFile,
+        Node::File(..) | Node::Whole(..) => FileType::RegularFile,
     }
 }

@@ -19,33 +19,33 @@ pub mod xattrs;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
 use crate::capture::source::{
     self, CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink,
 };
+use crate::events::KernelEvents;
+use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
-use crate::inventory::{Inventory, NetnsId, SocketInfo};
+use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo};
 use crate::names::Proto;
-use crate::stream::process::ProcessSink;
+use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
 use crate::stream::table::StreamTable;
 use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
-use tree::{ALL_FILE, InodeTable, Node, ROOT_INO, Tree};
+use tree::{InodeTable, Node, ROOT_INO, Tree, Whole};
 use xattrs::Subject;
 
 /// The shortest interval between snapshots that a lookup miss may force.
@@ -60,6 +60,8 @@ pub struct FsOptions {
     /// Bytes a stream may queue for a reader that is not reading.
     pub stream_buffer: usize,
     pub format: Format,
+    /// Other users may enter the mount (`--allow-other`).
+    pub allow_other: bool,
 }
 
 /// What makes snapshots and gives inode numbers; one at a time.
@@ -71,13 +73,16 @@ struct Refresher {
 pub struct NetstatFs {
     options: FsOptions,
     identity: MountIdentity,
-    own_netns: Option<NetnsId>,
+    /// The daemon's own network namespace, opened at start-up.
+    home: Option<Netns>,
     current: RwLock<Arc<Tree>>,
     refresher: Mutex<Refresher>,
     /// Open directories, each pinned to the tree it was opened on.
     dir_handles: Mutex<HashMap<u64, Arc<Tree>>>,
     next_dir_handle: AtomicU64,
     streams: Arc<StreamTable>,
+    /// Kernel events for `all` and `tree` streams, read while any is open.
+    events: KernelEvents,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +92,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl NetstatFs {
     /// Takes the first snapshot, so the first `ls` is already answered.
     pub fn new(options: FsOptions, streams: Arc<StreamTable>) -> NetstatFs {
+        let shared = options.allow_other;
         let mut refresher = Refresher {
             inventory: Inventory::new(),
             inodes: InodeTable::default(),
@@ -102,13 +108,17 @@ impl NetstatFs {
                 uid: nix::unistd::getuid().as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
                 mounted_at: SystemTime::now(),
+                shared,
             },
-            own_netns: crate::inventory::own_netns(),
+            home: Netns::of_current_thread()
+                .inspect_err(|err| warn!("cannot open the daemon's own network namespace: {err}"))
+                .ok(),
             current: RwLock::new(Arc::new(first)),
             refresher: Mutex::new(refresher),
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_handle: AtomicU64::new(1),
             streams,
+            events: KernelEvents::default(),
         }
     }
 
@@ -147,29 +157,35 @@ impl NetstatFs {
         self.options.cache_ttl.saturating_sub(tree.snapshot.age())
     }
 
-    /// Finds `name` in `parent`, refreshing once if it is not there.
-    fn lookup_node(&self, parent: u64, name: &OsStr) -> Result<(Arc<Tree>, Node), Errno> {
+    /// Finds `name` in `parent`. A name that is not in the tree but could
+    /// name something new (a live process, a socket name) triggers one
+    /// fresh snapshot; a miss is then answered as a negative entry the
+    /// kernel keeps for the snapshot's life, so asking again for a missing
+    /// name costs nothing here.
+    fn lookup_node(&self, parent: u64, name: &OsStr) -> Result<Lookup, Errno> {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
         }
         let mut tree = self.tree();
         for attempt in 0..2 {
             let parent_node = tree.node(parent).ok_or(Errno::ENOENT)?;
-            if matches!(parent_node, Node::File(..) | Node::All(_)) {
+            if matches!(parent_node, Node::File(..) | Node::Whole(..)) {
                 return Err(Errno::ENOTDIR);
             }
             if let Some(node) = tree.lookup(parent_node, name) {
-                return Ok((tree, node));
+                return Ok(Lookup::Found(tree, node));
             }
-            if attempt == 0 {
+            if attempt == 0 && could_be_new(parent_node, name) {
                 debug!(
                     "lookup of {name:?} missed a snapshot {:?} old; refreshing",
                     tree.snapshot.age()
                 );
                 tree = self.tree_younger_than(MISS_REFRESH.min(self.options.cache_ttl));
+            } else {
+                break;
             }
         }
-        Err(Errno::ENOENT)
+        Ok(Lookup::Missing(tree))
     }
 
     fn subject<'t>(tree: &'t Tree, node: Node) -> Subject<'t> {
@@ -180,7 +196,7 @@ impl NetstatFs {
                 let dir = &tree.dirs[dir];
                 Subject::Socket(tree.socket_of(dir, &dir.files[file]))
             }
-            Node::All(_) => Subject::Root,
+            Node::Whole(..) => Subject::Root,
         }
     }
 
@@ -202,7 +218,16 @@ impl NetstatFs {
                 let mut entries = vec![
                     (d.ino, ".", dir),
                     (ROOT_INO, "..", Node::Root),
-                    (d.all_ino, ALL_FILE, Node::All(dir_index)),
+                    (
+                        d.all_ino,
+                        Whole::All.file_name(),
+                        Node::Whole(dir_index, Whole::All),
+                    ),
+                    (
+                        d.tree_ino,
+                        Whole::Tree.file_name(),
+                        Node::Whole(dir_index, Whole::Tree),
+                    ),
                 ];
                 entries.extend(
                     d.files
@@ -212,7 +237,7 @@ impl NetstatFs {
                 );
                 entries
             }
-            Node::File(..) | Node::All(_) => Vec::new(),
+            Node::File(..) | Node::Whole(..) => Vec::new(),
         }
     }
 
@@ -245,32 +270,40 @@ impl NetstatFs {
             })
     }
 
-    /// A namespace the process's /proc entry leads to, opened, unless it is
-    /// the daemon's own.
-    fn netns_of(&self, pid: i32, netns: Option<NetnsId>) -> Result<Option<OwnedFd>, Errno> {
-        if netns.is_some() && netns == self.own_netns {
-            return Ok(None);
+    /// The namespace a process's socket lives in (`netns`, from the
+    /// snapshot), or where the snapshot did not say, the process's own.
+    fn netns_of(&self, pid: i32, netns: Option<NetnsId>) -> Result<Netns, Errno> {
+        if let Some(home) = &self.home
+            && netns == Some(home.id())
+        {
+            return Ok(home.clone());
         }
-        File::open(format!("/proc/{pid}/ns/net"))
-            .map(|file| Some(OwnedFd::from(file)))
-            .map_err(|err| {
-                debug!("cannot open the network namespace of process {pid}: {err}");
-                Errno::ENOENT
-            })
+        Netns::of_process(pid).map_err(|err| {
+            debug!("cannot open the network namespace of process {pid}: {err}");
+            Errno::ENOENT
+        })
     }
 
-    fn open_stream(&self, ino: u64, reply: ReplyOpen) {
+    /// `reader`: the opening user, unless root.
+    fn open_stream(&self, ino: u64, reader: Option<u32>, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino) {
-            Some(Node::File(dir, file)) => self.open_socket(&tree, dir, file, reply),
-            Some(Node::All(dir)) => self.open_process(&tree, dir, reply),
+            Some(Node::File(dir, file)) => self.open_socket(&tree, dir, file, reader, reply),
+            Some(Node::Whole(dir, which)) => self.open_process(&tree, dir, which, reader, reply),
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     /// A socket file: a capture of that socket's traffic.
-    fn open_socket(&self, tree: &Tree, dir_index: usize, file_index: usize, reply: ReplyOpen) {
+    fn open_socket(
+        &self,
+        tree: &Tree,
+        dir_index: usize,
+        file_index: usize,
+        reader: Option<u32>,
+        reply: ReplyOpen,
+    ) {
         let dir = &tree.dirs[dir_index];
         let file = &dir.files[file_index];
         let process = tree.process_of(dir);
@@ -298,6 +331,7 @@ impl NetstatFs {
             start_ticks: process.start_ticks,
             inode: Some(socket.row.inode),
             fds: socket.fds.clone(),
+            reader,
         };
         let comment = (self.options.format == Format::PcapNg).then(|| {
             format!(
@@ -337,12 +371,31 @@ impl NetstatFs {
         );
     }
 
-    /// A directory's `all` file: every TCP and UDP packet of the process.
-    fn open_process(&self, tree: &Tree, dir_index: usize, reply: ReplyOpen) {
+    /// A directory's `all` file (every TCP and UDP packet of the process)
+    /// or `tree` file (of the process and its descendants).
+    fn open_process(
+        &self,
+        tree: &Tree,
+        dir_index: usize,
+        which: Whole,
+        reader: Option<u32>,
+        reply: ReplyOpen,
+    ) {
         let dir = &tree.dirs[dir_index];
         let process = tree.process_of(dir);
-        let label = format!("{}/{ALL_FILE}", dir.name);
-        let netns = match self.netns_of(process.pid, process.netns) {
+        let label = format!("{}/{}", dir.name, which.file_name());
+        // Followed from now on; a process that is gone is ENOENT, as its
+        // directory would be on the next snapshot.
+        let watch = match ProcessWatch::open(process.pid, process.start_ticks) {
+            Ok(watch) => watch,
+            Err(err) => {
+                debug!("{label}: the process is gone ({err})");
+                return reply.error(Errno::ENOENT);
+            }
+        };
+        // The namespace the process is in now (the snapshot's may be older,
+        // or unknown for a process that held no socket then).
+        let netns = match self.netns_of(process.pid, None) {
             Ok(netns) => netns,
             Err(errno) => return reply.error(errno),
         };
@@ -351,6 +404,7 @@ impl NetstatFs {
             start_ticks: process.start_ticks,
             inode: None,
             fds: Vec::new(),
+            reader,
         };
         let stream = match Stream::start(
             label.clone(),
@@ -365,14 +419,31 @@ impl NetstatFs {
                 return reply.error(Errno::EAGAIN);
             }
         };
+        // Who owns which flow, from kernel events where they can be had;
+        // said once per stream, with why not where they cannot.
+        let events = match self.events.subscribe() {
+            Ok(events) => {
+                info!("{label}: flows attributed from kernel events");
+                Some(events)
+            }
+            Err(why) => {
+                info!("{label}: flows attributed by following /proc ({why})");
+                None
+            }
+        };
         let sorter = ProcessSink::new(
             Arc::clone(&stream),
-            process.pid,
-            process.start_ticks,
-            process.comm.clone(),
-            self.options.capture.clone(),
-            process.netns,
-            self.own_netns,
+            watch,
+            ProcessStreamSpec {
+                scope: match which {
+                    Whole::All => Scope::Process,
+                    Whole::Tree => Scope::Tree,
+                },
+                reader,
+                events,
+                settings: self.options.capture.clone(),
+                first: netns.id(),
+            },
         );
         let sink: Arc<dyn PacketSink> = sorter.clone();
         let request = CaptureRequest {
@@ -432,6 +503,34 @@ impl NetstatFs {
     }
 }
 
+/// What a lookup found.
+enum Lookup {
+    Found(Arc<Tree>, Node),
+    /// Not there, as of this tree.
+    Missing(Arc<Tree>),
+}
+
+/// Whether a name missing from `tree` may name something that appeared
+/// since: a process directory of a live pid under its current comm (not in
+/// the tree, or under another name), or a well-formed socket file name.
+/// Other names (typos, guesses of dead pids) cost no snapshot.
+fn could_be_new(parent: Node, name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    match parent {
+        Node::Root => {
+            let Some((pid, comm)) = crate::names::parse_process_dir_name(name) else {
+                return false;
+            };
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|live| crate::names::safe_comm(live.trim_end_matches('\n')) == comm)
+        }
+        Node::Dir(_) => name.parse::<crate::names::SocketFileName>().is_ok(),
+        Node::File(..) | Node::Whole(..) => false,
+    }
+}
+
 /// Logs why a capture did not open, in words a user can act on, and picks
 /// the errno.
 fn capture_errno(label: &str, err: &CaptureError) -> Errno {
@@ -469,9 +568,19 @@ impl Filesystem for NetstatFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.lookup_node(parent.0, name) {
-            Ok((tree, node)) => reply.entry(
+            Ok(Lookup::Found(tree, node)) => reply.entry(
                 &self.ttl(&tree),
                 &attr_of(&tree, node, &self.identity),
+                Generation(0),
+            ),
+            // Inode number 0: a negative entry, cached for the snapshot's
+            // remaining life (FUSE's way of saying ENOENT cacheably).
+            Ok(Lookup::Missing(tree)) => reply.entry(
+                &self.ttl(&tree),
+                &FileAttr {
+                    ino: INodeNo(0),
+                    ..attr_of(&tree, Node::Root, &self.identity)
+                },
                 Generation(0),
             ),
             Err(errno) => reply.error(errno),
@@ -489,7 +598,7 @@ impl Filesystem for NetstatFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino.0) {
-            Some(Node::File(..) | Node::All(_)) => reply.error(Errno::ENOTDIR),
+            Some(Node::File(..) | Node::Whole(..)) => reply.error(Errno::ENOTDIR),
             Some(_) => {
                 let handle = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dir_handles).insert(handle, tree);
@@ -575,12 +684,13 @@ impl Filesystem for NetstatFs {
         reply.ok();
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             reply.error(Errno::EROFS);
             return;
         }
-        self.open_stream(ino.0, reply);
+        let reader = (req.uid() != 0).then_some(req.uid());
+        self.open_stream(ino.0, reader, reply);
     }
 
     fn read(
@@ -621,6 +731,30 @@ impl Filesystem for NetstatFs {
         if let Some(stream) = self.streams.remove(fh.0) {
             stream.release();
         }
+        reply.ok();
+    }
+
+    // A stream has nothing to write back: flush (every close) and fsync
+    // succeed quietly.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 

@@ -28,10 +28,11 @@ pub enum NodeKey {
         start_ticks: u64,
         inode: u64,
     },
-    /// A process's `all` file.
-    AllOf {
+    /// A process's `all` or `tree` file.
+    Whole {
         pid: i32,
         start_ticks: u64,
+        which: Whole,
     },
 }
 
@@ -114,19 +115,43 @@ pub enum Node {
     Dir(usize),
     /// Directory index, file index within it.
     File(usize, usize),
-    /// A directory's `all` file.
-    All(usize),
+    /// A directory's `all` or `tree` file.
+    Whole(usize, Whole),
 }
 
-/// The name of the file that streams a whole process.
-pub const ALL_FILE: &str = "all";
+/// The files of a process directory that stream more than one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Whole {
+    /// `all`: every flow of the process.
+    All,
+    /// `tree`: every flow of the process and of its descendants.
+    Tree,
+}
+
+impl Whole {
+    pub const BOTH: [Whole; 2] = [Whole::All, Whole::Tree];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Whole::All => "all",
+            Whole::Tree => "tree",
+        }
+    }
+
+    fn of_name(name: &str) -> Option<Whole> {
+        Whole::BOTH
+            .into_iter()
+            .find(|which| which.file_name() == name)
+    }
+}
 
 /// One process directory.
 #[derive(Debug)]
 pub struct ProcessDir {
     pub ino: u64,
-    /// The inode number of its `all` file.
+    /// The inode numbers of its `all` and `tree` files.
     pub all_ino: u64,
+    pub tree_ino: u64,
     pub name: String,
     /// Index into the snapshot's processes.
     pub process: usize,
@@ -165,27 +190,25 @@ impl Tree {
                 pid: process.pid,
                 start_ticks: process.start_ticks,
             };
+            let whole = |which| NodeKey::Whole {
+                pid: process.pid,
+                start_ticks: process.start_ticks,
+                which,
+            };
             if process.sockets.is_empty() && !all_processes {
                 inodes.touch(&key);
-                inodes.touch(&NodeKey::AllOf {
-                    pid: process.pid,
-                    start_ticks: process.start_ticks,
-                });
+                for which in Whole::BOTH {
+                    inodes.touch(&whole(which));
+                }
                 continue;
             }
             let ino = inodes.assign(key, now).ino;
-            let all_ino = inodes
-                .assign(
-                    NodeKey::AllOf {
-                        pid: process.pid,
-                        start_ticks: process.start_ticks,
-                    },
-                    now,
-                )
-                .ino;
+            let all_ino = inodes.assign(whole(Whole::All), now).ino;
+            let tree_ino = inodes.assign(whole(Whole::Tree), now).ino;
             dirs.push(ProcessDir {
                 ino,
                 all_ino,
+                tree_ino,
                 name: names::process_dir_name(process.pid, &process.comm),
                 process: process_index,
                 files: socket_files(process, inodes, now),
@@ -196,7 +219,8 @@ impl Tree {
         let mut by_ino = HashMap::with_capacity(dirs.len() + snapshot.socket_count());
         for (dir_index, dir) in dirs.iter().enumerate() {
             by_ino.insert(dir.ino, Node::Dir(dir_index));
-            by_ino.insert(dir.all_ino, Node::All(dir_index));
+            by_ino.insert(dir.all_ino, Node::Whole(dir_index, Whole::All));
+            by_ino.insert(dir.tree_ino, Node::Whole(dir_index, Whole::Tree));
             for (file_index, file) in dir.files.iter().enumerate() {
                 by_ino.insert(file.ino, Node::File(dir_index, file_index));
             }
@@ -225,7 +249,9 @@ impl Tree {
                     .ok()?;
                 (self.dirs[index].name == name).then_some(Node::Dir(index))
             }
-            Node::Dir(dir_index) if name == ALL_FILE => Some(Node::All(dir_index)),
+            Node::Dir(dir_index) if Whole::of_name(name).is_some() => {
+                Whole::of_name(name).map(|which| Node::Whole(dir_index, which))
+            }
             Node::Dir(dir_index) => {
                 let files = &self.dirs[dir_index].files;
                 let index = files
@@ -233,7 +259,7 @@ impl Tree {
                     .ok()?;
                 Some(Node::File(dir_index, index))
             }
-            Node::File(..) | Node::All(_) => None,
+            Node::File(..) | Node::Whole(..) => None,
         }
     }
 
@@ -303,7 +329,7 @@ mod tests {
             comm: comm.into(),
             uid: 0,
             gid: 0,
-            netns: Some(1),
+            netns: Some(crate::inventory::NetnsId::from_inode(1)),
             sockets: sockets
                 .iter()
                 .map(|&(inode, local)| SocketInfo {
@@ -318,7 +344,7 @@ mod tests {
                         inode,
                     },
                     fds: vec![3],
-                    netns: Some(1),
+                    netns: Some(crate::inventory::NetnsId::from_inode(1)),
                 })
                 .collect(),
         }
@@ -395,7 +421,11 @@ mod tests {
         );
         assert!(third.dirs[0].ino > file_ino);
         assert!(third.node(dir_ino).is_none());
-        assert_eq!(inodes.len(), 3, "the directory, its all file, the socket");
+        assert_eq!(
+            inodes.len(),
+            4,
+            "the directory, its all and tree files, the socket"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ fn join(fds: &[i32]) -> String {
     fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn optional(value: Option<u64>) -> String {
+fn optional(value: Option<crate::inventory::NetnsId>) -> String {
     value.map(|v| v.to_string()).unwrap_or_default()
 }
 
@@ -98,7 +98,7 @@ mod tests {
                 inode: 4242,
             },
             fds: vec![3, 7],
-            netns: Some(4026531840),
+            netns: Some(crate::inventory::NetnsId::from_inode(4026531840)),
         };
         let subject = Subject::Socket(&socket);
         let value =

@@ -15,6 +15,7 @@ use rustix::event::{PollFd, PollFlags, poll};
 use rustix::net::{AddressFamily, SocketType};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
 
+use super::{Netns, NetnsId};
 use crate::names::Proto;
 
 /// A TCP or UDP socket of the followed process.
@@ -28,8 +29,10 @@ pub struct LiveSocket {
     /// When it was first seen, and when it was first seen gone.
     pub seen: SystemTime,
     pub closed: Option<SystemTime>,
-    /// The network namespace it lives in (its inode number), where known.
-    pub netns: Option<u64>,
+    /// The network namespace it lives in, where known.
+    pub netns: Option<NetnsId>,
+    /// Its owner (the socket inode's uid, as `ss -e` and /proc/net show it).
+    pub uid: u32,
 }
 
 /// Follows one process.
@@ -45,7 +48,7 @@ pub struct ProcessWatch {
     closed: Vec<LiveSocket>,
     /// The network namespaces its sockets live in, each with an open handle
     /// (to capture there).
-    namespaces: HashMap<u64, OwnedFd>,
+    namespaces: HashMap<NetnsId, Netns>,
 }
 
 /// How long a closed socket is remembered (what it may still claim is
@@ -86,6 +89,14 @@ impl ProcessWatch {
         matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
     }
 
+    /// Who owns the process now, as /proc/<pid>/fd shows it: the effective
+    /// user, or root while it is not dumpable. None once it is gone.
+    pub fn owner(&self) -> Option<u32> {
+        rustix::fs::stat(self.proc_pid.join("fd"))
+            .ok()
+            .map(|stat| stat.st_uid)
+    }
+
     /// Looks again; true if the set of TCP and UDP sockets changed. A socket
     /// is looked into once, when its inode first shows up.
     pub fn rescan(&mut self) -> bool {
@@ -98,8 +109,8 @@ impl ProcessWatch {
             present.push(inode);
             if !self.sockets.contains_key(&inode) {
                 let socket = self.look_into(inode, fd).map(|(socket, namespace)| {
-                    if let (Some(id), Some(handle)) = (socket.netns, namespace) {
-                        self.namespaces.entry(id).or_insert(handle);
+                    if let Some(namespace) = namespace {
+                        self.namespaces.entry(namespace.id()).or_insert(namespace);
                     }
                     socket
                 });
@@ -128,9 +139,21 @@ impl ProcessWatch {
         changed || self.closed.len() != lingering
     }
 
+    /// The process exited: every socket it held is closed as of now (they
+    /// linger, as closed sockets do, for their last packets).
+    pub fn all_closed(&mut self) {
+        let now = SystemTime::now();
+        for (_, socket) in self.sockets.drain() {
+            if let Some(mut socket) = socket {
+                socket.closed = Some(now);
+                self.closed.push(socket);
+            }
+        }
+    }
+
     /// A copy of the process's fd, asked what socket it is and in which
     /// namespace.
-    fn look_into(&self, inode: u64, fd: i32) -> Option<(LiveSocket, Option<OwnedFd>)> {
+    fn look_into(&self, inode: u64, fd: i32) -> Option<(LiveSocket, Option<Netns>)> {
         let copy = pidfd_getfd(&self.pidfd, fd, PidfdGetfdFlags::empty()).ok()?;
         // The fd may have been closed and reused since it was listed.
         let stat = rustix::fs::fstat(&copy).ok()?;
@@ -158,7 +181,7 @@ impl ProcessWatch {
             }
         }
         let namespace = namespace_of(&copy);
-        let netns = namespace.as_ref().map(|(id, _)| *id);
+        let netns = namespace.as_ref().map(Netns::id);
         let local = SocketAddr::try_from(rustix::net::getsockname(&copy).ok()?).ok()?;
         let remote = rustix::net::getpeername(&copy)
             .ok()
@@ -172,16 +195,14 @@ impl ProcessWatch {
             seen: SystemTime::now(),
             closed: None,
             netns,
+            uid: stat.st_uid,
         };
-        Some((socket, namespace.map(|(_, handle)| handle)))
+        Some((socket, namespace))
     }
 
     /// The namespaces the process's sockets live in, with handles.
-    pub fn namespaces(&self) -> Vec<(u64, std::os::fd::BorrowedFd<'_>)> {
-        self.namespaces
-            .iter()
-            .map(|(id, fd)| (*id, fd.as_fd()))
-            .collect()
+    pub fn namespaces(&self) -> impl Iterator<Item = &Netns> {
+        self.namespaces.values()
     }
 
     /// The process's TCP and UDP sockets, as last seen, and those closed
@@ -193,11 +214,38 @@ impl ProcessWatch {
     pub fn pid(&self) -> i32 {
         self.pid
     }
+
+    /// The process's name now (its comm).
+    pub fn comm(&self) -> String {
+        std::fs::read_to_string(self.proc_pid.join("comm"))
+            .map(|comm| comm.trim_end_matches('\n').to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// The processes `pid` forked that still run, from each of its threads'
+/// `children` file (a thread's children are listed by the thread that
+/// forked them).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.filter_map(Result::ok) {
+        let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|child| child.parse::<i32>().ok()),
+        );
+    }
+    children
 }
 
 /// The namespace a socket lives in: SIOCGSKNS hands over a handle to it,
 /// whose inode number names it.
-fn namespace_of(socket: &OwnedFd) -> Option<(u64, OwnedFd)> {
+fn namespace_of(socket: &OwnedFd) -> Option<Netns> {
     use std::os::fd::{AsRawFd, FromRawFd};
     const SIOCGSKNS: nix::libc::c_ulong = 0x894C;
     // SAFETY: SIOCGSKNS takes no argument and returns a new fd or -1.
@@ -207,8 +255,7 @@ fn namespace_of(socket: &OwnedFd) -> Option<(u64, OwnedFd)> {
     }
     // SAFETY: `raw` is a new fd that nothing else owns.
     let handle = unsafe { OwnedFd::from_raw_fd(raw) };
-    let id = rustix::fs::fstat(&handle).ok()?.st_ino;
-    Some((id, handle))
+    Netns::from_handle(handle).ok()
 }
 
 #[cfg(test)]
@@ -243,7 +290,12 @@ mod tests {
             watch.sockets().all(|s| s.netns == own),
             "the test's own namespace"
         );
-        assert_eq!(watch.namespaces().len(), 1);
+        assert_eq!(watch.namespaces().count(), 1);
+        assert!(
+            watch
+                .sockets()
+                .all(|s| s.uid == nix::unistd::geteuid().as_raw())
+        );
         drop(udp);
         watch.rescan();
         assert!(
@@ -254,5 +306,12 @@ mod tests {
             ProcessWatch::open(me.pid, 0).is_err(),
             "another start time is another process"
         );
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(children_of(me.pid).contains(&(child.id() as i32)));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

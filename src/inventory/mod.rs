@@ -10,6 +10,7 @@
 //! lookup.
 
 pub mod live;
+pub mod netns;
 pub mod probe;
 pub mod tables;
 
@@ -27,8 +28,7 @@ use procfs::process::{FDTarget, Process as ProcfsProcess};
 use crate::names::Proto;
 pub use tables::{SocketRow, state_name};
 
-/// A network namespace, by the inode number /proc/<pid>/ns/net links to.
-pub type NetnsId = u64;
+pub use netns::{Netns, NetnsId};
 
 /// What /proc said at one moment.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub struct ProcessInfo {
     pub start_ticks: u64,
     pub started: SystemTime,
     pub comm: String,
+    /// The owner of /proc/<pid>/fd: the effective user, or root while the
+    /// process is not dumpable.
     pub uid: u32,
     pub gid: u32,
     pub netns: Option<NetnsId>,
@@ -348,7 +350,11 @@ fn scan_process(
     let Ok(stat) = process.stat() else {
         return Scanned::Gone;
     };
-    let Ok(metadata) = std::fs::metadata(&proc_pid) else {
+    // Owned as /proc/<pid>/fd is: by the effective user, or by root while
+    // the process is not dumpable (it changed credentials, or runs a
+    // setuid, setgid or file-capability program). /proc/<pid> itself shows
+    // the effective user even then.
+    let Ok(metadata) = std::fs::metadata(proc_pid.join("fd")) else {
         return Scanned::Gone;
     };
     let socket_fds = match socket_fds(&proc_pid) {
@@ -415,8 +421,7 @@ pub fn own_netns() -> Option<NetnsId> {
 /// The namespace id from /proc/<pid>/ns/net ("net:[4026531840]").
 fn read_netns(proc_pid: &Path) -> Option<NetnsId> {
     let link = std::fs::read_link(proc_pid.join("ns/net")).ok()?;
-    let text = link.to_str()?;
-    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    NetnsId::from_link_text(link.to_str()?)
 }
 
 fn join_sockets(

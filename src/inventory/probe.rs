@@ -18,9 +18,24 @@ pub struct SocketOwner {
     /// The fds that pointed at the socket when the snapshot was taken: tried
     /// first, before a scan of every fd.
     pub fds: Vec<i32>,
+    /// The reader's uid, unless root: the stream is theirs only while the
+    /// process is (see [`SocketOwner::revoked`]).
+    pub reader: Option<u32>,
 }
 
 impl SocketOwner {
+    /// Whether a reader who is not root has lost the right to the stream:
+    /// the process is no longer theirs as /proc/<pid>/fd shows it (it
+    /// changed credentials, or execs a setuid, setgid or file-capability
+    /// program, which /proc gives to root), or it is gone.
+    pub fn revoked(&self) -> bool {
+        let Some(reader) = self.reader else {
+            return false;
+        };
+        rustix::fs::stat(format!("/proc/{}/fd", self.pid))
+            .map_or(true, |stat| stat.st_uid != reader)
+    }
+
     /// Whether the process (the same one: same start time) still runs and
     /// holds the socket through some fd.
     pub fn still_there(&self) -> bool {
@@ -111,6 +126,7 @@ mod tests {
             start_ticks: me.stat().unwrap().starttime,
             inode: Some(inode),
             fds: vec![],
+            reader: None,
         };
         assert!(owner.still_there());
         let gone = SocketOwner {
@@ -125,9 +141,21 @@ mod tests {
         assert!(whole_process.still_there());
         let reused = SocketOwner {
             start_ticks: owner.start_ticks + 1,
-            ..owner
+            ..owner.clone()
         };
         assert!(!reused.still_there());
+        assert!(!owner.revoked(), "root reads anything");
+        let me = nix::unistd::geteuid().as_raw();
+        let mine = SocketOwner {
+            reader: Some(me),
+            ..owner.clone()
+        };
+        assert!(!mine.revoked());
+        let someone_else = SocketOwner {
+            reader: Some(me + 4242),
+            ..owner
+        };
+        assert!(someone_else.revoked());
         drop(socket);
     }
 }

@@ -57,7 +57,7 @@ pub type Responder = Box<dyn for<'a> FnOnce(Answer<'a>) + Send>;
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(400);
 /// How long a closed socket's capture keeps running, for the last packets
 /// (FIN, RST, final ACK) still on their way through the kernel.
-const CLOSE_GRACE: Duration = Duration::from_millis(300);
+pub const CLOSE_GRACE: Duration = Duration::from_millis(300);
 
 struct PendingRead {
     id: u64,
@@ -345,6 +345,13 @@ impl Stream {
         self.has_pending.load(Ordering::SeqCst)
     }
 
+    /// Whether the watchdog must look at this stream now: it has waiting
+    /// reads, or its reader is not root (whose right to it is checked on
+    /// every round, busy or not).
+    pub fn needs_watch(&self) -> bool {
+        self.has_pending() || self.owner.reader.is_some()
+    }
+
     /// The watchdog's periodic look at a stream with waiting reads:
     /// answers readers that have a signal to act on, and ends the stream
     /// once its socket has closed.
@@ -378,6 +385,17 @@ impl Stream {
 
     fn follow_socket(&self, now: Instant) {
         let lifecycle = lock(&self.state).lifecycle;
+        if lifecycle != Lifecycle::Stopping && self.owner.revoked() {
+            // No grace: what comes after the credential change is not the
+            // reader's.
+            log::debug!(
+                "{}: the process is no longer the reader's; ending the stream",
+                self.label
+            );
+            self.stop_capture();
+            lock(&self.state).lifecycle = Lifecycle::Stopping;
+            return;
+        }
         let next = match lifecycle {
             Lifecycle::Open { checked } if now.duration_since(checked) >= LIVENESS_INTERVAL => {
                 if self.owner.still_there() {
@@ -545,6 +563,7 @@ mod tests {
             start_ticks: 0,
             inode: Some(0),
             fds: Vec::new(),
+            reader: None,
         };
         let stream = Stream::start("test".into(), owner, queue_limit, Format::Pcap, None).unwrap();
         lock(&stream.state).carry = pcap::global_header(113, 65535, true);

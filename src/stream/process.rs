@@ -1,48 +1,78 @@
-//! A process's `all` stream: every packet of every TCP and UDP socket the
-//! process holds while the stream is open, sockets opened after it started
-//! included, until the process exits; a capture in each network namespace
-//! its sockets live in (found with SIOCGSKNS), all feeding one sorter.
+//! A process's `all` stream and its `tree` stream: every packet of every
+//! TCP and UDP flow of the process (`all`), or of the process and all its
+//! descendants, present and future (`tree`), while the stream is open,
+//! each packet once; a capture in each network namespace the members'
+//! sockets live in, all feeding one sorter.
 //!
 //! A kernel filter can only name what is already known, and a new
 //! connection's first packets (its handshake, its first datagram) pass
-//! before anyone can know its port: /proc shows a socket only once it
-//! exists, and a look at /proc comes milliseconds after the packet. So the
-//! capture takes every TCP and UDP packet of the process's network
-//! namespace, and the sorting happens here: each packet's headers are read
-//! and matched against the process's sockets ([`ProcessSockets`]); a packet
-//! of no known socket waits (up to [`CANDIDATE_TTL`]) while the tracker
-//! thread looks at /proc again, and is kept if a socket of the process turns
-//! out to own it, dropped otherwise. A connection that opens and closes
-//! before the tracker's look (under about a millisecond) cannot be told from
-//! another process's, and is dropped: precision over recall.
+//! before anyone can know its port. So the capture takes every TCP and UDP
+//! packet of the namespace, and the sorting happens here. Whose a packet is
+//! comes from, in order:
 //!
-//! What is found to be another process's is then kept out in the kernel:
-//! a flow whose packets go unclaimed again and again joins the capture's
-//! filter as an exclusion ([`process_filter`]), so a busy neighbour costs a
-//! few dozen packets, not all of its traffic. TCP SYNs still pass, so a new
-//! connection on an excluded 4-tuple is seen; an exclusion is dropped when
-//! a socket of the process comes to own the flow.
+//! 1. a connected socket of the exact flow that a member holds, as its
+//!    /proc/<pid>/fd shows (followed by the tracker thread, [`ProcessWatch`]);
+//! 2. kernel events ([`crate::events`]), where they can be had: the process
+//!    that routed, connected, read, wrote or closed the flow, as the kernel
+//!    saw it happen, however short the flow ([`FlowOwners`]). A flow that an
+//!    event gives to another process is not the stream's, whatever port it
+//!    uses: a connection accepted by a sibling worker on a shared listener
+//!    is the sibling's;
+//! 3. a socket bound to the flow's port (a UDP socket; a TCP listener only
+//!    where no events can be had: with events an accepted connection is its
+//!    acceptor's, not every holder of the listener's).
+//!
+//! A packet of no known owner waits (up to [`CANDIDATE_TTL`]) for the
+//! tracker's next look or the next events, and is dropped if nothing claims
+//! it. What is found to be another process's is then kept out in the
+//! kernel: a flow whose packets go unclaimed again and again joins the
+//! capture's filter as an exclusion ([`process_filter`]); TCP SYNs still
+//! pass, so a new connection on an excluded 4-tuple is seen.
+//!
+//! A reader who is not root gets only packets of sockets of their own uid,
+//! and the stream ends as soon as the process is no longer theirs (it
+//! changed credentials, or execs a setuid program). When the process (for
+//! `tree`: every member) has exited, the stream goes on for
+//! [`EXIT_GRACE`], for its flows' last packets, then ends.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 
 use super::{Format, Stream, lock};
-use crate::capture::classify::{Flow, KnownSocket, Openings, ProcessSockets, Transport, flow_of};
+use crate::capture::attribution::Claimant;
+use crate::capture::classify::{
+    Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, flow_of,
+};
 use crate::capture::filter::{ForeignFlow, LocalNetwork, process_filter};
 use crate::capture::source::{
     self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
     Timestamp,
 };
-use crate::inventory::NetnsId;
-use crate::inventory::live::{LiveSocket, ProcessWatch};
-use crate::names;
+use crate::events::Subscription;
+use crate::inventory::live::{LiveSocket, ProcessWatch, children_of};
+use crate::inventory::{Netns, NetnsId};
+use crate::names::{self, Proto};
 
-/// How long a packet of an unknown flow waits for its socket to show up.
+/// How long the stream goes on after the process exited: as long as a
+/// socket file's stream goes on after its socket closed.
+const EXIT_GRACE: Duration = super::CLOSE_GRACE;
+
+/// How long a stream whose process stopped being the reader's goes on
+/// taking what the kernel captured before that (a few capture blocks).
+const REVOKE_DRAIN: Duration = Duration::from_millis(50);
+
+/// A capture that delivered nothing for this long has drained its ring.
+const DRAIN_QUIET: Duration = Duration::from_millis(30);
+/// The longest a stream waits, after its grace, for its capture to catch up.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long a packet of an unknown flow waits for its owner to show up.
 pub const CANDIDATE_TTL: Duration = Duration::from_millis(200);
 /// The most bytes of such packets held at once.
 const CANDIDATE_BYTES: usize = 4 << 20;
@@ -51,12 +81,21 @@ const FOREIGN_AFTER: u64 = 32;
 /// The most flows excluded at once (the kernel takes 4096 instructions).
 const MAX_EXCLUDED: usize = 64;
 
-/// How often the tracker looks at the process's fds when nothing prompts it
-/// and the process has been quiet for [`BUSY_FOR`].
+/// How often the tracker looks at the members' fds when nothing prompts it
+/// and they have been quiet for [`BUSY_FOR`].
 const RESCAN_INTERVAL: Duration = Duration::from_millis(20);
-/// How often it looks while the process opens and closes sockets.
+/// How often it looks while they open and close sockets.
 const BUSY_INTERVAL: Duration = Duration::from_millis(1);
 const BUSY_FOR: Duration = Duration::from_secs(1);
+
+/// Which processes a stream follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The process alone (`all`).
+    Process,
+    /// The process and its descendants (`tree`).
+    Tree,
+}
 
 struct Candidate {
     seen: Instant,
@@ -66,26 +105,79 @@ struct Candidate {
     flow: Flow,
 }
 
-/// The capture's sink for an `all` stream: sorts packets by socket.
+/// Packets waiting for their owner. A flow with a waiting packet keeps its
+/// later packets waiting behind it, so each flow's packets reach the
+/// reader in the order they came (a connection's SYN, waiting for the
+/// event that names its process, before its data).
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Candidate>,
+    /// How many packets of each flow wait.
+    flows: HashMap<ForeignFlow, usize>,
+}
+
+impl Waiting {
+    fn push(&mut self, candidate: Candidate) {
+        *self.flows.entry(foreign(&candidate.flow)).or_insert(0) += 1;
+        self.queue.push_back(candidate);
+    }
+}
+
+/// Whose a packet is, as far as is known now.
+enum Verdict {
+    /// A member's.
+    Ours(Owner),
+    /// Another process's, as kernel events told.
+    Foreign,
+    /// Not known yet.
+    Unknown,
+}
+
+/// A process the stream keeps packets of.
+#[derive(Clone, Debug)]
+struct Member {
+    comm: String,
+    /// Its owner as /proc/<pid>/fd shows it.
+    uid: u32,
+}
+
+/// The capture's sink for an `all` or `tree` stream: sorts packets.
 pub struct ProcessSink {
     stream: Arc<Stream>,
-    pid: i32,
-    start_ticks: u64,
-    comm: String,
+    root: u32,
+    scope: Scope,
+    /// The reader's uid, unless root: only packets of that user's sockets
+    /// are kept, and the stream ends once the process is not theirs.
+    reader: Option<u32>,
+    /// Kernel events, where they can be had.
+    events: Option<Subscription>,
+    members: RwLock<HashMap<u32, Member>>,
     linktype: AtomicI32,
     local_networks: Mutex<Vec<LocalNetwork>>,
     sockets: RwLock<ProcessSockets>,
     openings: Mutex<Openings>,
-    candidates: Mutex<VecDeque<Candidate>>,
+    /// Packets waiting for their owner, in the order they came.
+    candidates: Mutex<Waiting>,
     candidate_bytes: AtomicUsize,
-    /// Packets that no socket of the process claimed.
+    /// Packets that no member claimed.
     unclaimed: AtomicU64,
+    /// Packets of members' sockets of another user, not given to the reader.
+    withheld: AtomicU64,
+    /// Set once the process is no longer the reader's: no packet captured
+    /// after this moment is given to them.
+    cutoff: Mutex<Option<SystemTime>>,
+    /// The capture time of the newest packet seen (ns since the epoch), and
+    /// when it was handed over: how far behind the captures are.
+    newest_packet_ns: AtomicU64,
+    last_packet: Mutex<Instant>,
     poke: Sender<()>,
-    pokes: Mutex<Option<Receiver<()>>>,
+    /// The tracker's end of the pokes and its first watch, until the
+    /// capture opens and the tracker starts.
+    tracker_start: Mutex<Option<(Receiver<()>, ProcessWatch)>>,
     /// How captures are opened, for those started in other namespaces.
     settings: CaptureSettings,
-    own_netns: Option<NetnsId>,
-    /// The namespaces with a capture, the process's own first.
+    /// The namespaces with a capture: one capture per namespace, however
+    /// the namespace was found.
     capturing: Mutex<HashSet<NetnsId>>,
     /// Captures that opened and have not ended; the stream ends with the
     /// last, with their counts summed.
@@ -109,36 +201,60 @@ fn foreign(flow: &Flow) -> ForeignFlow {
     }
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a stream is opened with.
+pub struct ProcessStreamSpec {
+    pub scope: Scope,
+    /// The opening user, unless root.
+    pub reader: Option<u32>,
+    pub events: Option<Subscription>,
+    pub settings: CaptureSettings,
+    /// The namespace the first capture runs in (the process's own).
+    pub first: NetnsId,
+}
+
 impl ProcessSink {
-    /// `netns` is the process's own namespace (where the first capture
-    /// runs), `own_netns` the daemon's.
+    /// `watch` follows the process from the moment the capture opens.
     pub fn new(
         stream: Arc<Stream>,
-        pid: i32,
-        start_ticks: u64,
-        comm: String,
-        settings: CaptureSettings,
-        netns: Option<NetnsId>,
-        own_netns: Option<NetnsId>,
+        watch: ProcessWatch,
+        spec: ProcessStreamSpec,
     ) -> Arc<ProcessSink> {
         let (poke, pokes) = crossbeam_channel::bounded(1);
+        let root = watch.pid() as u32;
+        let member = Member {
+            comm: watch.comm(),
+            uid: watch.owner().unwrap_or(u32::MAX),
+        };
         Arc::new(ProcessSink {
             stream,
-            pid,
-            start_ticks,
-            comm,
+            root,
+            scope: spec.scope,
+            reader: spec.reader,
+            events: spec.events,
+            members: RwLock::new(HashMap::from([(root, member)])),
             linktype: AtomicI32::new(-1),
             local_networks: Mutex::new(Vec::new()),
             sockets: RwLock::new(ProcessSockets::default()),
             openings: Mutex::new(Openings::default()),
-            candidates: Mutex::new(VecDeque::new()),
+            candidates: Mutex::new(Waiting::default()),
             candidate_bytes: AtomicUsize::new(0),
             unclaimed: AtomicU64::new(0),
+            withheld: AtomicU64::new(0),
+            cutoff: Mutex::new(None),
+            newest_packet_ns: AtomicU64::new(0),
+            last_packet: Mutex::new(Instant::now()),
             poke,
-            pokes: Mutex::new(Some(pokes)),
-            settings,
-            own_netns,
-            capturing: Mutex::new(netns.into_iter().collect()),
+            tracker_start: Mutex::new(Some((pokes, watch))),
+            settings: spec.settings,
+            capturing: Mutex::new(HashSet::from([spec.first])),
             running: AtomicUsize::new(0),
             stats: Mutex::new(CaptureStats::default()),
             unclaimed_flows: Mutex::new(HashMap::new()),
@@ -151,83 +267,81 @@ impl ProcessSink {
     }
 
     /// The capture opened: the stream starts, and the tracker follows the
-    /// process (its sockets are known before the first packet is sorted).
+    /// members (their sockets are known before the first packet is sorted).
     pub fn opened(self: &Arc<Self>, opened: Opened) -> std::io::Result<()> {
         self.running.fetch_add(1, Ordering::SeqCst);
         self.linktype.store(opened.linktype, Ordering::SeqCst);
         *lock(&self.local_networks) = opened.local_networks.clone();
         self.stream.opened(opened);
-        let mut watch = ProcessWatch::open(self.pid, self.start_ticks)?;
-        watch.rescan();
-        self.update(&watch);
-        let pokes = lock(&self.pokes)
+        let (pokes, first) = lock(&self.tracker_start)
             .take()
             .ok_or(std::io::ErrorKind::AlreadyExists)?;
+        let mut tracker = Tracker {
+            watches: vec![first],
+            exited: Vec::new(),
+        };
+        if self.scope == Scope::Tree {
+            tracker.adopt_descendants(self);
+        }
+        tracker.rescan();
+        self.update(&tracker);
         let sink = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("tracker".into())
-            .spawn(move || track(&sink, watch, &pokes))?;
+            .spawn(move || track(&sink, tracker, &pokes))?;
         Ok(())
     }
 
-    /// Takes the process's sockets as the watch last saw them, and sorts
+    /// Takes the members' sockets as the tracker last saw them, and sorts
     /// the packets that waited for them.
-    fn update(self: &Arc<Self>, watch: &ProcessWatch) {
-        for (netns, handle) in watch.namespaces() {
-            if lock(&self.capturing).insert(netns) {
-                self.capture_in(netns, handle);
+    fn update(self: &Arc<Self>, tracker: &Tracker) {
+        for watch in tracker.all_watches() {
+            for netns in watch.namespaces() {
+                if lock(&self.capturing).insert(netns.id()) {
+                    self.capture_in(netns.clone());
+                }
             }
         }
-        let sockets: Vec<&LiveSocket> = watch.sockets().collect();
-        let endpoints: Vec<_> = sockets
-            .iter()
-            .map(|s| {
-                (
-                    s.proto,
-                    s.local,
-                    s.remote.unwrap_or_else(|| unconnected(s.local)),
-                    s.inode,
-                )
-            })
-            .collect();
-        let names = names::unique_socket_names(&endpoints);
-        let known: Vec<KnownSocket> = sockets
-            .iter()
-            .zip(names)
-            .filter_map(|(socket, name)| {
+        let mut known: Vec<KnownSocket> = Vec::new();
+        for watch in tracker.all_watches() {
+            let sockets: Vec<&LiveSocket> = watch.sockets().collect();
+            let endpoints: Vec<_> = sockets
+                .iter()
+                .map(|s| {
+                    (
+                        s.proto,
+                        s.local,
+                        s.remote.unwrap_or_else(|| unconnected(s.local)),
+                        s.inode,
+                    )
+                })
+                .collect();
+            let names = names::unique_socket_names(&endpoints);
+            known.extend(sockets.iter().zip(names).filter_map(|(socket, name)| {
                 Some(KnownSocket {
                     transport: Transport::of(socket.proto)?,
                     local: socket.local,
                     remote: socket.remote,
                     name,
+                    uid: socket.uid,
+                    pid: watch.pid() as u32,
                     seen: socket.seen,
                     closed: socket.closed,
                 })
-            })
-            .collect();
+            }));
+        }
         let index = ProcessSockets::new(&known, lock(&self.local_networks).clone());
-        *self
-            .sockets
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = index;
+        *write(&self.sockets) = index;
         self.sort_candidates();
         self.stream.batch_end();
     }
 
-    /// Starts one more capture, in another namespace the process holds a
+    /// Starts one more capture, in another namespace a member holds a
     /// socket in, feeding this same sorter.
-    fn capture_in(self: &Arc<Self>, netns: NetnsId, handle: std::os::fd::BorrowedFd<'_>) {
-        let label = format!("{} (netns {netns})", self.stream.label());
-        let entered = if Some(netns) == self.own_netns {
-            None
-        } else {
-            match handle.try_clone_to_owned() {
-                Ok(owned) => Some(owned),
-                Err(err) => return warn!("{label}: cannot hold the namespace: {err}"),
-            }
-        };
+    fn capture_in(self: &Arc<Self>, netns: Netns) {
+        let label = format!("{} (netns {})", self.stream.label(), netns.id());
         let request = CaptureRequest {
-            netns: entered,
+            netns,
             filter: CaptureFilter::TcpAndUdp,
             label: label.clone(),
         };
@@ -271,56 +385,188 @@ impl ProcessSink {
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(timestamp.seconds)) + fraction
     }
 
-    fn emit(&self, name: &str, timestamp: Timestamp, original_length: u32, data: &[u8]) {
-        let comment = (self.stream.format == Format::PcapNg)
-            .then(|| format!("pid={} comm={} socket={name}", self.pid, self.comm));
+    /// Whose this packet is (see the module docs for the order in which
+    /// owners are looked for).
+    fn verdict(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Verdict {
+        let sockets = read(&self.sockets);
+        if let Some(owner) = sockets.connected_owner(flow, at, openings) {
+            return Verdict::Ours(owner.clone());
+        }
+        if let Some(events) = &self.events {
+            let claimants = events.owners().claimants(flow, at, openings);
+            if let Some(owner) = claimants
+                .iter()
+                .find_map(|claimant| self.member_owner(claimant, flow.transport))
+            {
+                return Verdict::Ours(owner);
+            }
+            if !claimants.is_empty() {
+                // Another process's, unless its other end is on this host
+                // and nobody claimed it yet (a connection's handshake comes
+                // before its acceptor's events): then it waits.
+                let unclaimed_local_end = [flow.src, flow.dst].into_iter().any(|end| {
+                    !claimants.iter().any(|claimant| claimant.local == end)
+                        && self.is_local(end.ip())
+                });
+                return if unclaimed_local_end {
+                    Verdict::Unknown
+                } else {
+                    Verdict::Foreign
+                };
+            }
+            if flow.transport == Transport::Tcp {
+                // Not claimed yet: a listener's port says nothing of which
+                // holder accepted it. The packet waits for the events.
+                return Verdict::Unknown;
+            }
+        }
+        sockets
+            .bound_owner(flow, at)
+            .cloned()
+            .map_or(Verdict::Unknown, Verdict::Ours)
+    }
+
+    /// The capture time of the newest packet seen.
+    fn newest_packet(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.newest_packet_ns.load(Ordering::Relaxed))
+    }
+
+    /// How long since a capture last handed over a packet.
+    fn quiet_for(&self) -> Duration {
+        lock(&self.last_packet).elapsed()
+    }
+
+    /// Whether an address is one of the namespaces' own (any, if unknown).
+    fn is_local(&self, ip: std::net::IpAddr) -> bool {
+        let networks = lock(&self.local_networks);
+        networks.is_empty() || networks.iter().any(|network| network.contains(ip))
+    }
+
+    /// The member's socket a packet belongs to, if it is known to be one.
+    fn owner(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<Owner> {
+        match self.verdict(flow, at, openings) {
+            Verdict::Ours(owner) => Some(owner),
+            Verdict::Foreign | Verdict::Unknown => None,
+        }
+    }
+
+    /// A packet found to be another process's.
+    fn foreign_packet(&self, flow: &Flow) {
+        self.unclaimed.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.unclaimed_flows)
+            .entry(foreign(flow))
+            .or_insert(0) += 1;
+    }
+
+    /// The owner for a claim by `claimant`, if it is a member (for `tree`,
+    /// a process forked by a member since the tracker last looked is one).
+    fn member_owner(&self, claimant: &Claimant, transport: Transport) -> Option<Owner> {
+        // The lookup's read guard must be gone before a new member may be
+        // written below (a read guard held across the write deadlocks).
+        let known = read(&self.members).get(&claimant.pid).cloned();
+        let member = known.or_else(|| {
+            if self.scope != Scope::Tree {
+                return None;
+            }
+            let events = self.events.as_ref()?;
+            let descends = {
+                let members = read(&self.members);
+                events
+                    .owners()
+                    .descends_from(claimant.pid, |pid| members.contains_key(&pid))
+            };
+            if !descends {
+                return None;
+            }
+            let member = Member {
+                comm: std::fs::read_to_string(format!("/proc/{}/comm", claimant.pid))
+                    .map(|comm| comm.trim_end_matches('\n').to_owned())
+                    .unwrap_or_default(),
+                // It inherited its parent's credentials at fork; were it not
+                // the reader's by now it would have changed them, which the
+                // tracker sees at its next look.
+                uid: self.reader.unwrap_or(0),
+            };
+            write(&self.members).insert(claimant.pid, member.clone());
+            Some(member)
+        })?;
+        let proto = match (transport, claimant.local) {
+            (Transport::Tcp, SocketAddr::V4(_)) => Proto::Tcp,
+            (Transport::Tcp, SocketAddr::V6(_)) => Proto::Tcp6,
+            (Transport::Udp, SocketAddr::V4(_)) => Proto::Udp,
+            (Transport::Udp, SocketAddr::V6(_)) => Proto::Udp6,
+        };
+        Some(Owner {
+            name: names::socket_file_name(proto, claimant.local, claimant.remote),
+            uid: member.uid,
+            pid: claimant.pid,
+        })
+    }
+
+    /// Queues a packet of the member's socket `owner`, unless the reader is
+    /// another user than the socket's: a reader who is not root gets only
+    /// what the kernel gave to, or sent from, that reader's own sockets.
+    fn emit(&self, owner: &Owner, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        let cut_off = lock(&self.cutoff).is_some_and(|cutoff| self.wall_time(timestamp) > cutoff);
+        if cut_off || self.reader.is_some_and(|reader| reader != owner.uid) {
+            self.withheld.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let comment = (self.stream.format == Format::PcapNg).then(|| {
+            let comm = read(&self.members)
+                .get(&owner.pid)
+                .map(|member| member.comm.clone())
+                .unwrap_or_default();
+            format!("pid={} comm={comm} socket={}", owner.pid, owner.name)
+        });
         self.stream
             .push(timestamp, original_length, data, comment.as_deref());
     }
 
-    /// Keeps the waiting packets whose socket is now known, in the order
-    /// they came; drops those that waited too long.
+    /// Keeps the waiting packets whose owner is now known, in the order
+    /// they came (a flow's later packets never overtake its first waiting
+    /// one); drops those that waited too long.
     fn sort_candidates(&self) {
-        let sockets = self
-            .sockets
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let openings = lock(&self.openings);
-        let mut candidates = lock(&self.candidates);
-        let mut kept = VecDeque::with_capacity(candidates.len());
-        for candidate in candidates.drain(..) {
+        let mut waiting = lock(&self.candidates);
+        let mut kept = Waiting::default();
+        let mut blocked: HashSet<ForeignFlow> = HashSet::new();
+        for candidate in std::mem::take(&mut waiting.queue) {
+            let key = foreign(&candidate.flow);
+            if blocked.contains(&key) {
+                kept.push(candidate);
+                continue;
+            }
             let at = self.wall_time(candidate.timestamp);
-            if let Some(name) = sockets.owner_of(&candidate.flow, at, &openings) {
-                self.candidate_bytes
-                    .fetch_sub(candidate.data.len(), Ordering::Relaxed);
-                self.emit(
-                    name,
-                    candidate.timestamp,
-                    candidate.original_length,
-                    &candidate.data,
-                );
-            } else if candidate.seen.elapsed() > CANDIDATE_TTL {
-                self.candidate_bytes
-                    .fetch_sub(candidate.data.len(), Ordering::Relaxed);
-                self.unclaimed.fetch_add(1, Ordering::Relaxed);
-                *lock(&self.unclaimed_flows)
-                    .entry(foreign(&candidate.flow))
-                    .or_insert(0) += 1;
-            } else {
-                kept.push_back(candidate);
+            match self.verdict(&candidate.flow, at, &openings) {
+                Verdict::Ours(owner) => {
+                    self.candidate_bytes
+                        .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                    self.emit(
+                        &owner,
+                        candidate.timestamp,
+                        candidate.original_length,
+                        &candidate.data,
+                    );
+                }
+                Verdict::Unknown if candidate.seen.elapsed() <= CANDIDATE_TTL => {
+                    blocked.insert(key);
+                    kept.push(candidate);
+                }
+                Verdict::Foreign | Verdict::Unknown => {
+                    self.candidate_bytes
+                        .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                    self.foreign_packet(&candidate.flow);
+                }
             }
         }
-        *candidates = kept;
+        *waiting = kept;
     }
 
     /// Rewrites the kernel filter where the excluded flows should change:
-    /// flows often unclaimed join it, flows the process now owns leave it.
+    /// flows often unclaimed join it, flows a member now owns leave it.
     fn narrow(&self) {
         let now = SystemTime::now();
-        let sockets = self
-            .sockets
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let openings = lock(&self.openings);
         let owned = |flow: &ForeignFlow| {
             let transport = if flow.tcp {
@@ -334,7 +580,7 @@ impl ProcessSink {
                 dst: flow.b,
                 opening: false,
             };
-            sockets.owner_of(&packet, now, &openings).is_some()
+            self.owner(&packet, now, &openings).is_some()
         };
         let mut excluded = lock(&self.excluded);
         let before = excluded.len();
@@ -376,25 +622,35 @@ impl PacketSink for ProcessSink {
             return;
         };
         let at = self.wall_time(timestamp);
-        let owner = {
+        let nanos = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+            });
+        self.newest_packet_ns.fetch_max(nanos, Ordering::Relaxed);
+        *lock(&self.last_packet) = Instant::now();
+        let verdict = {
             let mut openings = lock(&self.openings);
             openings.record(&flow, at);
-            self.sockets
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .owner_of(&flow, at, &openings)
-                .map(str::to_owned)
+            // Behind a waiting packet of its flow, it waits too.
+            let behind = lock(&self.candidates).flows.contains_key(&foreign(&flow));
+            if behind {
+                Verdict::Unknown
+            } else {
+                self.verdict(&flow, at, &openings)
+            }
         };
-        match owner {
-            Some(name) => self.emit(&name, timestamp, original_length, data),
-            None => {
+        match verdict {
+            Verdict::Ours(owner) => self.emit(&owner, timestamp, original_length, data),
+            Verdict::Foreign => self.foreign_packet(&flow),
+            Verdict::Unknown => {
                 if self.candidate_bytes.load(Ordering::Relaxed) + data.len() > CANDIDATE_BYTES {
                     self.unclaimed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 self.candidate_bytes
                     .fetch_add(data.len(), Ordering::Relaxed);
-                lock(&self.candidates).push_back(Candidate {
+                lock(&self.candidates).push(Candidate {
                     seen: Instant::now(),
                     timestamp,
                     original_length,
@@ -422,9 +678,10 @@ impl PacketSink for ProcessSink {
         }
         let stats = *lock(&self.stats);
         debug!(
-            "{}: {} packets of the namespace belonged to no socket of the process",
+            "{}: {} packets of the namespace belonged to no member, {} to sockets of another user",
             self.stream.label(),
-            self.unclaimed.load(Ordering::Relaxed)
+            self.unclaimed.load(Ordering::Relaxed),
+            self.withheld.load(Ordering::Relaxed)
         );
         self.stream.ended(stats);
     }
@@ -438,14 +695,108 @@ fn unconnected(local: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// The tracker thread: looks at the process's fds when a packet of an
-/// unknown flow comes, and on its own every few milliseconds while the
-/// process opens sockets (so that short-lived ones are seen too), less
-/// often when it is quiet. It ends the stream when the process exits, and
-/// itself when the capture is gone.
-fn track(sink: &Weak<ProcessSink>, mut watch: ProcessWatch, pokes: &Receiver<()>) {
+/// The tracker's view of the members: a watch per live member, and the
+/// watches of members that exited (their sockets linger for their last
+/// packets until the stream ends).
+struct Tracker {
+    watches: Vec<ProcessWatch>,
+    exited: Vec<ProcessWatch>,
+}
+
+impl Tracker {
+    fn all_watches(&self) -> impl Iterator<Item = &ProcessWatch> {
+        self.watches.iter().chain(&self.exited)
+    }
+
+    /// Looks at every live member's fds; true if any socket changed.
+    fn rescan(&mut self) -> bool {
+        let mut changed = false;
+        for watch in &mut self.watches {
+            changed |= watch.rescan();
+        }
+        changed
+    }
+
+    /// Moves members that exited aside, their sockets closed as of now;
+    /// true if any did.
+    fn reap(&mut self) -> bool {
+        let (gone, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.watches)
+            .into_iter()
+            .partition(ProcessWatch::exited);
+        self.watches = live;
+        let any = !gone.is_empty();
+        for mut watch in gone {
+            watch.all_closed();
+            self.exited.push(watch);
+        }
+        any
+    }
+
+    /// For a `tree` stream: follows every descendant of the members that
+    /// runs now and is not followed yet; true if any was new.
+    fn adopt_descendants(&mut self, sink: &ProcessSink) -> bool {
+        let mut queue: Vec<i32> = self.watches.iter().map(ProcessWatch::pid).collect();
+        let mut known: HashSet<i32> = self.all_watches().map(ProcessWatch::pid).collect();
+        let mut adopted = false;
+        while let Some(pid) = queue.pop() {
+            for child in children_of(pid) {
+                if !known.insert(child) {
+                    continue;
+                }
+                queue.push(child);
+                let Ok(stat) = procfs::process::Process::new(child).and_then(|p| p.stat()) else {
+                    continue;
+                };
+                let Ok(watch) = ProcessWatch::open(child, stat.starttime) else {
+                    continue;
+                };
+                write(&sink.members).insert(
+                    child as u32,
+                    Member {
+                        comm: watch.comm(),
+                        uid: watch.owner().unwrap_or(u32::MAX),
+                    },
+                );
+                self.watches.push(watch);
+                adopted = true;
+            }
+        }
+        adopted
+    }
+}
+
+/// Goes on sorting for `grace` (the flows' last packets), then until the
+/// capture has caught up with the moment the stream was to end (a packet
+/// stamped after it came, or none came for [`DRAIN_QUIET`]: what the
+/// kernel's ring held is drained), at most [`DRAIN_LIMIT`] more; then ends
+/// the stream.
+fn drain_then_stop(sink: &ProcessSink, pokes: &Receiver<()>, grace: Duration) {
+    let decided = SystemTime::now();
+    let started = Instant::now();
+    loop {
+        let _ = pokes.recv_timeout(DRAIN_QUIET / 2);
+        sink.sort_candidates();
+        sink.stream.batch_end();
+        let elapsed = started.elapsed();
+        let caught_up = sink.newest_packet() >= decided || sink.quiet_for() >= DRAIN_QUIET;
+        if (elapsed >= grace && caught_up) || elapsed >= grace + DRAIN_LIMIT {
+            break;
+        }
+    }
+    sink.sort_candidates();
+    sink.stream.stop_capture();
+}
+
+/// The tracker thread: looks at the members' fds when a packet of an
+/// unknown flow comes, and on its own every few milliseconds while they
+/// open sockets (so that short-lived ones are seen too), less often when
+/// they are quiet. It ends the stream when the members have exited (after
+/// [`EXIT_GRACE`]) or the process is no longer the reader's, and itself
+/// when the capture is gone.
+fn track(sink: &Weak<ProcessSink>, mut tracker: Tracker, pokes: &Receiver<()>) {
     let mut last_change = Instant::now();
     let mut interval = BUSY_INTERVAL;
+    let mut last_adoption = Instant::now();
     loop {
         let wait = if last_change.elapsed() < BUSY_FOR {
             interval
@@ -456,20 +807,44 @@ fn track(sink: &Weak<ProcessSink>, mut watch: ProcessWatch, pokes: &Receiver<()>
         let Some(sink) = sink.upgrade() else {
             return;
         };
-        if watch.exited() {
+        if let Some(reader) = sink.reader
+            && let Some(root) = tracker.watches.iter().find(|w| w.pid() as u32 == sink.root)
+            && root.owner() != Some(reader)
+        {
+            // It changed credentials, or execs a setuid, setgid or
+            // file-capability program: /proc closes it to the reader now,
+            // and so does its stream: nothing captured from now on is given
+            // to the reader; what the kernel holds from before is.
             debug!(
-                "{}: the process exited, ending the stream",
+                "{}: the process is no longer the reader's (uid {reader}); ending the stream",
                 sink.stream.label()
             );
-            sink.sort_candidates();
-            sink.stream.stop_capture();
+            *lock(&sink.cutoff) = Some(SystemTime::now());
+            drain_then_stop(&sink, pokes, REVOKE_DRAIN);
             return;
         }
         let started = Instant::now();
-        if watch.rescan() {
-            sink.update(&watch);
+        let mut changed = tracker.reap();
+        if sink.scope == Scope::Tree && last_adoption.elapsed() >= RESCAN_INTERVAL {
+            changed |= tracker.adopt_descendants(&sink);
+            last_adoption = Instant::now();
+        }
+        if tracker.watches.is_empty() {
+            debug!(
+                "{}: the process exited; the stream ends in {EXIT_GRACE:?}",
+                sink.stream.label()
+            );
+            sink.update(&tracker);
+            // Its flows' last packets (the peer's FIN, the last ACKs) come
+            // after the exit, as they do after a socket file's close.
+            drain_then_stop(&sink, pokes, EXIT_GRACE);
+            return;
+        }
+        changed |= tracker.rescan();
+        if changed {
+            sink.update(&tracker);
             last_change = Instant::now();
-        } else if !lock(&sink.candidates).is_empty() {
+        } else if !lock(&sink.candidates).queue.is_empty() {
             sink.sort_candidates();
             sink.stream.batch_end();
         }

@@ -76,7 +76,7 @@ impl StreamTable {
                     thread::sleep(WATCH_INTERVAL);
                     let waiting: Vec<Arc<Stream>> = lock(&table.streams)
                         .values()
-                        .filter(|stream| stream.has_pending())
+                        .filter(|stream| stream.needs_watch())
                         .cloned()
                         .collect();
                     let now = Instant::now();

@@ -3,7 +3,7 @@
 //! without them, and the capabilities a root daemon keeps.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -160,7 +160,7 @@ fn wait_user_sees(user: &TestUser, path: &Path, name: &str) {
 }
 
 #[test]
-fn a_user_with_granted_capabilities_lists_everything_and_reads_its_own_sockets() {
+fn a_user_with_granted_capabilities_sees_as_proc_shows_and_reads_its_own_sockets() {
     let owner = TestUser::new("own");
     let stranger = TestUser::new("str");
     let scratch = ScratchDir::new("granted");
@@ -174,13 +174,19 @@ fn a_user_with_granted_capabilities_lists_everything_and_reads_its_own_sockets()
     roots.cmd("comm roots-peer");
     let root_socket = roots.cmd("udp-bind 127.0.0.1:0");
 
-    // Everything is listed, root's processes too.
+    // Every process is listed, root's too, but only its own directories
+    // open, as /proc/<pid>/fd does: root's is root's, mode 0500.
     let my_dir = mount.dir(mine.pid, "owners-peer");
     let root_dir = mount.dir(roots.pid, "roots-peer");
     let my_file = format!("udp_{}_0.0.0.0:0", a[1]);
     let root_file = format!("udp_{}_0.0.0.0:0", root_socket[1]);
     wait_user_sees(&owner, &my_dir, &my_file);
-    wait_user_sees(&owner, &root_dir, &root_file);
+    wait_user_sees(
+        &owner,
+        &mount.path,
+        root_dir.file_name().unwrap().to_str().unwrap(),
+    );
+    assert_not_revealed(&owner, &root_dir, &root_file);
 
     // Its own socket's stream it reads (capturing with its granted
     // CAP_NET_RAW).
@@ -212,9 +218,40 @@ fn a_user_with_granted_capabilities_lists_everything_and_reads_its_own_sockets()
         captures_before
     );
 
-    // Another user cannot even enter the private mount.
+    // Another user cannot even enter the private mount, nor stat a name in
+    // it right after its owner looked (the root directory is 0500).
     let output = stranger.run(&["ls", mount.path.to_str().unwrap()]);
     assert!(denied(&output), "{output:?}");
+    let output = owner.run(&["ls", "-l", my_dir.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let output = stranger.run(&["stat", my_dir.join(&my_file).to_str().unwrap()]);
+    assert!(denied(&output), "{output:?}");
+    let output = owner.run(&["stat", "-c", "%a %u", mount.path.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("500 {}", owner.uid)
+    );
+}
+
+/// `user` sees that `dir` exists but neither its sockets nor its
+/// attributes, as with another user's /proc/<pid>/fd.
+fn assert_not_revealed(user: &TestUser, dir: &Path, file: &str) {
+    for program in [
+        vec!["ls", dir.to_str().unwrap()],
+        vec!["stat", dir.join(file).to_str().unwrap()],
+        vec!["getfattr", "-d", dir.to_str().unwrap()],
+    ] {
+        // getfattr lists the attribute names (the same for every process)
+        // and exits 0, but every value is refused.
+        let output = user.run(&program);
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("Permission denied"),
+            "{program:?}: {output:?}"
+        );
+        assert!(output.stdout.is_empty(), "{program:?} told: {output:?}");
+    }
+    let output = user.run(&["stat", "-c", "%a %u", dir.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
 }
 
 #[test]
@@ -239,12 +276,22 @@ fn allow_other_opens_the_tree_but_not_other_users_streams() {
         assert!(denied(&output), "{output:?}");
     }
 
-    // --allow-other: everyone lists, but only the owner (and root) reads.
+    // --allow-other: everyone sees which pids hold sockets, but only the
+    // owner (and root) sees a process's sockets and reads them, as /proc.
     let open = owner.mount(&binary, &["--allow-other"]);
     let dir = open.dir(mine.pid, "shared-peer");
-    wait_user_sees(&stranger, &dir, &file);
-    let output = stranger.run(&["ls", "-l", dir.to_str().unwrap()]);
-    assert!(output.status.success());
+    wait_user_sees(&owner, &dir, &file);
+    wait_user_sees(
+        &stranger,
+        &open.path,
+        dir.file_name().unwrap().to_str().unwrap(),
+    );
+    assert_not_revealed(&stranger, &dir, &file);
+    let dir_meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(dir_meta.permissions().mode() & 0o7777, 0o500);
+    assert_eq!(dir_meta.uid(), owner.uid);
+    let root_meta = std::fs::metadata(&open.path).unwrap();
+    assert_eq!(root_meta.permissions().mode() & 0o7777, 0o555);
     let output = stranger.run(&["cat", dir.join(&file).to_str().unwrap()]);
     assert!(denied(&output), "{output:?}");
     assert!(
@@ -308,8 +355,9 @@ fn a_root_daemon_keeps_only_the_capabilities_it_uses() {
         let line = status.lines().find(|line| line.starts_with(field)).unwrap();
         u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
     };
-    // net_admin 12, net_raw 13, dac_read_search 2, sys_ptrace 19, sys_admin 21.
-    let used = [2u32, 12, 13, 19, 21]
+    // net_admin 12, net_raw 13, dac_read_search 2, sys_ptrace 19,
+    // sys_admin 21, perfmon 38.
+    let used = [2u32, 12, 13, 19, 21, 38]
         .iter()
         .map(|bit| 1u64 << bit)
         .sum::<u64>();
@@ -406,4 +454,91 @@ fn bad_names_get_clean_errors_and_the_daemon_keeps_serving() {
     // Still serving.
     assert!(dir.is_dir());
     assert!(!mount.log().contains("panicked"));
+}
+
+/// Owner of /proc/<pid>/fd: the effective user, or root while the process
+/// is not dumpable.
+fn proc_fd_owner(pid: u32) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/fd")).unwrap().uid()
+}
+
+#[test]
+fn a_process_that_drops_to_a_user_after_connecting_stays_roots() {
+    let user = TestUser::new("drop");
+    let mount = Mount::start(&["--allow-other"]);
+    let mut server = Peer::spawn();
+    let listener = server.cmd("tcp-listen 127.0.0.1:0");
+    let mut target = Peer::spawn();
+    target.cmd("comm drops-privs");
+    target.cmd(&format!("tcp-connect {}", listener[1]));
+    target.cmd(&format!("setuid {} {}", user.uid, user.gid));
+    assert_eq!(
+        proc_fd_owner(target.pid),
+        0,
+        "not dumpable: root's in /proc"
+    );
+    let dir = mount.dir(target.pid, "drops-privs");
+    wait_until(WAIT, "the directory to be root's", || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&dir).is_ok_and(|meta| meta.uid() == 0)
+    });
+    // As /proc/<pid>/fd is to that user: closed.
+    for program in [
+        vec!["ls", dir.to_str().unwrap()],
+        vec!["cat", dir.join("all").to_str().unwrap()],
+    ] {
+        let output = user.run(&program);
+        assert!(denied(&output), "{program:?}: {output:?}");
+    }
+    assert!(!mount.log().contains("opening a capture"));
+}
+
+#[test]
+fn a_users_stream_ends_when_its_process_execs_a_setuid_program() {
+    let user = TestUser::new("suid");
+    let scratch = ScratchDir::new("suid");
+    // A setuid-root copy of this test binary (a peer when so started).
+    let setuid_peer = scratch.0.join("setuid-peer");
+    std::fs::copy(std::env::current_exe().unwrap(), &setuid_peer).unwrap();
+    std::fs::set_permissions(&setuid_peer, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let mount = Mount::start(&["--allow-other"]);
+    let mut server = Peer::spawn();
+    let listener = server.cmd("tcp-listen 127.0.0.1:0");
+    let mut target = user.peer();
+    target.cmd("comm suid-exec");
+    let own = target.cmd("udp-bind 127.0.0.1:0");
+    let dir = mount.dir(target.pid, "suid-exec");
+    wait_user_sees(&user, &dir, "all");
+    let saved = scratch.0.join("all.pcap");
+    let mut cat = user
+        .command(&["cat", dir.join("all").to_str().unwrap()])
+        .stdout(File::create(&saved).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, "the user's capture", || {
+        mount.log().contains("suid-exec/all: capture running")
+    });
+    target.cmd(&format!("sendto {} {} before-exec", own[0], own[1]));
+    // The same process becomes a setuid-root program, which connects.
+    target.send(&format!("exec {}", setuid_peer.display()));
+    wait_until(WAIT, "the exec", || proc_fd_owner(target.pid) == 0);
+    let client = target.cmd(&format!("tcp-connect {}", listener[1]));
+    let served = server.cmd(&format!("tcp-accept {}", listener[0]));
+    for _ in 0..5 {
+        target.cmd(&format!("send {} SUIDROOT_SECRET", client[0]));
+        server.cmd(&format!("recv {} 15", served[0]));
+    }
+    // The stream ended at the exec, as /proc/<pid>/mem stops working.
+    let status = wait_for(WAIT, "the user's cat to end", || cat.try_wait().unwrap());
+    assert!(status.success(), "EOF, not an error");
+    let packets = read_pcap_file(&saved).1;
+    let payloads: Vec<String> = packets
+        .iter()
+        .filter(|p| !p.payload.is_empty())
+        .map(|p| p.payload_text())
+        .collect();
+    assert_eq!(payloads, ["before-exec"]);
+    target.kill();
 }

@@ -171,3 +171,103 @@ fn help_explains_every_option() {
     let version = String::from_utf8(run(&["--version"]).stdout).unwrap();
     assert!(version.starts_with("netstatfs "));
 }
+
+#[test]
+fn a_lazy_unmount_ends_waiting_reads_and_the_daemon() {
+    use crate::common::peer::Peer;
+    use std::time::Instant;
+    let mut mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm quiet-lazy");
+    let socket = peer.cmd("udp-bind 127.0.0.1:0");
+    let file = mount
+        .dir(peer.pid, "quiet-lazy")
+        .join(format!("udp_{}_0.0.0.0:0", socket[1]));
+    wait_until(EXIT_WAIT, "the socket file", || file.exists());
+    let mut readers: Vec<std::process::Child> = (0..10)
+        .map(|_| {
+            Command::new("cat")
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_until(EXIT_WAIT, "ten waiting readers", || {
+        mount.log().matches("capture running").count() == 10
+    });
+    let status = Command::new("umount")
+        .arg("-l")
+        .arg(&mount.path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let detached = Instant::now();
+    for reader in &mut readers {
+        let status = crate::common::wait_for(Duration::from_secs(1), "a reader to end", || {
+            reader.try_wait().unwrap()
+        });
+        assert!(status.success(), "EOF, not an error");
+    }
+    assert!(
+        detached.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        detached.elapsed()
+    );
+    let status = mount.wait_exit(EXIT_WAIT);
+    assert!(status.success(), "{status}:\n{}", mount.log());
+    assert!(!mounted_at(&mount.path));
+}
+
+#[test]
+fn of_three_daemons_started_at_once_on_one_directory_one_mounts() {
+    let scratch = ScratchDir::new("race");
+    let mountpoint = scratch.0.join("m");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mut daemons: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            Command::new(BINARY)
+                .arg(&mountpoint)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_until(EXIT_WAIT, "a mount and two refusals", || {
+        mounted_at(&mountpoint)
+            && daemons
+                .iter_mut()
+                .map(|daemon| daemon.try_wait().unwrap())
+                .filter(Option::is_some)
+                .count()
+                == 2
+    });
+    let mut refused = 0;
+    let mut running = Vec::new();
+    for mut daemon in daemons {
+        if daemon.try_wait().unwrap().is_some() {
+            let output = daemon.wait_with_output().unwrap();
+            assert_one_line_error(&output, "already a mount point");
+            refused += 1;
+        } else {
+            running.push(daemon);
+        }
+    }
+    assert_eq!((refused, running.len()), (2, 1));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|line| line.split(' ').nth(4) == mountpoint.to_str())
+        .count();
+    assert_eq!(mounts, 1, "one mount, not stacked ones");
+    for mut daemon in running {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.id() as i32),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(daemon.wait().unwrap().success());
+    }
+    assert!(!mounted_at(&mountpoint));
+}

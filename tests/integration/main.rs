@@ -7,6 +7,7 @@
 mod common;
 
 mod access;
+mod attribution;
 mod capture;
 mod lifecycle;
 mod package;

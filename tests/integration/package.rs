@@ -113,6 +113,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         "cap_net_admin",
         "cap_sys_ptrace",
         "cap_dac_read_search",
+        "cap_perfmon",
     ] {
         assert!(caps.contains(cap), "getcap: {caps}");
     }

@@ -15,10 +15,11 @@ use crate::common::{list, try_list, wait_for, wait_until, xattr};
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Waits until process directory `dir` lists exactly the socket files
-/// `expected` (order aside), and its `all` file.
+/// `expected` (order aside), and its `all` and `tree` files.
 fn wait_for_listing(dir: &Path, expected: &[String]) {
     let mut expected = expected.to_vec();
     expected.push("all".to_owned());
+    expected.push("tree".to_owned());
     expected.sort();
     let mut last = None;
     let shown = dir.display().to_string();
@@ -187,13 +188,15 @@ fn attributes_modes_owners_links_and_stable_inodes() {
 
     let root = std::fs::metadata(&mount.path).unwrap();
     assert!(root.is_dir());
-    assert_eq!(root.permissions().mode() & 0o7777, 0o555);
+    // Private: the mounting user's alone (and root's).
+    assert_eq!(root.permissions().mode() & 0o7777, 0o500);
     assert_eq!(root.ino(), 1);
 
-    let proc_dir = std::fs::metadata(format!("/proc/{}", peer.pid)).unwrap();
+    let proc_dir = std::fs::metadata(format!("/proc/{}/fd", peer.pid)).unwrap();
     let dir_meta = std::fs::metadata(&dir).unwrap();
     assert!(dir_meta.is_dir());
-    assert_eq!(dir_meta.permissions().mode() & 0o7777, 0o555);
+    // As /proc/<pid>/fd: its owner's (root's while not dumpable), 0500.
+    assert_eq!(dir_meta.permissions().mode() & 0o7777, 0o500);
     assert_eq!(
         (dir_meta.uid(), dir_meta.gid()),
         (proc_dir.uid(), proc_dir.gid())
@@ -421,15 +424,19 @@ fn reuseport_twins_get_inode_suffixes() {
 
 #[test]
 fn two_thousand_sockets_in_one_directory() {
+    let _heavy = crate::common::heavy();
     let mount = Mount::start(&["--cache-ttl", "2s"]);
     let mut peer = Peer::spawn();
     peer.cmd("comm crowded");
     peer.cmd("udp-many 2000 127.0.0.1:0");
     let dir = mount.dir(peer.pid, "crowded");
-    let names = wait_for(WAIT, "2000 socket files and all", || {
-        try_list(&dir).filter(|names| names.len() == 2001)
+    let names = wait_for(WAIT, "2000 socket files, all and tree", || {
+        try_list(&dir).filter(|names| names.len() == 2002)
     });
-    let names: Vec<&String> = names.iter().filter(|name| *name != "all").collect();
+    let names: Vec<&String> = names
+        .iter()
+        .filter(|name| *name != "all" && *name != "tree")
+        .collect();
     assert!(
         names
             .iter()
@@ -450,8 +457,8 @@ fn two_thousand_sockets_in_one_directory() {
             .lines()
             .filter(|line| line.starts_with("-r--------"))
             .count(),
-        2001,
-        "2000 socket files and all"
+        2002,
+        "2000 socket files, all and tree"
     );
 }
 
@@ -466,7 +473,10 @@ fn all_processes_lists_processes_without_sockets() {
         try_list(&everything.path).is_some_and(|names| names.contains(&name))
     });
     assert!(everything.path.join(&name).is_dir());
-    assert_eq!(try_list(&everything.path.join(&name)).unwrap(), ["all"]);
+    assert_eq!(
+        try_list(&everything.path.join(&name)).unwrap(),
+        ["all", "tree"]
+    );
     assert!(!list(&plain.path).contains(&name));
     assert!(std::fs::metadata(plain.path.join(&name)).is_err());
 }

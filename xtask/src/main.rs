@@ -91,7 +91,8 @@ fn extra_sections() -> Roff {
              tcp_127.0.0.1:41234_127.0.0.1:8080, tcp6_[::1]:8080_[::]:0, udp_0.0.0.0:5353_0.0.0.0:0. PROTO is \
              tcp, tcp6, udp, udp6, raw, raw6, icmp or icmp6; IPv6 addresses are bracketed and compressed as \
              RFC 5952 says; an unconnected remote end is 0.0.0.0:0 or [::]:0. Two sockets that would share a \
-             name each get a ~INODE suffix. The file 'all' streams the whole process.",
+             name each get a ~INODE suffix. The file 'all' streams every TCP and UDP flow of the process, \
+             'tree' those of the process and all its descendants, present and future.",
         ],
     );
     section(
@@ -114,8 +115,14 @@ fn extra_sections() -> Roff {
              a listener's or an unconnected socket's holds everything to or from its local address and port, a \
              wildcard address standing for the namespace's own addresses. IPv4-mapped IPv6 sockets carry IPv4 \
              packets. Each packet appears once. The capture runs in the socket's network namespace.",
+            "Who owns a flow, for 'all' and 'tree', comes from kernel events (tracepoints read with \
+             perf_event_open, no eBPF): the process that routed, connected, read, wrote or closed it, however \
+             short the flow; a connection accepted by one of several workers sharing a listener is that \
+             worker's alone. This needs tracefs (mounted at /sys/kernel/tracing when missing) and CAP_PERFMON or \
+             CAP_SYS_ADMIN; without them the streams follow /proc, which misses flows shorter than about 10 ms, \
+             and the log says which method serves each stream. Each flow's packets come in order.",
             "A stream ends (EOF) shortly after its socket closes or its process exits, once the last packets \
-             are in; the 'all' stream when the process exits. A reader blocked on a quiet socket that gets a \
+             are in; 'all' 300 ms after the process exits, 'tree' after its last member exits. A reader blocked on a quiet socket that gets a \
              signal it would act on (Ctrl-C, SIGKILL, a caught signal) is answered EINTR within about 100 ms. \
              A reader that falls behind costs at most --buffer; beyond it packets are dropped, and the count is \
              logged when the stream closes.",
@@ -125,13 +132,19 @@ fn extra_sections() -> Roff {
         &mut roff,
         "SECURITY",
         &[
-            "The mount is private to the user who mounted it and root. --allow-other lets every user list the \
-             tree, as /proc does; a socket's stream stays readable only by the socket's owner and root (socket \
-             files are mode 0400, owned by the socket's uid, and the kernel checks them). The mount is read-only.",
+            "The mount is private to the user who mounted it and root (its root directory is mode 0500). \
+             --allow-other lets every user see which pids hold sockets, as /proc shows every pid; a process \
+             directory is owned as /proc/PID/fd is (the effective user, or root while the process is not \
+             dumpable) with mode 0500, so others see neither its sockets nor its attributes. A socket's stream \
+             is readable only by the socket's owner and root (mode 0400, owned by the socket's uid). For a \
+             reader who is not root, 'all' and 'tree' hold only packets of that reader's own sockets, and every \
+             stream ends once its process is no longer the reader's (a credential change, or an exec of a \
+             setuid, setgid or file-capability program). The mount is read-only.",
             "Capturing needs CAP_NET_RAW; reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and \
-             CAP_DAC_READ_SEARCH; entering another network namespace needs CAP_SYS_ADMIN. Run as root, netstatfs \
-             keeps these (and CAP_NET_ADMIN) and drops every other capability. The Debian package grants the \
-             binary cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search so that users can run it; \
+             CAP_DAC_READ_SEARCH; kernel events need CAP_PERFMON; entering another network namespace needs \
+             CAP_SYS_ADMIN. Run as root, netstatfs keeps these (and CAP_NET_ADMIN) and drops every other \
+             capability. The Debian package grants the \
+             binary cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search,cap_perfmon so that users can run it; \
              without them it lists the user's own processes and says at start-up what it cannot do.",
         ],
     );

@@ -7,11 +7,25 @@
 
 pub mod mount;
 pub mod netns;
+pub mod nginx;
 pub mod packets;
 pub mod peer;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Held by tests that saturate this 2-core machine (hundreds of streams,
+/// ab against nginx, the accuracy harness): they run one at a time, so that
+/// neither they nor the timing of the others suffer from each other.
+pub static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`HEAVY`] (a test that panicked while holding it is no reason to
+/// fail the next).
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Polls `condition` every 20 ms until it holds; panics after `timeout`
 /// with `what` (a wait for an event with a deadline, not a sleep).
@@ -81,6 +95,32 @@ pub fn mounted_at(path: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|line| line.split(' ').nth(4) == Some(canonical.to_str().unwrap()))
+}
+
+/// Reads a file on a thread until EOF; returns the bytes so far and the
+/// thread, which returns when EOF came.
+pub fn read_to_eof(
+    path: &Path,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<Instant>,
+) {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .unwrap_or_else(|err| panic!("cannot open {}: {err}", path.display()));
+    let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&bytes);
+    let thread = std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buffer).unwrap();
+            if n == 0 {
+                return Instant::now();
+            }
+            sink.lock().unwrap().extend_from_slice(&buffer[..n]);
+        }
+    });
+    (bytes, thread)
 }
 
 /// A unique scratch directory under /tmp, removed on drop.

@@ -1,6 +1,7 @@
 //! Decoding a stream read from the mount: libpcap's own reader for the
 //! file format, etherparse for the headers.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
@@ -36,14 +37,28 @@ pub fn payloads(packets: &[Seen]) -> Vec<String> {
         .collect()
 }
 
-/// The link type and packets of a pcap stream saved at `path`.
+/// The link type and packets of a pcap stream saved at `path`. Every
+/// stream a test reads goes through here, so every stream test checks that
+/// no record comes twice: the same capture time and the same bytes are one
+/// packet delivered twice (a retransmission has another time).
 pub fn read_pcap_file(path: &Path) -> (i32, Vec<Seen>) {
-    let mut capture = pcap::Capture::from_file(path).expect("a valid pcap file");
+    let mut capture = pcap::Capture::from_file_with_precision(path, pcap::Precision::Nano)
+        .expect("a valid pcap file");
     let linktype = capture.get_datalink().0;
     let mut packets = Vec::new();
+    let mut records = HashSet::new();
     loop {
         match capture.next_packet() {
-            Ok(packet) => packets.push(decode(linktype, packet.data)),
+            Ok(packet) => {
+                let time = (packet.header.ts.tv_sec, packet.header.ts.tv_usec);
+                let seen = decode(linktype, packet.data);
+                assert!(
+                    records.insert((time, packet.data.to_vec())),
+                    "a record twice in {}: {seen:?} at {time:?}",
+                    path.display()
+                );
+                packets.push(seen);
+            }
             Err(pcap::Error::NoMorePackets) => break,
             Err(err) => panic!("bad record: {err}"),
         }

@@ -19,6 +19,14 @@ use nix::sys::socket::{
 };
 
 const PEER_ENV: &str = "NETSTATFS_TEST_PEER";
+/// How this test binary runs only the peer entry point.
+const PEER_ARGS: [&str; 5] = [
+    "peer_process",
+    "--exact",
+    "--nocapture",
+    "--test-threads=1",
+    "-q",
+];
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The handle a test holds.
@@ -56,13 +64,7 @@ impl Peer {
 
     fn spawn_with(mut command: Command) -> Peer {
         let mut child = command
-            .args([
-                "peer_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-                "-q",
-            ])
+            .args(PEER_ARGS)
             .env(PEER_ENV, "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -112,6 +114,12 @@ impl Peer {
             Some(rest) => Ok(rest.split_whitespace().map(str::to_owned).collect()),
             None => Err(answer),
         }
+    }
+
+    /// Sends a command that gets no answer (`exec`).
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
     }
 
     pub fn kill(&mut self) {
@@ -426,9 +434,35 @@ impl PeerState {
             "netns" => {
                 // Sockets made after this live in that namespace (the
                 // command thread enters it; the process stays where it was).
-                let handle = std::fs::File::open(format!("/run/netns/{}", arg(0)?)).map_err(err)?;
+                // A name made by `ip netns add`, or a path such as
+                // /proc/<pid>/ns/net.
+                let name = arg(0)?;
+                let path = if name.starts_with('/') {
+                    name.to_owned()
+                } else {
+                    format!("/run/netns/{name}")
+                };
+                let handle = std::fs::File::open(path).map_err(err)?;
                 nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).map_err(err)?;
                 Ok(vec![])
+            }
+            "setuid" => {
+                // Every thread (glibc applies it process-wide): the process
+                // is the user's from now on, and not dumpable.
+                let (uid, gid): (u32, u32) =
+                    (arg(0)?.parse().map_err(err)?, arg(1)?.parse().map_err(err)?);
+                nix::unistd::setgroups(&[]).map_err(err)?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)).map_err(err)?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(err)?;
+                Ok(vec![])
+            }
+            "exec" => {
+                // Becomes another program, serving the same stdin and stdout
+                // (it is a copy of this test binary, in peer mode); nothing
+                // answers this command, the next one is the new program's.
+                use std::os::unix::process::CommandExt;
+                let error = Command::new(arg(0)?).args(PEER_ARGS).exec();
+                Err(format!("exec failed: {error}"))
             }
             "exit" => Ok(vec![]),
             other => Err(format!("unknown command {other:?}")),

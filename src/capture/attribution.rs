@@ -1,0 +1,726 @@
+//! Who owns each flow, from kernel events (pure): the process that routed,
+//! connected, read, wrote or closed it, as the kernel saw it happen.
+//!
+//! /proc shows a socket only while it exists and only when someone looks,
+//! so a connection that lives a millisecond, or a connection accepted by one
+//! of two workers sharing a listener, cannot be told apart by polling.
+//! Kernel events can: each [`Sample`] that ran in a process's own context
+//! (never one from interrupt context, whose pid is whoever was running)
+//! *claims* an endpoint of a flow (transport, local port, remote address)
+//! for that process from that moment. A packet belongs to the latest
+//! claimant at its time, or, for packets that come before anyone claimed
+//! the flow (a passive connection's handshake, a request a server has not
+//! answered yet), to the first claimant shortly after; a TCP claim never
+//! reaches across a SYN that opened another connection on the same tuple
+//! ([`Openings`]).
+//!
+//! Events that name a socket but not its tuple (`sock_send_length`) are
+//! joined with those that name both (`inet_sock_set_state`) by the socket's
+//! kernel address.
+//!
+//! Known limit: the tuple is not tied to a network namespace (the events do
+//! not carry one), so two processes in two namespaces using the same tuple
+//! at the same moment would be confused.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use super::classify::{Flow, Openings, Transport};
+use crate::events::decode::{Decoded, Event, TCP_CLOSE, TCP_SYN_RECV, TCP_SYN_SENT};
+
+/// One event with its time and the process (thread group) it ran in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub at: SystemTime,
+    pub pid: u32,
+    pub decoded: Decoded,
+}
+
+/// How far a claim reaches back to packets before it: a passive
+/// connection's handshake and first request come before the worker that
+/// accepted it reads; a query comes before the server's reply. TCP claims
+/// are bounded by the SYN too.
+const REACH_BACK: Duration = Duration::from_secs(1);
+/// Clock skew allowed between an event and the packet it caused (both are
+/// kernel times, of two clocks).
+const SKEW: Duration = Duration::from_micros(500);
+/// How long after a connect's route lookup its SYN may leave.
+const CONNECT_SLACK: Duration = Duration::from_millis(20);
+/// How long claims are kept; the latest one of an endpoint is kept longer
+/// (see [`FlowOwners::prune`]).
+const CLAIMS_KEPT: Duration = Duration::from_secs(30);
+/// How long a fork is remembered (for `tree` streams).
+const FORKS_KEPT: Duration = Duration::from_secs(60);
+
+type Endpoint = (Transport, u16, SocketAddr);
+
+/// A process that owns a packet, and the end of the flow it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimant {
+    pub pid: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claim {
+    at: SystemTime,
+    pid: u32,
+    /// A route lookup, which comes just before the SYN it opens the
+    /// connection with (other claims come after theirs).
+    routed: bool,
+}
+
+/// The flows' owners as the events told them.
+#[derive(Debug, Default)]
+pub struct FlowOwners {
+    /// By (transport, local port, remote address): claims in time order.
+    claims: HashMap<Endpoint, Vec<Claim>>,
+    /// TCP sockets' tuples, by kernel address.
+    tuples: HashMap<u64, (SocketAddr, SocketAddr)>,
+    /// TCP sockets' last user in process context, by kernel address (forgotten
+    /// at the socket's close, and when a new socket starts at the address).
+    users: HashMap<u64, u32>,
+    /// Processes and threads forked, with their parent and when.
+    parents: HashMap<u32, (u32, SystemTime)>,
+    newest: Option<SystemTime>,
+}
+
+impl FlowOwners {
+    /// Takes one event into account. Events may come out of order (one
+    /// ring per CPU).
+    pub fn apply(&mut self, sample: &Sample) {
+        let Sample { at, pid, decoded } = *sample;
+        let own_context = !decoded.in_interrupt;
+        self.newest = Some(self.newest.map_or(at, |newest| newest.max(at)));
+        match decoded.event {
+            Event::Route {
+                transport,
+                local_port,
+                remote,
+            } => {
+                // Only UDP: a TCP route lookup in process context may be a
+                // SYN-ACK's, made by whichever worker held a shared listener
+                // when the SYN came (the kernel processes a locked
+                // listener's backlog in the context of the process that
+                // releases it). TCP connections are claimed by their own
+                // socket's events.
+                if own_context && transport == Transport::Udp {
+                    self.claim((transport, local_port, remote), pid, at, true);
+                }
+            }
+            Event::TcpState {
+                sock,
+                local,
+                remote,
+                old_state,
+                new_state,
+            } => {
+                // A passive open's transitions run wherever the handshake
+                // was processed (softirq, or a listener's backlog in
+                // another worker's context): they tell the tuple, never
+                // whose it is.
+                let passive = new_state == TCP_SYN_RECV || old_state == TCP_SYN_RECV;
+                let own_context = own_context && !passive;
+                if new_state == TCP_SYN_SENT || new_state == TCP_SYN_RECV {
+                    // A socket starting out: whatever was known of an
+                    // earlier socket at this kernel address is not its.
+                    self.tuples.remove(&sock);
+                    self.users.remove(&sock);
+                }
+                if local.port() != 0 && remote.port() != 0 {
+                    self.tuples.insert(sock, (local, remote));
+                }
+                if own_context {
+                    self.users.insert(sock, pid);
+                }
+                if let (Some(&(local, remote)), Some(&user)) =
+                    (self.tuples.get(&sock), self.users.get(&sock))
+                {
+                    self.claim((Transport::Tcp, local.port(), remote), user, at, false);
+                }
+                if new_state == TCP_CLOSE {
+                    // The address may be a new socket's next.
+                    self.tuples.remove(&sock);
+                    self.users.remove(&sock);
+                }
+            }
+            Event::TcpReceive { local, remote } => {
+                if own_context {
+                    self.claim((Transport::Tcp, local.port(), remote), pid, at, false);
+                }
+            }
+            Event::SocketIo { sock, transport } => {
+                // Only TCP sockets are joined to their tuples this way (a
+                // UDP socket never reports a close that would clear it).
+                if own_context && transport == Transport::Tcp {
+                    self.users.insert(sock, pid);
+                    if let Some(&(local, remote)) = self.tuples.get(&sock) {
+                        self.claim((Transport::Tcp, local.port(), remote), pid, at, false);
+                    }
+                }
+            }
+            Event::Fork { child } => {
+                if child != pid {
+                    self.parents.insert(child, (pid, at));
+                }
+            }
+        }
+    }
+
+    fn claim(&mut self, endpoint: Endpoint, pid: u32, at: SystemTime, routed: bool) {
+        let claims = self.claims.entry(endpoint).or_default();
+        let index = claims.partition_point(|claim| claim.at <= at);
+        // A run of claims by one process is kept as its first and its
+        // latest: the latest speaks for the newest connection on the tuple
+        // (a client port is soon used again, maybe with the same server
+        // process), the first for the oldest; those between add nothing.
+        let run_end = index >= 2
+            && claims[index - 1].pid == pid
+            && claims[index - 2].pid == pid
+            && !routed
+            && !claims[index - 1].routed;
+        if run_end {
+            claims[index - 1].at = at;
+        } else {
+            claims.insert(index, Claim { at, pid, routed });
+        }
+    }
+
+    /// The processes that own this packet, captured at `at`: the sender's
+    /// end and the receiver's (both, on loopback). Empty: no event claimed
+    /// the flow (yet).
+    pub fn owners(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .claimants(flow, at, openings)
+            .into_iter()
+            .map(|claimant| claimant.pid)
+            .collect();
+        pids.dedup();
+        pids
+    }
+
+    /// The same, with the end of the flow each process holds: one entry per
+    /// claimed end (on loopback a process may hold both).
+    pub fn claimants(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Vec<Claimant> {
+        let mut owners: Vec<Claimant> = Vec::new();
+        for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
+            let Some(claims) = self.claims.get(&(flow.transport, local.port(), remote)) else {
+                continue;
+            };
+            // The connection a claim speaks of: the one opened last before
+            // it, or, for a connect (routed just before its own SYN), right
+            // after it.
+            let same_connection = |claim: &Claim| {
+                let seen = if claim.routed {
+                    claim.at + CONNECT_SLACK
+                } else {
+                    claim.at
+                };
+                flow.transport != Transport::Tcp || openings.within(local, remote, seen, at)
+            };
+            let before = claims
+                .iter()
+                .rev()
+                .find(|claim| claim.at <= at + SKEW && same_connection(claim));
+            let owner = before.or_else(|| {
+                claims.iter().find(|claim| {
+                    claim.at > at
+                        && claim.at.duration_since(at).unwrap_or_default() <= REACH_BACK
+                        && same_connection(claim)
+                })
+            });
+            if let Some(claim) = owner {
+                owners.push(Claimant {
+                    pid: claim.pid,
+                    local,
+                    remote,
+                });
+            }
+        }
+        owners
+    }
+
+    /// Whether `pid` is an ancestor (by `is_ancestor`) or descends from one
+    /// by forks seen lately.
+    pub fn descends_from(&self, pid: u32, is_ancestor: impl Fn(u32) -> bool) -> bool {
+        let mut current = pid;
+        for _ in 0..64 {
+            if is_ancestor(current) {
+                return true;
+            }
+            match self.parents.get(&current) {
+                Some(&(parent, _)) => current = parent,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Forgets what is too old to matter: claims older than
+    /// [`CLAIMS_KEPT`] but the latest of each endpoint (a long connection
+    /// stays claimed), endpoints whose latest claim is older than ten times
+    /// that, and forks older than [`FORKS_KEPT`].
+    pub fn prune(&mut self) {
+        let Some(newest) = self.newest else {
+            return;
+        };
+        let old =
+            |at: SystemTime, keep: Duration| newest.duration_since(at).unwrap_or_default() > keep;
+        self.claims.retain(|_, claims| {
+            let last = claims.len() - 1;
+            let mut index = 0;
+            claims.retain(|claim| {
+                let keep = index == last || !old(claim.at, CLAIMS_KEPT);
+                index += 1;
+                keep
+            });
+            !claims.is_empty() && !old(claims[claims.len() - 1].at, CLAIMS_KEPT * 10)
+        });
+        self.parents.retain(|_, (_, at)| !old(*at, FORKS_KEPT));
+    }
+
+    /// How many endpoints are claimed (for tests and the log).
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::decode::tests::{decoder, fib_record, set_state_record};
+
+    const T0: Duration = Duration::from_secs(1_700_000_000);
+
+    fn at(micros: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_micros(micros)
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// Replays raw records (as the perf ring hands them over).
+    fn replay(owners: &mut FlowOwners, trace: &[(u64, u32, Vec<u8>)]) {
+        let decoder = decoder();
+        for (micros, pid, raw) in trace {
+            if let Some(decoded) = decoder.decode(raw) {
+                owners.apply(&Sample {
+                    at: at(*micros),
+                    pid: *pid,
+                    decoded,
+                });
+            }
+        }
+    }
+
+    fn tcp(src: &str, dst: &str, syn: bool) -> Flow {
+        Flow {
+            transport: Transport::Tcp,
+            src: addr(src),
+            dst: addr(dst),
+            opening: syn,
+        }
+    }
+
+    fn udp(src: &str, dst: &str) -> Flow {
+        Flow {
+            transport: Transport::Udp,
+            src: addr(src),
+            dst: addr(dst),
+            opening: false,
+        }
+    }
+
+    const LO: [u8; 4] = [127, 0, 0, 1];
+    const ESTABLISHED: i32 = 1;
+    const SYN_SENT: i32 = 2;
+    const SYN_RECV: i32 = 3;
+    const FIN_WAIT1: i32 = 4;
+    const SOFTIRQ: u8 = 0x90;
+
+    #[test]
+    fn a_sub_millisecond_connection_is_its_connectors() {
+        // connect() routes in the client's context with the chosen port; the
+        // whole connection lives 300 µs, long before /proc could be read.
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (
+                    0,
+                    100,
+                    set_state_record(0, 0xa, SYN_SENT, (LO, 0), (LO, 8080)),
+                ),
+                (5, 100, fib_record(0, 6, 40000, LO, 8080)),
+                (
+                    60,
+                    100,
+                    set_state_record(0, 0xa, ESTABLISHED, (LO, 40000), (LO, 8080)),
+                ),
+                (
+                    290,
+                    100,
+                    set_state_record(0, 0xa, FIN_WAIT1, (LO, 40000), (LO, 8080)),
+                ),
+                (
+                    300,
+                    100,
+                    set_state_record(SOFTIRQ, 0xa, TCP_CLOSE, (LO, 40000), (LO, 8080)),
+                ),
+            ],
+        );
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:40000", "127.0.0.1:8080", true);
+        openings.record(&syn, at(10));
+        for (flow, micros) in [
+            (syn, 10),
+            (tcp("127.0.0.1:8080", "127.0.0.1:40000", false), 40),
+            (tcp("127.0.0.1:40000", "127.0.0.1:8080", false), 295),
+        ] {
+            assert_eq!(
+                owners.owners(&flow, at(micros), &openings),
+                [100],
+                "{flow:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_accepted_connection_is_the_accepting_workers_not_its_siblings() {
+        // Two workers (201, 202) share a listener on 8080; the handshake
+        // runs in softirq (its pid is whoever ran: here 202); 201 accepts
+        // and reads, then closes.
+        let mut owners = FlowOwners::default();
+        let mut decoder = decoder();
+        let send_id = 2284u16;
+        decoder
+            .learn(
+                crate::events::decode::Tracepoint::SendLength,
+                send_id,
+                &crate::events::format::Layout::parse(
+                    "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:void * sk;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__u16 family;\toffset:16;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:18;\tsize:2;\tsigned:0;",
+                ),
+            )
+            .unwrap();
+        let mut recv = vec![0u8; 32];
+        recv[0..2].copy_from_slice(&send_id.to_ne_bytes());
+        recv[8..16].copy_from_slice(&0xbu64.to_ne_bytes());
+        recv[16..18].copy_from_slice(&2u16.to_ne_bytes());
+        recv[18..20].copy_from_slice(&6u16.to_ne_bytes());
+        let trace = [
+            (
+                0,
+                202,
+                set_state_record(SOFTIRQ, 0xb, SYN_RECV, (LO, 8080), (LO, 51000)),
+            ),
+            (
+                20,
+                202,
+                set_state_record(SOFTIRQ, 0xb, ESTABLISHED, (LO, 8080), (LO, 51000)),
+            ),
+            (400, 201, recv),
+            (
+                900,
+                201,
+                set_state_record(0, 0xb, FIN_WAIT1, (LO, 8080), (LO, 51000)),
+            ),
+        ];
+        for (micros, pid, raw) in &trace {
+            owners.apply(&Sample {
+                at: at(*micros),
+                pid: *pid,
+                decoded: decoder.decode(raw).unwrap(),
+            });
+        }
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:51000", "127.0.0.1:8080", true);
+        openings.record(&syn, at(0));
+        // The handshake and the request came before the accept: the
+        // accepting worker's all the same, and never the sibling's.
+        for (flow, micros) in [
+            (syn, 0),
+            (tcp("127.0.0.1:8080", "127.0.0.1:51000", false), 10),
+            (tcp("127.0.0.1:51000", "127.0.0.1:8080", false), 100),
+            (tcp("127.0.0.1:8080", "127.0.0.1:51000", false), 950),
+        ] {
+            assert_eq!(
+                owners.owners(&flow, at(micros), &openings),
+                [201],
+                "{flow:?} at {micros}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kernel_address_reused_by_a_new_socket_keeps_nothing_of_the_old() {
+        // A UDP socket of process 900 at address 0xd, freed; the kernel
+        // then makes an accepted TCP socket at the same address.
+        let mut owners = FlowOwners::default();
+        let io = |sock, transport| Decoded {
+            event: Event::SocketIo { sock, transport },
+            in_interrupt: false,
+        };
+        owners.apply(&Sample {
+            at: at(0),
+            pid: 900,
+            decoded: io(0xd, Transport::Udp),
+        });
+        owners.apply(&Sample {
+            at: at(5),
+            pid: 901,
+            decoded: io(0xe, Transport::Tcp),
+        });
+        replay(
+            &mut owners,
+            &[
+                (
+                    10,
+                    1,
+                    set_state_record(SOFTIRQ, 0xd, SYN_RECV, (LO, 8080), (LO, 52000)),
+                ),
+                (
+                    20,
+                    1,
+                    set_state_record(SOFTIRQ, 0xd, ESTABLISHED, (LO, 8080), (LO, 52000)),
+                ),
+                // 0xe was a TCP socket of 901: a new child there starts clean.
+                (
+                    30,
+                    1,
+                    set_state_record(SOFTIRQ, 0xe, SYN_RECV, (LO, 8080), (LO, 52001)),
+                ),
+            ],
+        );
+        let mut openings = Openings::default();
+        for port in ["127.0.0.1:52000", "127.0.0.1:52001"] {
+            let syn = tcp(port, "127.0.0.1:8080", true);
+            openings.record(&syn, at(8));
+            assert!(owners.owners(&syn, at(8), &openings).is_empty(), "{port}");
+        }
+    }
+
+    #[test]
+    fn a_handshake_processed_in_a_siblings_context_is_not_the_siblings() {
+        // Worker 702 held the shared listener when the SYN and the final ACK
+        // came: the kernel processed them, and routed the SYN-ACK, in 702's
+        // context as it released the listener. Worker 701 accepted.
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (5, 702, fib_record(0, 6, 8080, LO, 53000)),
+                (
+                    10,
+                    702,
+                    set_state_record(0, 0x11, SYN_RECV, (LO, 8080), (LO, 53000)),
+                ),
+                (
+                    20,
+                    702,
+                    crate::events::decode::tests::transition_record(
+                        0,
+                        0x11,
+                        (SYN_RECV, ESTABLISHED),
+                        (LO, 8080),
+                        (LO, 53000),
+                    ),
+                ),
+                (
+                    300,
+                    701,
+                    set_state_record(0, 0x11, FIN_WAIT1, (LO, 8080), (LO, 53000)),
+                ),
+            ],
+        );
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:53000", "127.0.0.1:8080", true);
+        openings.record(&syn, at(0));
+        for micros in [0, 15, 100, 310] {
+            let flow = tcp("127.0.0.1:8080", "127.0.0.1:53000", false);
+            assert_eq!(
+                owners.owners(&flow, at(micros), &openings),
+                [701],
+                "at {micros}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_worker_serving_a_reused_client_port_again_claims_the_new_connection() {
+        let mut owners = FlowOwners::default();
+        let mut trace = Vec::new();
+        for (start, sock) in [(0u64, 0x20u64), (5000, 0x21)] {
+            trace.push((
+                start + 100,
+                801,
+                set_state_record(0, sock, ESTABLISHED, (LO, 8080), (LO, 54000)),
+            ));
+            trace.push((
+                start + 200,
+                801,
+                set_state_record(0, sock, FIN_WAIT1, (LO, 8080), (LO, 54000)),
+            ));
+            trace.push((
+                start + 300,
+                801,
+                set_state_record(SOFTIRQ, sock, TCP_CLOSE, (LO, 8080), (LO, 54000)),
+            ));
+        }
+        replay(&mut owners, &trace);
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:54000", "127.0.0.1:8080", true);
+        openings.record(&syn, at(0));
+        openings.record(&syn, at(5000));
+        let flow = tcp("127.0.0.1:8080", "127.0.0.1:54000", false);
+        for micros in [50, 250, 5050, 5250] {
+            assert_eq!(
+                owners.owners(&flow, at(micros), &openings),
+                [801],
+                "at {micros}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_reused_by_another_process_within_a_millisecond_changes_hands() {
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (0, 300, fib_record(0, 17, 5353, [127, 0, 0, 53], 53)),
+                (1000, 301, fib_record(0, 17, 5353, [127, 0, 0, 53], 53)),
+                // A reply's route lookup in softirq says nothing of its pid.
+                (
+                    1500,
+                    999,
+                    fib_record(SOFTIRQ, 17, 5353, [127, 0, 0, 53], 53),
+                ),
+            ],
+        );
+        let none = Openings::default();
+        let query = udp("127.0.0.1:5353", "127.0.0.53:53");
+        let reply = udp("127.0.0.53:53", "127.0.0.1:5353");
+        assert_eq!(owners.owners(&query, at(10), &none), [300]);
+        assert_eq!(owners.owners(&reply, at(400), &none), [300]);
+        assert_eq!(owners.owners(&query, at(1010), &none), [301]);
+        assert_eq!(owners.owners(&reply, at(1600), &none), [301]);
+        // Another destination: nobody's.
+        assert!(
+            owners
+                .owners(&udp("127.0.0.1:5353", "127.0.0.54:53"), at(10), &none)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_fork_then_connect_belongs_to_the_tree() {
+        let mut owners = FlowOwners::default();
+        owners.apply(&Sample {
+            at: at(0),
+            pid: 400,
+            decoded: Decoded {
+                event: Event::Fork { child: 401 },
+                in_interrupt: false,
+            },
+        });
+        owners.apply(&Sample {
+            at: at(1),
+            pid: 401,
+            decoded: Decoded {
+                event: Event::Fork { child: 402 },
+                in_interrupt: false,
+            },
+        });
+        replay(
+            &mut owners,
+            &[
+                (
+                    40,
+                    402,
+                    set_state_record(0, 0xf, SYN_SENT, (LO, 0), (LO, 80)),
+                ),
+                (
+                    70,
+                    402,
+                    set_state_record(0, 0xf, ESTABLISHED, (LO, 41000), (LO, 80)),
+                ),
+            ],
+        );
+        let root = |pid| pid == 400;
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:41000", "127.0.0.1:80", true);
+        openings.record(&syn, at(60));
+        let owner = owners.owners(&syn, at(60), &openings);
+        assert_eq!(owner, [402]);
+        assert!(owners.descends_from(402, root));
+        assert!(!owners.descends_from(403, root));
+        assert!(!owners.descends_from(400, |pid| pid == 401), "not upwards");
+    }
+
+    #[test]
+    fn a_tuple_reopened_by_another_connection_is_not_the_old_owners() {
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (0, 500, fib_record(0, 6, 42000, LO, 80)),
+                (
+                    500,
+                    500,
+                    set_state_record(0, 0xc, TCP_CLOSE, (LO, 42000), (LO, 80)),
+                ),
+            ],
+        );
+        let mut openings = Openings::default();
+        openings.record(&tcp("127.0.0.1:42000", "127.0.0.1:80", true), at(0));
+        // Another process opens the same tuple later, without an event yet.
+        openings.record(&tcp("127.0.0.1:42000", "127.0.0.1:80", true), at(30_000));
+        let later = tcp("127.0.0.1:80", "127.0.0.1:42000", false);
+        assert!(owners.owners(&later, at(30_100), &openings).is_empty());
+        assert_eq!(owners.owners(&later, at(100), &openings), [500]);
+    }
+
+    #[test]
+    fn pruning_keeps_a_long_connections_last_claim() {
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (
+                    0,
+                    600,
+                    set_state_record(0, 0x10, ESTABLISHED, (LO, 43000), (LO, 80)),
+                ),
+                (1, 601, fib_record(0, 17, 43001, LO, 53)),
+                (2, 602, fib_record(0, 17, 43001, LO, 53)),
+            ],
+        );
+        owners.newest = Some(at(60_000_000));
+        owners.prune();
+        assert_eq!(owners.len(), 2);
+        let flow = tcp("127.0.0.1:80", "127.0.0.1:43000", false);
+        assert_eq!(
+            owners.owners(&flow, at(59_000_000), &Openings::default()),
+            [600]
+        );
+        assert_eq!(
+            owners.owners(
+                &udp("127.0.0.1:53", "127.0.0.1:43001"),
+                at(59_000_000),
+                &Openings::default()
+            ),
+            [602]
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Who owns a flow, told by kernel events: a prefork server's workers each
+//! get their own connections, a shell's short-lived children are in its
+//! `tree`, and flows shorter than a millisecond are all there. Real
+//! programs from Debian (nginx, ab, curl, dnsmasq, dig) on loopback.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::mount::Mount;
+use crate::common::nginx::Nginx;
+use crate::common::packets::{Seen, read_pcap};
+use crate::common::{ScratchDir, read_to_eof, wait_for, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Opens `<pid>_<comm>/<file>` once listed, reads it to EOF on a thread,
+/// and returns once its capture runs.
+fn open_stream(
+    mount: &Mount,
+    pid: u32,
+    comm: &str,
+    file: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<std::time::Instant>,
+) {
+    let path = mount.dir(pid, comm).join(file);
+    wait_until(WAIT, &format!("{}", path.display()), || path.exists());
+    let label = format!("{pid}_{comm}/{file}: capture running");
+    let reading = read_to_eof(&path);
+    wait_until(WAIT, &label, || mount.log().contains(&label));
+    reading
+}
+
+/// The TCP connections to `port` in a stream, by client port (a port may
+/// be used again by a later connection): each connection's flags in order,
+/// a new one starting at each SYN.
+fn connections(packets: &[Seen], port: u16) -> BTreeMap<u16, Vec<Vec<String>>> {
+    let mut by_client: BTreeMap<u16, Vec<Vec<String>>> = BTreeMap::new();
+    for packet in packets.iter().filter(|p| !p.tcp_flags.is_empty()) {
+        let client = if packet.dst.port() == port {
+            packet.src.port()
+        } else if packet.src.port() == port {
+            packet.dst.port()
+        } else {
+            continue;
+        };
+        let on_port = by_client.entry(client).or_default();
+        if packet.tcp_flags == "S" || on_port.is_empty() {
+            on_port.push(Vec::new());
+        }
+        if let Some(connection) = on_port.last_mut() {
+            connection.push(packet.tcp_flags.clone());
+        }
+    }
+    by_client
+}
+
+/// Whether a connection is whole: opened by a SYN, closed by both FINs.
+fn whole(flags: &[String]) -> bool {
+    flags.first().map(String::as_str) == Some("S")
+        && flags.iter().filter(|f| f.contains('F')).count() == 2
+}
+
+/// Every connection whole.
+fn assert_whole(connections: &BTreeMap<u16, Vec<Vec<String>>>, what: &str) {
+    for (client, on_port) in connections {
+        for flags in on_port {
+            assert!(
+                whole(flags),
+                "{what}: connection from port {client}: {flags:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn each_prefork_worker_has_exactly_the_connections_it_served() {
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&[]);
+    let nginx = Nginx::start(2);
+    let mut streams = Vec::new();
+    for &pid in std::iter::once(&nginx.master).chain(&nginx.workers) {
+        streams.push((pid, open_stream(&mount, pid, "nginx", "all")));
+    }
+    assert!(
+        mount.log().contains("flows attributed from kernel events"),
+        "{}",
+        mount.log()
+    );
+    let ab = Command::new("ab")
+        .args(["-q", "-n", "2000", "-c", "10"])
+        .arg(format!("http://127.0.0.1:{}/", nginx.port))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ab.success());
+    wait_until(WAIT, "2000 requests logged", || {
+        nginx.served().values().map(Vec::len).sum::<usize>() == 2000
+    });
+    let served = nginx.served();
+    let port = nginx.port;
+    let nginx_master = nginx.master;
+    drop(nginx);
+    let mut seen_by = Vec::new();
+    for (pid, (bytes, reader)) in streams {
+        wait_until(WAIT, "EOF after nginx stopped", || reader.is_finished());
+        reader.join().unwrap();
+        let packets = read_pcap(&bytes.lock().unwrap()).1;
+        seen_by.push((pid, connections(&packets, port)));
+    }
+    // Where a connection went wrong: what each stream saw on its port.
+    let story = |client: u16| -> String {
+        let servers: Vec<(u32, usize)> = served
+            .iter()
+            .map(|(pid, ports)| (*pid, ports.iter().filter(|p| **p == client).count()))
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        let seen: Vec<String> = seen_by
+            .iter()
+            .map(|(pid, seen)| format!("{pid}: {:?}", seen.get(&client)))
+            .collect();
+        format!("port {client}, served by {servers:?}; seen {seen:?}")
+    };
+    // Precision, exactly: a worker's stream holds only connections that
+    // worker served (ab also opens connections it closes unused at the end:
+    // no request, so no log line names their worker; each must be in one
+    // worker's stream), and the master's holds none. Recall, as the issue
+    // sets it: at least 0.999 of the served connections whole.
+    let mut unused: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut incomplete = Vec::new();
+    for (pid, seen) in &seen_by {
+        let mut expected: BTreeMap<u16, usize> = BTreeMap::new();
+        for port in served.get(pid).into_iter().flatten() {
+            *expected.entry(*port).or_default() += 1;
+        }
+        for (client, on_port) in seen {
+            let requests = on_port
+                .iter()
+                .filter(|flags| flags.iter().any(|f| f.contains('P')))
+                .count();
+            let extra = on_port.len() - requests;
+            assert!(
+                *pid != nginx_master || on_port.is_empty(),
+                "the master accepts nothing: {}",
+                story(*client)
+            );
+            *unused.entry(*client).or_default() += extra.saturating_sub(
+                expected
+                    .get(client)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(requests),
+            );
+            assert!(
+                requests <= expected.get(client).copied().unwrap_or(0),
+                "nginx {pid} has a connection it did not serve: {}",
+                story(*client)
+            );
+            incomplete.extend(
+                on_port
+                    .iter()
+                    .filter(|flags| !whole(flags))
+                    .map(|_| story(*client)),
+            );
+        }
+        for (client, count) in &expected {
+            let have = seen.get(client).map_or(0, Vec::len);
+            incomplete.extend((have..*count).map(|_| format!("missing: {}", story(*client))));
+        }
+    }
+    assert!(
+        unused.values().sum::<usize>() <= 10,
+        "at most ab's concurrency in unused connections: {unused:?}"
+    );
+    assert!(
+        incomplete.len() <= 2,
+        "more than 0.1% of 2000 connections missing or incomplete: {incomplete:#?}"
+    );
+    if !incomplete.is_empty() {
+        eprintln!("within the 0.999 recall target, but: {incomplete:#?}");
+    }
+    assert_eq!(served.len(), 2, "both workers served: {served:?}");
+}
+
+#[test]
+fn a_shell_scripts_curls_are_all_in_its_tree() {
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&["--all-processes"]);
+    let nginx = Nginx::start(1);
+    let scratch = ScratchDir::new("curls");
+    let go = scratch.0.join("go");
+    let mut shell = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e {go} ]; do sleep 0.02; done; \
+             for i in $(seq 200); do curl -s -o /dev/null http://127.0.0.1:{port}/; done",
+            go = go.display(),
+            port = nginx.port
+        ))
+        .spawn()
+        .unwrap();
+    let (bytes, reader) = open_stream(&mount, shell.id(), "sh", "tree");
+    std::fs::write(&go, b"").unwrap();
+    let status = wait_for(Duration::from_secs(120), "the shell's 200 curls", || {
+        shell.try_wait().unwrap()
+    });
+    assert!(status.success());
+    wait_until(WAIT, "EOF after the shell exited", || reader.is_finished());
+    reader.join().unwrap();
+    let packets = read_pcap(&bytes.lock().unwrap()).1;
+    let seen = connections(&packets, nginx.port);
+    assert_whole(&seen, "the shell's tree");
+    let mut served: Vec<u16> = nginx.served().into_values().flatten().collect();
+    served.sort_unstable();
+    assert_eq!(served.len(), 200);
+    let mut ports: Vec<u16> = seen
+        .iter()
+        .flat_map(|(client, on_port)| std::iter::repeat_n(*client, on_port.len()))
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, served);
+}
+
+#[test]
+fn two_hundred_dns_lookups_of_one_process_are_all_in_its_all() {
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&["--all-processes"]);
+    let scratch = ScratchDir::new("dns");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut dnsmasq = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--address=/example.test/127.0.0.9",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--pid-file={}", scratch.0.join("pid").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq starts (apt-get install dnsmasq-base)");
+    wait_until(WAIT, "dnsmasq to answer", || {
+        Command::new("dig")
+            .args(["+short", "+tries=1", "+time=1", "-p", &port.to_string()])
+            .args(["@127.0.0.1", "ready.example.test"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("127.0.0.9"))
+    });
+    let queries = scratch.0.join("queries");
+    let lines: String = (0..200)
+        .map(|i| format!("@127.0.0.1 -p {port} +tries=1 +time=2 q{i}.example.test A\n"))
+        .collect();
+    std::fs::write(&queries, lines).unwrap();
+    let go = scratch.0.join("go");
+    // One process (a shell that becomes dig) makes all 200 lookups, each
+    // from a fresh UDP socket living well under a millisecond.
+    let mut dig = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e {go} ]; do sleep 0.02; done; exec dig -f {queries}",
+            go = go.display(),
+            queries = queries.display()
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (bytes, reader) = open_stream(&mount, dig.id(), "sh", "all");
+    std::fs::write(&go, b"").unwrap();
+    let status = wait_for(Duration::from_secs(60), "dig's 200 lookups", || {
+        dig.try_wait().unwrap()
+    });
+    assert!(status.success());
+    wait_until(WAIT, "EOF after dig exited", || reader.is_finished());
+    reader.join().unwrap();
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    let packets = read_pcap(&bytes.lock().unwrap()).1;
+    let queries = packets.iter().filter(|p| p.dst.port() == port).count();
+    let answers = packets.iter().filter(|p| p.src.port() == port).count();
+    assert_eq!((queries, answers), (200, 200));
+    assert!(
+        packets
+            .iter()
+            .all(|p| p.dst.port() == port || p.src.port() == port),
+        "nothing but dig's lookups"
+    );
+}
+
+#[test]
+fn no_tracepoint_stays_enabled_once_the_last_stream_closes() {
+    let mount = Mount::start(&[]);
+    let nginx = Nginx::start(1);
+    let path = mount.dir(nginx.workers[0], "nginx").join("all");
+    wait_until(WAIT, "the all file", || path.exists());
+    let perf_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", mount.pid()))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().contains("perf_event"))
+            .count()
+    };
+    assert_eq!(perf_fds(), 0, "no events before a stream");
+    {
+        let _first = std::fs::File::open(&path).unwrap();
+        let _second = std::fs::File::open(mount.dir(nginx.master, "nginx").join("all")).unwrap();
+        wait_until(WAIT, "the events", || perf_fds() > 0);
+    }
+    wait_until(WAIT, "every perf event closed", || perf_fds() == 0);
+    wait_until(WAIT, "the reader's end in the log", || {
+        mount.log().contains("kernel events: stopped")
+    });
+    assert!(
+        mount.log().contains("kernel events: stopped"),
+        "{}",
+        mount.log()
+    );
+}
