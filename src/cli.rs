@@ -39,7 +39,8 @@ pub struct Cli {
 
     /// Mount options, comma-separated, as mount(8) passes them:
     /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
-    /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng
+    /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng,
+    /// no_kernel_events
     /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
@@ -85,6 +86,13 @@ pub struct Cli {
     /// packet naming its process and socket.
     #[arg(long, value_enum, default_value_t = StreamFormat::Pcap)]
     pub format: StreamFormat,
+
+    /// Attribute the flows of `all` and `tree` streams by following /proc
+    /// only, without kernel events (tracepoints): for a host where they are
+    /// unwanted, or to compare. Flows shorter than about 10 ms are then
+    /// mostly missed.
+    #[arg(long)]
+    pub no_kernel_events: bool,
 
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
@@ -175,6 +183,7 @@ impl Cli {
             match key {
                 "allow_other" => self.allow_other = true,
                 "all_processes" => self.all_processes = true,
+                "no_kernel_events" => self.no_kernel_events = true,
                 "cache_ttl" => self.cache_ttl = parse_duration(needs()?).map_err(bad)?,
                 "interface" => self.interface = needs()?.to_owned(),
                 "snaplen" => {
@@ -198,7 +207,7 @@ impl Cli {
                 unknown => {
                     return Err(format!(
                         "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
-                         interface, snaplen, buffer, kernel_buffer, format)"
+                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events)"
                     ));
                 }
             }

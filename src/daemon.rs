@@ -57,6 +57,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         stream_buffer: cli.buffer,
         format: cli.format.into(),
         allow_other: cli.allow_other,
+        kernel_events: !cli.no_kernel_events,
     };
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {

@@ -232,6 +232,8 @@ pub struct AccuracyReport {
     pub precision_violations: u64,
     pub long_tcp_recall: f64,
     pub long_udp_recall: f64,
+    pub short_tcp_recall: f64,
+    pub short_udp_recall: f64,
 }
 
 /// Runs the measurement with `count` TCP connections and `count` UDP
@@ -383,9 +385,9 @@ pub fn measure(
         recall
     };
     let long_tcp_recall = recall_of(false, true);
-    recall_of(false, false);
+    let short_tcp_recall = recall_of(false, false);
     let long_udp_recall = recall_of(true, true);
-    recall_of(true, false);
+    let short_udp_recall = recall_of(true, false);
     rows.push((
         format!("daemon CPU over the {:.1} s run", elapsed.as_secs_f64()),
         cpu,
@@ -396,6 +398,8 @@ pub fn measure(
         precision_violations,
         long_tcp_recall,
         long_udp_recall,
+        short_tcp_recall,
+        short_udp_recall,
     })
 }
 

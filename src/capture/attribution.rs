@@ -242,6 +242,16 @@ impl FlowOwners {
         owners
     }
 
+    /// Some events were lost (a ring overflowed): what is known of which
+    /// kernel socket address has which tuple and user may be stale (a lost
+    /// close, a lost new socket at the same address), and a stale join
+    /// would give a flow to the wrong process. Forget it; claims made so
+    /// far stay, and direct claims (reads, closes, routes) go on.
+    pub fn forget_sockets(&mut self) {
+        self.tuples.clear();
+        self.users.clear();
+    }
+
     /// Whether `pid` is an ancestor (by `is_ancestor`) or descends from one
     /// by forks seen lately.
     pub fn descends_from(&self, pid: u32, is_ancestor: impl Fn(u32) -> bool) -> bool {

@@ -187,6 +187,7 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
             let _ = poll(&mut fds, Some(&timeout));
         }
         let clock = Clock::now();
+        let mut lost = 0;
         for ring in &mut rings {
             ring.drain(|record| match perf::parse_record(record) {
                 Some(Record::Sample { pid, time, raw }) => {
@@ -194,11 +195,17 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
                         pending.push((time, pid, decoded));
                     }
                 }
-                Some(Record::Lost(count)) => {
-                    shared.lost.fetch_add(count, Ordering::Relaxed);
-                }
+                Some(Record::Lost(count)) => lost += count,
                 Some(Record::Other) | None => {}
             });
+        }
+        if lost > 0 {
+            shared.lost.fetch_add(lost, Ordering::Relaxed);
+            shared
+                .owners
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .forget_sockets();
         }
         pending.sort_by_key(|(time, _, _)| *time);
         let ready = pending.partition_point(|(time, _, _)| *time <= clock.monotonic_ns);

@@ -62,6 +62,8 @@ pub struct FsOptions {
     pub format: Format,
     /// Other users may enter the mount (`--allow-other`).
     pub allow_other: bool,
+    /// `all` and `tree` streams use kernel events where they can be had.
+    pub kernel_events: bool,
 }
 
 /// What makes snapshots and gives inode numbers; one at a time.
@@ -421,7 +423,12 @@ impl NetstatFs {
         };
         // Who owns which flow, from kernel events where they can be had;
         // said once per stream, with why not where they cannot.
-        let events = match self.events.subscribe() {
+        let subscribed = if self.options.kernel_events {
+            self.events.subscribe()
+        } else {
+            Err("--no-kernel-events".to_owned())
+        };
+        let events = match subscribed {
             Ok(events) => {
                 info!("{label}: flows attributed from kernel events");
                 Some(events)

@@ -106,6 +106,44 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     ] {
         assert!(page.contains(section), "the man page lacks {section}");
     }
+    // Only root and the netstatfs group may run the capability-granted
+    // binary, as wireshark-common does for dumpcap.
+    let group = String::from_utf8_lossy(&run("getent", &["group", "netstatfs"]).stdout)
+        .trim()
+        .to_owned();
+    let gid = group
+        .split(':')
+        .nth(2)
+        .expect("a netstatfs group")
+        .to_owned();
+    let stat = run("stat", &["-c", "%a %U %G", "/usr/bin/netstatfs"]);
+    assert_eq!(
+        String::from_utf8_lossy(&stat.stdout).trim(),
+        "754 root netstatfs"
+    );
+    // (Through a shell: setpriv itself still holds its capabilities when
+    // it execs, and would pass the exec permission check as root does.)
+    let as_nobody = |groups: &str| {
+        run(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                groups,
+                "sh",
+                "-c",
+                "exec /usr/bin/netstatfs --version",
+            ],
+        )
+    };
+    let outsider = as_nobody("--clear-groups");
+    assert!(
+        !outsider.status.success()
+            && String::from_utf8_lossy(&outsider.stderr).contains("Permission denied"),
+        "{outsider:?}"
+    );
+    let member = as_nobody(&format!("--groups={gid}"));
+    assert!(member.status.success(), "{member:?}");
     let caps = run("getcap", &["/usr/bin/netstatfs"]);
     let caps = String::from_utf8_lossy(&caps.stdout);
     for cap in [
@@ -227,6 +265,16 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     assert!(
         run("dpkg-query", &["-W", "netstatfs"]).stdout.is_empty()
             || !Path::new("/usr/bin/netstatfs").exists()
+    );
+    assert!(
+        run("getent", &["group", "netstatfs"]).stdout.is_empty(),
+        "the netstatfs group left behind"
+    );
+    assert!(
+        !run("dpkg-statoverride", &["--list", "/usr/bin/netstatfs"])
+            .status
+            .success(),
+        "the stat override left behind"
     );
     for path in [
         "/usr/bin/netstatfs",

@@ -143,9 +143,10 @@ fn extra_sections() -> Roff {
             "Capturing needs CAP_NET_RAW; reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and \
              CAP_DAC_READ_SEARCH; kernel events need CAP_PERFMON; entering another network namespace needs \
              CAP_SYS_ADMIN. Run as root, netstatfs keeps these (and CAP_NET_ADMIN) and drops every other \
-             capability. The Debian package grants the \
-             binary cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search,cap_perfmon so that users can run it; \
-             without them it lists the user's own processes and says at start-up what it cannot do.",
+             capability. The Debian package grants the binary \
+             cap_net_raw,cap_net_admin,cap_sys_ptrace,cap_dac_read_search,cap_perfmon and lets only root and \
+             the netstatfs group run it (usermod -aG netstatfs USER), as wireshark-common does for dumpcap; \
+             without the capabilities it lists the user's own processes and says at start-up what it cannot do.",
         ],
     );
     section(
