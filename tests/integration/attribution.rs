@@ -3,13 +3,13 @@
 //! `tree`, and flows shorter than a millisecond are all there. Real
 //! programs from Debian (nginx, ab, curl, dnsmasq, dig) on loopback.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::mount::Mount;
 use crate::common::nginx::Nginx;
-use crate::common::packets::{Seen, read_pcap};
+use crate::common::packets::{Seen, read_pcap, read_pcap_file};
 use crate::common::{ScratchDir, read_to_eof, wait_for, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -89,6 +89,22 @@ fn each_prefork_worker_has_exactly_the_connections_it_served() {
         "{}",
         mount.log()
     );
+    // The same traffic as tcpdump sees it, captured meanwhile.
+    let scratch = ScratchDir::new("prefork");
+    let truth_path = scratch.0.join("truth.pcap");
+    let tcpdump = Command::new("tcpdump")
+        // Immediate mode: packets of a last, unfilled buffer block would be
+        // lost when SIGINT stops it.
+        .args(["-i", "lo", "-B", "65536", "--immediate-mode", "-U", "-w"])
+        .arg(&truth_path)
+        .args(["tcp", "port", &nginx.port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, "tcpdump to start", || {
+        std::fs::metadata(&truth_path).is_ok_and(|meta| meta.len() >= 24)
+    });
     let ab = Command::new("ab")
         .args(["-q", "-n", "2000", "-c", "10"])
         .arg(format!("http://127.0.0.1:{}/", nginx.port))
@@ -104,12 +120,57 @@ fn each_prefork_worker_has_exactly_the_connections_it_served() {
     let nginx_master = nginx.master;
     drop(nginx);
     let mut seen_by = Vec::new();
+    let mut in_streams: HashMap<Seen, usize> = HashMap::new();
+    let mut by_stream: Vec<(u32, Vec<Seen>)> = Vec::new();
     for (pid, (bytes, reader)) in streams {
         wait_until(WAIT, "EOF after nginx stopped", || reader.is_finished());
         reader.join().unwrap();
         let packets = read_pcap(&bytes.lock().unwrap()).1;
+        for packet in &packets {
+            *in_streams.entry(packet.clone()).or_default() += 1;
+        }
+        by_stream.push((pid, packets.clone()));
         seen_by.push((pid, connections(&packets, port)));
     }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let tcpdump = tcpdump.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&tcpdump.stderr);
+    assert!(
+        summary
+            .lines()
+            .any(|line| line.trim() == "0 packets dropped by kernel"),
+        "{summary}"
+    );
+    // Packet for packet: the streams together hold nothing tcpdump did not
+    // see, and all but at most 0.1% of what it saw.
+    let mut truth: HashMap<Seen, usize> = HashMap::new();
+    for packet in read_pcap_file(&truth_path).1 {
+        *truth.entry(packet).or_default() += 1;
+    }
+    let total: usize = truth.values().sum();
+    for (packet, count) in &in_streams {
+        assert!(
+            truth.get(packet).is_some_and(|seen| seen >= count),
+            "in the streams {count} times, {:?} in tcpdump's capture: {packet:?}; in streams {:?}",
+            truth.get(packet),
+            by_stream
+                .iter()
+                .map(|(pid, packets)| (pid, packets.iter().filter(|p| *p == packet).count()))
+                .collect::<Vec<_>>()
+        );
+    }
+    let missed: usize = truth
+        .iter()
+        .map(|(packet, count)| count - in_streams.get(packet).copied().unwrap_or(0).min(*count))
+        .sum();
+    assert!(
+        missed * 1000 <= total,
+        "{missed} of tcpdump's {total} packets in no stream"
+    );
     // Where a connection went wrong: what each stream saw on its port.
     let story = |client: u16| -> String {
         let servers: Vec<(u32, usize)> = served

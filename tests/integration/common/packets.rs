@@ -8,7 +8,7 @@ use std::path::Path;
 use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
 
 /// One packet as a test looks at it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Seen {
     pub src: SocketAddr,
     pub dst: SocketAddr,
