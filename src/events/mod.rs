@@ -63,15 +63,6 @@ impl KernelEvents {
         *slot = Arc::downgrade(&running);
         Ok(running)
     }
-
-    /// Whether a reader runs now (for tests of the lifecycle).
-    pub fn is_running(&self) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .strong_count()
-            > 0
-    }
 }
 
 /// The reader thread and what it learns.
