@@ -16,6 +16,7 @@ pub mod capture;
 pub mod cli;
 pub mod daemon;
 pub mod events;
+pub mod extcap;
 pub mod fs;
 pub mod inventory;
 pub mod names;

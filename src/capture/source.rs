@@ -42,6 +42,37 @@ pub struct CaptureSettings {
     pub kernel_buffer: usize,
 }
 
+impl CaptureSettings {
+    /// The link type the streams will carry, as far as the daemon's own
+    /// namespace tells (a socket's namespace may name the interface for a
+    /// device of another kind; the stream's own header is what counts).
+    pub fn expected_linktype(&self) -> u32 {
+        let arphrd = std::fs::read_to_string(format!("/sys/class/net/{}/type", self.interface))
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
+        linktype_for(&self.interface, arphrd)
+    }
+}
+
+/// The link type libpcap gives a capture on `interface`, from the device's
+/// ARPHRD type (pure): `any` is Linux cooked mode; libpcap falls back to
+/// cooked mode for device kinds it has no header for.
+pub fn linktype_for(interface: &str, arphrd: Option<u16>) -> u32 {
+    const LINUX_SLL: u32 = 113;
+    if interface == "any" {
+        return LINUX_SLL;
+    }
+    match arphrd {
+        // Ethernet, and loopback, which libpcap shows as Ethernet.
+        Some(1 | 772) => 1,
+        // A device without link-layer header (tun, wireguard): raw IP.
+        Some(65534) => 12,
+        Some(801) => 105,
+        Some(803) => 127,
+        _ => LINUX_SLL,
+    }
+}
+
 /// What to capture.
 pub struct CaptureRequest {
     /// The namespace to capture in (the daemon's own included: the capture
@@ -428,4 +459,19 @@ fn apply_commands(
             commands.try_recv(),
             Err(crossbeam_channel::TryRecvError::Disconnected)
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linktype_for;
+
+    #[test]
+    fn link_types_follow_libpcap() {
+        assert_eq!(linktype_for("any", Some(1)), 113);
+        assert_eq!(linktype_for("lo", Some(772)), 1);
+        assert_eq!(linktype_for("eth0", Some(1)), 1);
+        assert_eq!(linktype_for("tun0", Some(65534)), 12);
+        assert_eq!(linktype_for("ppp0", Some(512)), 113);
+        assert_eq!(linktype_for("gone0", None), 113);
+    }
 }

@@ -46,7 +46,7 @@ use crate::stream::table::StreamTable;
 use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
 use tree::{InodeTable, Node, ROOT_INO, Tree, Whole};
-use xattrs::Subject;
+use xattrs::{MountFacts, Subject};
 
 /// The shortest interval between snapshots that a lookup miss may force.
 pub const MISS_REFRESH: Duration = Duration::from_millis(100);
@@ -74,6 +74,8 @@ struct Refresher {
 
 pub struct NetstatFs {
     options: FsOptions,
+    /// What the root's attributes say of the streams.
+    facts: MountFacts,
     identity: MountIdentity,
     /// The daemon's own network namespace, opened at start-up.
     home: Option<Netns>,
@@ -104,7 +106,16 @@ impl NetstatFs {
             &mut refresher.inodes,
             options.all_processes,
         );
+        let facts = MountFacts {
+            format: match options.format {
+                Format::Pcap => "pcap",
+                Format::PcapNg => "pcapng",
+            },
+            interface: options.capture.interface.clone(),
+            linktype: options.capture.expected_linktype(),
+        };
         NetstatFs {
+            facts,
             options,
             identity: MountIdentity {
                 uid: nix::unistd::getuid().as_raw(),
@@ -190,15 +201,15 @@ impl NetstatFs {
         Ok(Lookup::Missing(tree))
     }
 
-    fn subject<'t>(tree: &'t Tree, node: Node) -> Subject<'t> {
+    fn subject<'t>(&'t self, tree: &'t Tree, node: Node) -> Subject<'t> {
         match node {
-            Node::Root => Subject::Root,
+            Node::Root => Subject::Root(&self.facts),
             Node::Dir(dir) => Subject::Process(tree.process_of(&tree.dirs[dir])),
             Node::File(dir, file) => {
                 let dir = &tree.dirs[dir];
                 Subject::Socket(tree.socket_of(dir, &dir.files[file]))
             }
-            Node::Whole(..) => Subject::Root,
+            Node::Whole(..) => Subject::Whole,
         }
     }
 
@@ -771,7 +782,7 @@ impl Filesystem for NetstatFs {
             reply.error(Errno::ENOENT);
             return;
         };
-        match xattrs::get(&Self::subject(&tree, node), name.as_bytes()) {
+        match xattrs::get(&self.subject(&tree, node), name.as_bytes()) {
             Some(value) => reply_sized(reply, size, &value),
             None => reply.error(Errno::NO_XATTR),
         }
@@ -780,7 +791,7 @@ impl Filesystem for NetstatFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let tree = self.tree();
         match tree.node(ino.0) {
-            Some(node) => reply_sized(reply, size, &xattrs::list(&Self::subject(&tree, node))),
+            Some(node) => reply_sized(reply, size, &xattrs::list(&self.subject(&tree, node))),
             None => reply.error(Errno::ENOENT),
         }
     }

@@ -3,13 +3,34 @@
 //!
 //! Socket files carry `user.netstatfs.{proto,state,inode,uid,local,remote,
 //! rx_queue,tx_queue,fds,netns}`; process directories carry
-//! `user.netstatfs.{pid,comm,uid,netns,sockets}`. Values are plain text, as
-//! `getfattr -d` shows them.
+//! `user.netstatfs.{pid,comm,uid,netns,sockets}`; the root carries what a
+//! reader of the streams needs before opening one,
+//! `user.netstatfs.{format,interface,linktype}` (the Wireshark extcap
+//! reads the link type). Values are plain text, as `getfattr -d` shows
+//! them.
 
 use crate::inventory::{ProcessInfo, SocketInfo};
 
 type SocketGetter = fn(&SocketInfo) -> String;
 type ProcessGetter = fn(&ProcessInfo) -> String;
+type MountGetter = fn(&MountFacts) -> String;
+
+/// What the whole mount serves, fixed at mount time.
+#[derive(Debug, Clone)]
+pub struct MountFacts {
+    /// pcap or pcapng.
+    pub format: &'static str,
+    /// The capture device (`any` unless `--interface`).
+    pub interface: String,
+    /// The streams' link type, as a number (113: LINUX_SLL).
+    pub linktype: u32,
+}
+
+const MOUNT_ATTRIBUTES: &[(&str, MountGetter)] = &[
+    ("user.netstatfs.format", |m| m.format.to_owned()),
+    ("user.netstatfs.interface", |m| m.interface.clone()),
+    ("user.netstatfs.linktype", |m| m.linktype.to_string()),
+];
 
 const SOCKET_ATTRIBUTES: &[(&str, SocketGetter)] = &[
     ("user.netstatfs.proto", |s| s.proto().to_string()),
@@ -42,7 +63,9 @@ fn optional(value: Option<crate::inventory::NetnsId>) -> String {
 
 /// Whose attributes are asked for.
 pub enum Subject<'a> {
-    Root,
+    Root(&'a MountFacts),
+    /// `all` and `tree`: no attributes of their own.
+    Whole,
     Process(&'a ProcessInfo),
     Socket(&'a SocketInfo),
 }
@@ -50,7 +73,8 @@ pub enum Subject<'a> {
 /// The NUL-terminated names, as listxattr returns them.
 pub fn list(subject: &Subject<'_>) -> Vec<u8> {
     let names: Vec<&str> = match subject {
-        Subject::Root => Vec::new(),
+        Subject::Root(_) => MOUNT_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+        Subject::Whole => Vec::new(),
         Subject::Process(_) => PROCESS_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
         Subject::Socket(_) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
     };
@@ -65,7 +89,11 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
 /// One attribute's value, or None if the subject has no such attribute.
 pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
     let value = match subject {
-        Subject::Root => None,
+        Subject::Root(facts) => MOUNT_ATTRIBUTES
+            .iter()
+            .find(|(known, _)| known.as_bytes() == name)
+            .map(|(_, getter)| getter(facts)),
+        Subject::Whole => None,
         Subject::Process(process) => PROCESS_ATTRIBUTES
             .iter()
             .find(|(known, _)| known.as_bytes() == name)

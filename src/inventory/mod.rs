@@ -9,6 +9,7 @@
 //! /proc/<pid>/net of one process in it), never once per process or per
 //! lookup.
 
+pub mod container;
 pub mod live;
 pub mod netns;
 pub mod probe;

@@ -196,6 +196,45 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     );
     assert!(mounted_at(&by_type), "mounted when mount returns");
     assert!(try_list(&by_type).is_some(), "lists");
+    // Wireshark lists the extcap from its own folder, unprivileged, and
+    // the extcap reads this mount.
+    let folders = String::from_utf8_lossy(&run("tshark", &["-G", "folders"]).stdout).into_owned();
+    let extcap_folder = folders
+        .lines()
+        .find_map(|line| line.strip_prefix("Extcap path:"))
+        .expect("tshark names its extcap folder")
+        .trim()
+        .to_owned();
+    let extcap = format!("{extcap_folder}/netstatfs-extcap");
+    let stat = run("stat", &["-c", "%a %U", &extcap]);
+    assert_eq!(String::from_utf8_lossy(&stat.stdout).trim(), "755 root");
+    assert!(
+        run("getcap", &[&extcap]).stdout.is_empty(),
+        "the extcap holds no capability"
+    );
+    let devices = run("tshark", &["-D"]);
+    assert!(
+        String::from_utf8_lossy(&devices.stdout)
+            .lines()
+            .any(|line| line.ends_with("netstatfs (Processes and sockets (netstatfs))")),
+        "tshark -D: {}",
+        String::from_utf8_lossy(&devices.stdout)
+    );
+    let config = run(
+        &extcap,
+        &[
+            "--extcap-interface",
+            "netstatfs",
+            "--extcap-config",
+            "--mount",
+            by_type.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&config.stdout).contains("{call=--pid}"),
+        "{config:?}"
+    );
+    assert!(run("man", &["-w", "netstatfs-extcap"]).status.success());
     let umount = run("umount", &[by_type.to_str().unwrap()]);
     assert!(umount.status.success());
     assert!(!mounted_at(&by_type));

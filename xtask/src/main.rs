@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use clap_complete::{Shell, generate_to};
 use netstatfs::cli::Cli;
+use netstatfs::extcap::ExtcapArgs;
 use roff::{Roff, bold, italic, roman};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,6 +28,7 @@ fn assets(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let page = man_page()?;
     let path: PathBuf = dir.join("netstatfs.1");
     std::fs::write(&path, page)?;
+    std::fs::write(dir.join("netstatfs-extcap.1"), extcap_man_page()?)?;
     println!(
         "wrote {} and completions in {}",
         path.display(),
@@ -47,6 +49,48 @@ fn man_page() -> Result<Vec<u8>, std::io::Error> {
     man.render_description_section(&mut out)?;
     man.render_options_section(&mut out)?;
     extra_sections().to_writer(&mut out)?;
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+/// The extcap's page: its options, and how Wireshark finds it.
+fn extcap_man_page() -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(ExtcapArgs::command())
+        .section("1")
+        .manual("User Commands");
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    let mut roff = Roff::new();
+    section(
+        &mut roff,
+        "WIRESHARK",
+        &[
+            "Wireshark and tshark run every program of their extcap folders (tshark -G folders \
+             names them): the package installs this one in the global folder; a user may link \
+             it into their personal one (~/.config/wireshark/extcap). The interface is called \
+             netstatfs; its options are the process (pid), the stream (all, tree or a socket \
+             file of that process) and the mount point (default: the first netstatfs mount).",
+            "From the command line: tshark -i netstatfs -o extcap.netstatfs.pid:PID \
+             -o extcap.netstatfs.stream:all. A capture filter (-f) is applied to each packet \
+             by libpcap, compiled for the stream's link type.",
+            "The extcap reads the mount with its caller's rights, as cat would: a stream the \
+             caller may not read is an error, which Wireshark shows. It holds no capability.",
+        ],
+    );
+    section(
+        &mut roff,
+        "EXIT STATUS",
+        &[
+            "0 when the capture ended (SIGTERM, the stream's end, or Wireshark closing the \
+           FIFO); 1 with a message on standard error otherwise; 2 for a command line it does \
+           not understand.",
+        ],
+    );
+    roff.to_writer(&mut out)?;
     man.render_version_section(&mut out)?;
     Ok(out)
 }
