@@ -163,8 +163,10 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
 
     // The configuration: the mount's processes, and a chosen one's streams.
     let mount = Mount::start(&[]);
+    let container = Cgroup::docker_like();
     let mut peer = Peer::spawn();
     peer.cmd("comm ext-list");
+    container.enter(peer.pid);
     let listener = peer.cmd("tcp-listen 127.0.0.1:0");
     let socket = format!("tcp_{}_0.0.0.0:0", listener[1]);
     wait_until(WAIT, "the peer's socket file", || {
@@ -181,7 +183,11 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
     assert!(config.status.success(), "{}", text(&config.stderr));
     let config = text(&config.stdout);
     assert!(
-        config.contains(&format!("{{value={0}}}{{display={0} ext-list}}", peer.pid)),
+        config.contains(&format!(
+            "{{value={0}}}{{display={0} ext-list (docker {1})}}",
+            peer.pid,
+            &CONTAINER_ID[..12]
+        )),
         "{config}"
     );
     let pid = peer.pid.to_string();
@@ -241,6 +247,64 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
         text(&dlts.stdout).trim(),
         "dlt {number=113}{name=LINUX_SLL}{display=Linux cooked v1}"
     );
+    drop(mount);
+    let on_lo = Mount::start(&["--interface", "lo"]);
+    let dlts = extcap(&[
+        "--extcap-interface",
+        "netstatfs",
+        "--extcap-dlts",
+        "--mount",
+        on_lo.path.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        text(&dlts.stdout).trim(),
+        "dlt {number=1}{name=EN10MB}{display=Ethernet}"
+    );
+}
+
+const CONTAINER_ID: &str = "3f2a0e57c1d94b6e8a7f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+
+/// A cgroup named as docker's systemd driver names a container's, in the
+/// machine's cgroup v2 hierarchy: what `docker run` would make, without a
+/// docker daemon. Removed on drop, its processes moved back to the root.
+struct Cgroup {
+    root: PathBuf,
+    slice: PathBuf,
+    scope: PathBuf,
+}
+
+impl Cgroup {
+    fn docker_like() -> Cgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = mountinfo
+            .lines()
+            .find_map(|line| {
+                let (before, after) = line.split_once(" - ")?;
+                (after.split(' ').next()? == "cgroup2").then(|| before.split(' ').nth(4))?
+            })
+            .map(PathBuf::from)
+            .expect("a cgroup v2 hierarchy");
+        let slice = root.join(format!("netstatfs-test-{}.slice", std::process::id()));
+        let scope = slice.join(format!("docker-{CONTAINER_ID}.scope"));
+        std::fs::create_dir_all(&scope).unwrap();
+        Cgroup { root, slice, scope }
+    }
+
+    fn enter(&self, pid: u32) {
+        std::fs::write(self.scope.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.scope.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.scope);
+        let _ = std::fs::remove_dir(&self.slice);
+    }
 }
 
 #[test]
