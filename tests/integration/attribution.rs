@@ -94,8 +94,21 @@ fn each_prefork_worker_has_exactly_the_connections_it_served() {
     let truth_path = scratch.0.join("truth.pcap");
     let tcpdump = Command::new("tcpdump")
         // Immediate mode: packets of a last, unfilled buffer block would be
-        // lost when SIGINT stops it.
-        .args(["-i", "lo", "-B", "65536", "--immediate-mode", "-U", "-w"])
+        // lost when SIGINT stops it. Its ring is one frame per packet, each
+        // as big as the snapshot length: 2 KiB (an HTTP exchange here is
+        // under 1 KiB a packet) makes 64 MiB hold 30,000 packets, more
+        // than the whole run (at 256 KiB, 256 frames overflowed under ab).
+        .args([
+            "-i",
+            "lo",
+            "-s",
+            "2048",
+            "-B",
+            "65536",
+            "--immediate-mode",
+            "-U",
+            "-w",
+        ])
         .arg(&truth_path)
         .args(["tcp", "port", &nginx.port.to_string()])
         .stdout(Stdio::null())
