@@ -1,32 +1,129 @@
-//! How accurately a process's `all` stream follows it.
+//! How accurately a process's `all` and `tree` streams follow it.
 //!
-//! A loopback server (TCP and UDP echo); a target process that makes TCP
-//! connections and UDP exchanges to it, half living 10 ms or more, half
-//! under a millisecond (connect or bind, send, close); and a second process
-//! talking to the same server ports meanwhile. The ground truth is a capture
-//! of the server's ports taken by this harness itself; each client reports
-//! its flows (local port, start, end). Then:
+//! The processes, all on loopback:
+//! - an echo server (TCP and UDP);
+//! - the target: its own flows to the echo server (active), and, with the
+//!   child it forks, two workers sharing one TCP listener and one UDP
+//!   socket, as a prefork server's workers do (passive);
+//! - the target's child: flows of its own to the echo server, and its share
+//!   of the passive flows;
+//! - a neighbour making flows to the same echo server ports;
+//! - a dialer making the passive flows to the workers' sockets.
 //!
-//! - recall: the share of the target's packets (by the ground truth) that
-//!   its `all` stream holds, for long and for short flows;
-//! - precision: packets of the second process in the target's stream (must
-//!   be none);
-//! - what polling /proc once a second (bandwhich's method) would catch: the
-//!   flows alive at some poll instant, and their share of the packets;
-//! - the daemon's CPU seconds over the run.
+//! Each flow lives 0.1 ms (send and close), 1 ms (one exchange), 10 ms or
+//! 1 s (two exchanges that far apart). Every process reports its flows
+//! (ports, start, end), the workers which connections and datagrams each
+//! served. The ground truth is this harness's own capture of all the ports
+//! involved; each packet goes to the flow that had its ports at its time.
+//!
+//! Measured: recall (the share of a flow's packets the stream holds) of the
+//! target's `all` over the target's flows and of its `tree` over the
+//! target's and the child's; packets of anyone else in either (the
+//! neighbour's, and in `all` the child's: precision); records twice; the
+//! daemon's CPU over the run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Daemon, Error, Helper, unix_nanos, wait_for_path};
 
+/// How long a flow lives.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Lifetime {
+    /// Send, then close at once (no reply awaited).
+    Tenth,
+    /// One exchange.
+    Milli,
+    /// Two exchanges 10 ms apart.
+    Ten,
+    /// Two exchanges 1 s apart.
+    Second,
+}
+
+impl Lifetime {
+    const ALL: [Lifetime; 4] = [
+        Lifetime::Tenth,
+        Lifetime::Milli,
+        Lifetime::Ten,
+        Lifetime::Second,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Lifetime::Tenth => "0.1ms",
+            Lifetime::Milli => "1ms",
+            Lifetime::Ten => "10ms",
+            Lifetime::Second => "1s",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Lifetime> {
+        Lifetime::ALL.into_iter().find(|l| l.name() == text)
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Lifetime::Tenth => "about 0.1 ms",
+            Lifetime::Milli => "under 1 ms",
+            Lifetime::Ten => "10 ms",
+            Lifetime::Second => "1 s",
+        }
+    }
+
+    /// The pause between the two exchanges, for those that have two.
+    fn pause(self) -> Option<Duration> {
+        match self {
+            Lifetime::Tenth | Lifetime::Milli => None,
+            Lifetime::Ten => Some(Duration::from_millis(10)),
+            Lifetime::Second => Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Who makes, or serves, a flow.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Role {
+    Target,
+    Child,
+    Neighbour,
+    Dialer,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Target => "target",
+            Role::Child => "child",
+            Role::Neighbour => "neighbour",
+            Role::Dialer => "dialer",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Role> {
+        [Role::Target, Role::Child, Role::Neighbour, Role::Dialer]
+            .into_iter()
+            .find(|role| role.name() == text)
+    }
+
+    fn comm(self) -> &'static str {
+        match self {
+            Role::Target => "bench",
+            Role::Child => "bench-child",
+            Role::Neighbour => "bench-other",
+            Role::Dialer => "bench-dialer",
+        }
+    }
+}
+
 /// `bench --accuracy-server`: TCP and UDP echo on loopback.
 pub fn server() -> Result<(), Error> {
-    let tcp = TcpListener::bind("127.0.0.1:0")?;
+    let tcp = listener_with_room()?;
     let udp = UdpSocket::bind("127.0.0.1:0")?;
     println!(
         "ready {} {}",
@@ -34,182 +131,517 @@ pub fn server() -> Result<(), Error> {
         udp.local_addr()?.port()
     );
     std::io::stdout().flush()?;
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut buffer) {
-            let _ = udp.send_to(&buffer[..n], from);
+    std::thread::spawn(move || echo_udp(&udp, |_, _, _| {}));
+    std::thread::spawn(move || echo_tcp(&tcp, |_, _, _| {}));
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+/// A loopback listener whose accept queue holds a burst of connects: at
+/// std's 128 a saturated machine overflows it, and a dropped SYN is resent
+/// a second later, outside what the run measures.
+fn listener_with_room() -> Result<TcpListener, Error> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))?;
+    listen(&fd, Backlog::new(4096)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Echoes datagrams, telling `served(client port, received, sent)`.
+fn echo_udp(socket: &UdpSocket, served: impl Fn(u16, u128, u128)) {
+    // Room for the bursts of a loaded run (the default holds a few hundred).
+    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::RcvBuf, &(8 << 20));
+    let mut buffer = [0u8; 2048];
+    while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+        let received = unix_nanos();
+        let _ = socket.send_to(&buffer[..n], from);
+        served(from.port(), received, unix_nanos());
+    }
+}
+
+/// Echoes each accepted connection on a thread of its own, telling
+/// `served(client port, accepted, ended)` when it ends.
+fn echo_tcp(listener: &TcpListener, served: impl Fn(u16, u128, u128) + Clone + Send + 'static) {
+    for stream in listener.incoming().flatten() {
+        let accepted = unix_nanos();
+        let served = served.clone();
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let port = stream.peer_addr().map_or(0, |peer| peer.port());
+            let mut buffer = [0u8; 2048];
+            while let Ok(n) = stream.read(&mut buffer) {
+                if n == 0 || stream.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+            served(port, accepted, unix_nanos());
+        });
+    }
+}
+
+/// Reports for the harness, from any thread, kept until it asks: printed
+/// as they came, they could fill the pipe while the harness reads another
+/// process, stopping the very workers the others are waiting on.
+type Out = Arc<Mutex<Vec<String>>>;
+
+fn say(out: &Out, line: &str) {
+    if let Ok(mut out) = out.lock() {
+        out.push(line.to_owned());
+    }
+}
+
+/// Prints the reports kept so far, then `last` (an answer to the harness).
+fn print_reports(out: &Out, last: &str) -> Result<(), Error> {
+    let lines = std::mem::take(&mut *out.lock().map_err(|_| "poisoned")?);
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        writeln!(stdout, "{line}")?;
+    }
+    writeln!(stdout, "{last}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// `bench --accuracy-client <role> <count> <tcp port> <udp port> [<listener fd> <udp fd>]`:
+/// the target (which forks the child and, with it, serves the shared
+/// sockets), the child, or the neighbour. Waits for "go", makes its flows,
+/// says "done"; on "report", waits for the last served flows to be told
+/// and says "reported".
+pub fn client(args: &[String]) -> Result<(), Error> {
+    let role = Role::parse(args.first().ok_or("missing role")?).ok_or("unknown role")?;
+    let number = |i: usize| -> Result<u64, Error> {
+        Ok(args
+            .get(i)
+            .ok_or("missing argument")?
+            .parse::<u64>()
+            .map_err(|err| err.to_string())?)
+    };
+    let count = number(1)? as usize;
+    let echo_tcp_at: SocketAddr = format!("127.0.0.1:{}", number(2)?).parse()?;
+    let echo_udp_at: SocketAddr = format!("127.0.0.1:{}", number(3)?).parse()?;
+    std::fs::write("/proc/self/comm", role.comm())?;
+    let out: Out = Arc::default();
+
+    // The shared sockets: made by the target, inherited by the child.
+    let shared = match role {
+        Role::Target => {
+            let listener = listener_with_room()?;
+            let udp = UdpSocket::bind("127.0.0.1:0")?;
+            for fd in [listener.as_raw_fd(), udp.as_raw_fd()] {
+                nix::fcntl::fcntl(
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+            }
+            Some((listener, udp))
         }
-    });
-    std::thread::spawn(move || {
-        for stream in tcp.incoming().flatten() {
+        Role::Child => {
+            let (listener_fd, udp_fd) = (number(4)? as i32, number(5)? as i32);
+            // SAFETY: the target passed these fds, open across the exec,
+            // for this process to own.
+            unsafe {
+                Some((
+                    TcpListener::from_raw_fd(listener_fd),
+                    UdpSocket::from_raw_fd(udp_fd),
+                ))
+            }
+        }
+        Role::Neighbour | Role::Dialer => None,
+    };
+    let mut child = None;
+    let mut ready = "ready".to_owned();
+    if let Some((listener, udp)) = &shared {
+        if role == Role::Target {
+            let mut spawned = Command::new(std::env::current_exe()?)
+                .args([
+                    "--accuracy-client",
+                    "child",
+                    &count.to_string(),
+                    &echo_tcp_at.port().to_string(),
+                    &echo_udp_at.port().to_string(),
+                    &listener.as_raw_fd().to_string(),
+                    &udp.as_raw_fd().to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut lines = BufReader::new(spawned.stdout.take().ok_or("no stdout")?).lines();
+            lines.next().ok_or("the child ended")??;
+            // The child's reports go to the harness through this process;
+            // its "done" and "reported" are answers to this process.
+            let (answers_tx, answers) = crossbeam_channel::unbounded();
+            let relay = Arc::clone(&out);
             std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buffer = [0u8; 2048];
-                while let Ok(n) = stream.read(&mut buffer) {
-                    if n == 0 || stream.write_all(&buffer[..n]).is_err() {
-                        break;
+                for line in lines.map_while(Result::ok) {
+                    if line == "done" || line == "reported" {
+                        let _ = answers_tx.send(line);
+                    } else {
+                        say(&relay, &line);
                     }
                 }
             });
+            child = Some((spawned, answers));
+            ready = format!(
+                "ready {} {}",
+                listener.local_addr()?.port(),
+                udp.local_addr()?.port()
+            );
         }
-    });
+        let (listener, udp) = (listener.try_clone()?, udp.try_clone()?);
+        let served_out = Arc::clone(&out);
+        std::thread::spawn(move || {
+            echo_tcp(&listener, move |port, start, end| {
+                say(
+                    &served_out,
+                    &format!("served tcp {port} {} {start} {end}", role.name()),
+                );
+            });
+        });
+        let served_out = Arc::clone(&out);
+        std::thread::spawn(move || {
+            echo_udp(&udp, |port, start, end| {
+                say(
+                    &served_out,
+                    &format!("served udp {port} {} {start} {end}", role.name()),
+                );
+            });
+        });
+    }
+    print_reports(&Arc::default(), &ready)?;
+
+    let mut stdin = std::io::stdin().lock();
+    let mut command = String::new();
+    stdin.read_line(&mut command)?;
+    let tell_child =
+        |child: &mut Option<(std::process::Child, crossbeam_channel::Receiver<String>)>,
+         line: &str|
+         -> Result<(), Error> {
+            if let Some((child, answers)) = child {
+                let input = child.stdin.as_mut().ok_or("no stdin")?;
+                writeln!(input, "{line}")?;
+                input.flush()?;
+                answers.recv_timeout(Duration::from_secs(60))?;
+            }
+            Ok(())
+        };
+    if let Some((spawned, _)) = &mut child {
+        let input = spawned.stdin.as_mut().ok_or("no stdin")?;
+        writeln!(input, "go")?;
+        input.flush()?;
+    }
+    make_flows(role, count, echo_tcp_at, echo_udp_at, &out)?;
+    if let Some((_, answers)) = &child {
+        answers.recv_timeout(Duration::from_secs(60))?;
+    }
+    print_reports(&Arc::default(), "done")?;
+    command.clear();
+    stdin.read_line(&mut command)?;
+    // The dialer is done: its last connections end within milliseconds.
+    std::thread::sleep(Duration::from_millis(300));
+    tell_child(&mut child, "report")?;
+    print_reports(&out, "reported")?;
+    let mut sink = Vec::new();
+    let _ = stdin.read_to_end(&mut sink);
+    Ok(())
+}
+
+/// `bench --accuracy-dialer <count> <tcp port> <udp port>`: the passive
+/// flows, to the workers' shared sockets.
+pub fn dialer(args: &[String]) -> Result<(), Error> {
+    let port = |i: usize| -> Result<u16, Error> {
+        Ok(args
+            .get(i)
+            .ok_or("missing argument")?
+            .parse::<u16>()
+            .map_err(|err| err.to_string())?)
+    };
+    let count: usize = args.first().ok_or("missing count")?.parse()?;
+    let tcp: SocketAddr = format!("127.0.0.1:{}", port(1)?).parse()?;
+    let udp: SocketAddr = format!("127.0.0.1:{}", port(2)?).parse()?;
+    std::fs::write("/proc/self/comm", Role::Dialer.comm())?;
+    let out: Out = Arc::default();
+    print_reports(&out, "ready")?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    make_flows(Role::Dialer, count, tcp, udp, &out)?;
+    print_reports(&out, "done")?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     Ok(())
 }
 
-/// `bench --accuracy-client <tcp> <udp> <tcp port> <udp port>`: waits for
-/// "go", then makes its flows one after the other, alternating long (10 ms
-/// or more) and short (under 1 ms), and reports each:
-/// `flow tcp|udp <local port> long|short <start ns> <end ns>`.
-pub fn client(args: &[String]) -> Result<(), Error> {
-    let number =
-        |i: usize| -> Result<usize, Error> { Ok(args.get(i).ok_or("missing argument")?.parse()?) };
-    let (tcp_count, udp_count) = (number(0)?, number(1)?);
-    let server_tcp: SocketAddr = format!("127.0.0.1:{}", number(2)?).parse()?;
-    let server_udp: SocketAddr = format!("127.0.0.1:{}", number(3)?).parse()?;
-    std::fs::write("/proc/self/comm", "bench")?;
-    // A socket from the start, so the process has a directory (and an
-    // `all` file) on the mount before its flows begin.
-    let _idle = UdpSocket::bind("127.0.0.1:0")?;
-    println!("ready");
-    std::io::stdout().flush()?;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
+/// `count` flows of each lifetime and protocol to `tcp` and `udp`, told as
+/// `flow <role> tcp|udp <server port> <client port> <lifetime> <start> <end>`.
+/// The 1 s flows run on threads of their own, spread over the run.
+fn make_flows(
+    role: Role,
+    count: usize,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    out: &Out,
+) -> Result<(), Error> {
+    // A fifth as many 1 s flows, each on a thread (a thousand threads
+    // would measure the machine's scheduler, not the streams).
+    let mut slow = Vec::new();
+    for i in 0..count.div_ceil(5) {
+        let out = Arc::clone(out);
+        slow.push(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50) * i as u32);
+            for (udp_flow, server) in [(false, tcp), (true, udp)] {
+                if let Err(err) = one_flow(role, udp_flow, server, Lifetime::Second, &out) {
+                    eprintln!("a 1 s flow failed: {err}");
+                }
+            }
+        }));
+    }
+    for lifetime in [Lifetime::Tenth, Lifetime::Milli, Lifetime::Ten] {
+        for _ in 0..count {
+            one_flow(role, false, tcp, lifetime, out)?;
+            one_flow(role, true, udp, lifetime, out)?;
+        }
+    }
+    for thread in slow {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn one_flow(
+    role: Role,
+    udp: bool,
+    server: SocketAddr,
+    lifetime: Lifetime,
+    out: &Out,
+) -> Result<(), Error> {
     let payload = [b'a'; 100];
     let mut reply = [0u8; 100];
-    let mut out = std::io::stdout().lock();
-    for i in 0..tcp_count {
-        let long = i % 2 == 0;
-        let start = unix_nanos();
-        let mut stream = TcpStream::connect(server_tcp)?;
-        let port = stream.local_addr()?.port();
+    let start = unix_nanos();
+    let port = if udp {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // A datagram the loaded echo side dropped is no reason to stop:
+        // the exchange is reported all the same (the ground truth says
+        // which packets there were).
+        socket.send_to(&payload, server)?;
+        if lifetime != Lifetime::Tenth {
+            let _ = socket.recv(&mut reply);
+        }
+        if let Some(pause) = lifetime.pause() {
+            std::thread::sleep(pause);
+            socket.send_to(&payload, server)?;
+            let _ = socket.recv(&mut reply);
+        }
+        socket.local_addr()?.port()
+    } else {
+        let mut stream = TcpStream::connect(server)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.write_all(&payload)?;
-        if long {
+        if lifetime != Lifetime::Tenth {
             stream.read_exact(&mut reply)?;
-            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(pause) = lifetime.pause() {
+            std::thread::sleep(pause);
             stream.write_all(&payload)?;
             stream.read_exact(&mut reply)?;
         }
-        drop(stream);
-        writeln!(
-            out,
-            "flow tcp {port} {} {start} {}",
-            if long { "long" } else { "short" },
+        stream.local_addr()?.port()
+    };
+    say(
+        out,
+        &format!(
+            "flow {} {} {} {port} {} {start} {}",
+            role.name(),
+            if udp { "udp" } else { "tcp" },
+            server.port(),
+            lifetime.name(),
             unix_nanos()
-        )?;
-    }
-    for i in 0..udp_count {
-        let long = i % 2 == 0;
-        let start = unix_nanos();
-        let socket = UdpSocket::bind("127.0.0.1:0")?;
-        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let port = socket.local_addr()?.port();
-        socket.send_to(&payload, server_udp)?;
-        if long {
-            socket.recv(&mut reply)?;
-            std::thread::sleep(Duration::from_millis(10));
-            socket.send_to(&payload, server_udp)?;
-            socket.recv(&mut reply)?;
-        }
-        drop(socket);
-        writeln!(
-            out,
-            "flow udp {port} {} {start} {}",
-            if long { "long" } else { "short" },
-            unix_nanos()
-        )?;
-    }
-    writeln!(out, "done")?;
-    out.flush()?;
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+        ),
+    );
     Ok(())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-struct FlowKey {
+/// One flow as the ground truth knows it.
+#[derive(Clone, Debug)]
+struct FlowRecord {
+    owner: Role,
     udp: bool,
-    client_port: u16,
-}
-
-struct ClientFlow {
-    key: FlowKey,
-    long: bool,
+    passive: bool,
+    lifetime: Lifetime,
     start: u128,
     end: u128,
 }
 
-fn flows_of(client: &mut Helper) -> Result<Vec<ClientFlow>, Error> {
-    let mut flows = Vec::new();
+/// Flows by (udp, server port, client port).
+type FlowIndex = HashMap<(bool, u16, u16), Vec<usize>>;
+
+/// What the processes said, until each said `until`.
+fn lines_until(helper: &mut Helper, until: &str) -> Result<Vec<String>, Error> {
+    let mut lines = Vec::new();
     loop {
-        let line = client.read_line()?;
-        if line == "done" {
-            return Ok(flows);
+        let line = helper.read_line()?;
+        if line == until {
+            return Ok(lines);
         }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let ["flow", proto, port, class, start, end] = words.as_slice() {
-            flows.push(ClientFlow {
-                key: FlowKey {
-                    udp: *proto == "udp",
-                    client_port: port.parse()?,
-                },
-                long: *class == "long",
-                start: start.parse()?,
-                end: end.parse()?,
-            });
-        }
+        lines.push(line);
     }
 }
 
-/// Whose flow a packet is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Owner {
-    Target,
-    Other,
+/// The flows the reports describe: active ones as their makers tell them;
+/// passive TCP connections owned by the worker that served them; passive
+/// UDP, one flow per datagram served, owned by the worker that got it.
+fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
+    let mut records = Vec::new();
+    let mut dialed: Vec<(bool, u16, u16, Lifetime, u128, u128)> = Vec::new();
+    let mut served: Vec<(bool, u16, Role, u128, u128)> = Vec::new();
+    for line in reports {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["flow", role, proto, server, client, lifetime, start, end] => {
+                let (Some(role), Some(lifetime), Ok(server), Ok(client), Ok(start), Ok(end)) = (
+                    Role::parse(role),
+                    Lifetime::parse(lifetime),
+                    server.parse::<u16>(),
+                    client.parse::<u16>(),
+                    start.parse::<u128>(),
+                    end.parse::<u128>(),
+                ) else {
+                    continue;
+                };
+                let udp = *proto == "udp";
+                if role == Role::Dialer {
+                    dialed.push((udp, server, client, lifetime, start, end));
+                } else {
+                    records.push((
+                        server,
+                        client,
+                        FlowRecord {
+                            owner: role,
+                            udp,
+                            passive: false,
+                            lifetime,
+                            start,
+                            end,
+                        },
+                    ));
+                }
+            }
+            ["served", proto, client, role, start, end] => {
+                if let (Some(role), Ok(client), Ok(start), Ok(end)) = (
+                    Role::parse(role),
+                    client.parse::<u16>(),
+                    start.parse::<u128>(),
+                    end.parse::<u128>(),
+                ) {
+                    served.push((*proto == "udp", client, role, start, end));
+                }
+            }
+            _ => {}
+        }
+    }
+    let covers = |start: u128, end: u128, at: u128| {
+        start.saturating_sub(FLOW_SLACK_NS) <= at && at <= end + FLOW_SLACK_NS
+    };
+    // A datagram served: one flow of the worker that got it, of the
+    // lifetime of the dialer's flow it was part of.
+    for (udp, client, role, received, sent) in &served {
+        let dialer_flow = dialed
+            .iter()
+            .filter(|(u, _, port, _, start, end)| {
+                *u && *udp && port == client && covers(*start, *end, *received)
+            })
+            .min_by_key(|(_, _, _, _, start, _)| start.abs_diff(*received));
+        if let Some((_, server, _, lifetime, _, _)) = dialer_flow {
+            let record = FlowRecord {
+                owner: *role,
+                udp: true,
+                passive: true,
+                lifetime: *lifetime,
+                start: *received,
+                end: *sent,
+            };
+            records.push((*server, *client, record));
+        }
+    }
+    // A connection dialed: owned by the worker that accepted it.
+    for (udp, server, client, lifetime, start, end) in dialed {
+        if udp {
+            continue;
+        }
+        let owner = served
+            .iter()
+            .filter(|(u, port, _, at, _)| !*u && *port == client && covers(start, end, *at))
+            .min_by_key(|(_, _, _, at, _)| at.abs_diff(start))
+            .map_or(Role::Dialer, |(_, _, role, _, _)| *role);
+        let record = FlowRecord {
+            owner,
+            udp,
+            passive: true,
+            lifetime,
+            start,
+            end,
+        };
+        records.push((server, client, record));
+    }
+    records
 }
 
 /// How far outside a flow's reported start and end its packets may fall
 /// (the close's FIN and ACK come after the client's report).
 const FLOW_SLACK_NS: u128 = 100_000_000;
 
-/// Packets per flow of a capture of the server's ports: each packet goes to
-/// the flow that had its client port at its time (ports are reused, by one
-/// process or the other, over a run).
+/// Packets per flow of a capture; each packet goes to the flow that had
+/// its ports at its time (ports are reused over a run, by one process or
+/// another). Also the number of records seen twice (same time, same bytes).
 fn count_flows(
     (linktype, packets): &Packets,
-    flows: &HashMap<FlowKey, Vec<(Owner, usize, u128, u128)>>,
-    tcp_port: u16,
-    udp_port: u16,
-) -> HashMap<(Owner, usize), u64> {
+    records: &[FlowRecord],
+    index: &FlowIndex,
+    server_ports: &HashSet<(bool, u16)>,
+) -> (HashMap<usize, u64>, u64) {
     let mut counts = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut twice = 0;
     for (at, data) in packets {
+        if !seen.insert((*at, data.as_slice())) {
+            twice += 1;
+            continue;
+        }
         let Some(flow) = netstatfs::capture::classify::flow_of(*linktype, data) else {
             continue;
         };
         let udp = flow.transport == netstatfs::capture::classify::Transport::Udp;
-        let server_port = if udp { udp_port } else { tcp_port };
-        let client_port = if flow.dst.port() == server_port {
-            flow.src.port()
-        } else if flow.src.port() == server_port {
-            flow.dst.port()
+        let (server, client) = if server_ports.contains(&(udp, flow.dst.port())) {
+            (flow.dst.port(), flow.src.port())
+        } else if server_ports.contains(&(udp, flow.src.port())) {
+            (flow.src.port(), flow.dst.port())
         } else {
             continue;
         };
-        let Some(candidates) = flows.get(&FlowKey { udp, client_port }) else {
+        let Some(candidates) = index.get(&(udp, server, client)) else {
             continue;
         };
         let owner = candidates
             .iter()
-            .filter(|(_, _, start, end)| {
-                start.saturating_sub(FLOW_SLACK_NS) <= *at && *at <= end + FLOW_SLACK_NS
+            .filter(|i| {
+                let record = &records[**i];
+                record.start.saturating_sub(FLOW_SLACK_NS) <= *at
+                    && *at <= record.end + FLOW_SLACK_NS
             })
-            .min_by_key(|(_, _, start, _)| start.abs_diff(*at));
-        if let Some((owner, index, _, _)) = owner {
-            *counts.entry((*owner, *index)).or_insert(0) += 1;
+            .min_by_key(|i| records[**i].start.abs_diff(*at));
+        if let Some(i) = owner {
+            *counts.entry(*i).or_insert(0) += 1;
         }
     }
-    counts
+    (counts, twice)
 }
 
 /// A capture: its link type, and each packet with its time (nanoseconds).
@@ -227,187 +659,249 @@ fn read_packets(path: &std::path::Path) -> Result<Packets, Error> {
     Ok((linktype, packets))
 }
 
-pub struct AccuracyReport {
-    pub rows: Vec<(String, f64, String)>,
-    pub precision_violations: u64,
-    pub long_tcp_recall: f64,
-    pub long_udp_recall: f64,
-    pub short_tcp_recall: f64,
-    pub short_udp_recall: f64,
+/// One row of the table: a kind of flow, and the recall of `all` and
+/// `tree` over it.
+pub struct Row {
+    pub label: String,
+    pub all: Option<f64>,
+    pub tree: Option<f64>,
+    /// Flows of 10 ms or more, which following /proc is expected to catch.
+    pub long: bool,
 }
 
-/// Runs the measurement with `count` TCP connections and `count` UDP
-/// exchanges for the target (the second process makes a quarter as many).
+pub struct AccuracyReport {
+    pub rows: Vec<Row>,
+    /// Packets of the neighbour (or of nobody measured) in the target's
+    /// `all` and `tree`.
+    pub neighbour_in_all: u64,
+    pub neighbour_in_tree: u64,
+    /// Packets of the child (its own flows, and those it served on the
+    /// shared sockets) in the target's `all`.
+    pub child_in_all: u64,
+    /// Records seen twice in either stream.
+    pub duplicates: u64,
+    pub cpu: f64,
+    pub seconds: f64,
+}
+
+/// A stream of the mount read into memory on a thread until it ends.
+struct StreamCopy {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl StreamCopy {
+    fn open(path: &std::path::Path) -> Result<StreamCopy, Error> {
+        wait_for_path(path, Duration::from_secs(10))?;
+        let mut file = File::open(path)?;
+        let bytes: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let sink = Arc::clone(&bytes);
+        let reader = std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 1 << 20];
+            while let Ok(n) = file.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut bytes) = sink.lock() {
+                    bytes.extend_from_slice(&buffer[..n]);
+                }
+            }
+        });
+        Ok(StreamCopy { bytes, reader })
+    }
+
+    /// Waits for the end; the stream saved at `path`, read back.
+    fn finish(self, path: &std::path::Path) -> Result<Packets, Error> {
+        let _ = self.reader.join();
+        std::fs::write(path, &*self.bytes.lock().map_err(|_| "poisoned")?)?;
+        read_packets(path)
+    }
+}
+
+/// Runs the measurement with `count` flows of each lifetime, protocol and
+/// side for the target (and as many for its child; the neighbour makes a
+/// quarter as many).
 pub fn measure(
     daemon: &Daemon,
     scratch: &std::path::Path,
     count: usize,
 ) -> Result<AccuracyReport, Error> {
     let mut server = Helper::spawn(&["--accuracy-server"])?;
-    let ready = server.read_line()?;
-    let ports: Vec<u16> = ready
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let (tcp_port, udp_port) = (ports[0], ports[1]);
-    let client_args = |n: usize| {
-        vec![
-            "--accuracy-client".to_owned(),
-            n.to_string(),
-            n.to_string(),
-            tcp_port.to_string(),
-            udp_port.to_string(),
-        ]
+    let ports = |line: String| -> Vec<u16> {
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|p| p.parse().ok())
+            .collect()
     };
-    let target_args = client_args(count);
-    let other_args = client_args(count.div_ceil(4));
-    let mut target = Helper::spawn(&target_args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let mut other = Helper::spawn(&other_args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    target.read_line()?;
-    other.read_line()?;
+    let echo = ports(server.read_line()?);
+    let (echo_tcp, echo_udp) = (echo[0].to_string(), echo[1].to_string());
+    let count_text = count.to_string();
+    let neighbour_count = count.div_ceil(4).to_string();
+    let mut target = Helper::spawn(&[
+        "--accuracy-client",
+        "target",
+        &count_text,
+        &echo_tcp,
+        &echo_udp,
+    ])?;
+    let workers = ports(target.read_line()?);
+    let (worker_tcp, worker_udp) = (workers[0].to_string(), workers[1].to_string());
+    let mut neighbour = Helper::spawn(&[
+        "--accuracy-client",
+        "neighbour",
+        &neighbour_count,
+        &echo_tcp,
+        &echo_udp,
+    ])?;
+    neighbour.read_line()?;
+    let mut dialer = Helper::spawn(&["--accuracy-dialer", &count_text, &worker_tcp, &worker_udp])?;
+    dialer.read_line()?;
 
-    // The ground truth: this harness's own capture of the server's ports.
+    // The ground truth: this harness's own capture of every port involved.
     let truth_path = scratch.join("truth.pcap");
     let mut truth = Helper::spawn(&[
         "--accuracy-truth",
         truth_path.to_str().ok_or("path")?,
-        &tcp_port.to_string(),
-        &udp_port.to_string(),
+        &format!(
+            "tcp port {echo_tcp} or udp port {echo_udp} or tcp port {worker_tcp} or udp port {worker_udp}"
+        ),
     ])?;
     truth.read_line()?;
 
-    // The target's all stream, read into memory.
-    let all = daemon
+    let directory = daemon
         .mountpoint
-        .join(format!("{}_bench", target.child.id()))
-        .join("all");
-    wait_for_path(&all, Duration::from_secs(10))?;
-    let stream_bytes: Arc<Mutex<Vec<u8>>> = Arc::default();
-    let mut file = File::open(&all)?;
-    let sink = Arc::clone(&stream_bytes);
-    let reader = std::thread::spawn(move || {
-        let mut buffer = vec![0u8; 1 << 20];
-        while let Ok(n) = file.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .map(|mut bytes| bytes.extend_from_slice(&buffer[..n]))
-                .ok();
-        }
-    });
+        .join(format!("{}_bench", target.child.id()));
+    let all = StreamCopy::open(&directory.join("all"))?;
+    let tree = StreamCopy::open(&directory.join("tree"))?;
 
     let cpu_before = daemon.cpu_seconds();
     let started = Instant::now();
-    target.send("go")?;
-    other.send("go")?;
-    let target_flows = flows_of(&mut target)?;
-    let other_flows = flows_of(&mut other)?;
-    let elapsed = started.elapsed();
-    // Let the last packets through, then end the target: its stream ends.
-    std::thread::sleep(Duration::from_millis(700));
+    for helper in [&mut target, &mut neighbour, &mut dialer] {
+        helper.send("go")?;
+    }
+    let mut reports = lines_until(&mut dialer, "done")?;
+    for helper in [&mut neighbour, &mut target] {
+        lines_until(helper, "done")?;
+    }
+    for helper in [&mut neighbour, &mut target] {
+        helper.send("report")?;
+        reports.extend(lines_until(helper, "reported")?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Let the last packets through, then end the target: its streams end
+    // (the child ends with it).
+    std::thread::sleep(Duration::from_millis(500));
     drop(target);
-    let _ = reader.join();
+    let all = all.finish(&scratch.join("all.pcap"))?;
+    let tree = tree.finish(&scratch.join("tree.pcap"))?;
     let cpu = daemon.cpu_seconds() - cpu_before;
     truth.send("stop")?;
     truth.read_line()?;
-    drop(other);
-    drop(server);
+    drop((neighbour, dialer, server));
 
-    let stream_path = scratch.join("all.pcap");
-    std::fs::write(&stream_path, &*stream_bytes.lock().map_err(|_| "poisoned")?)?;
-    let mut flows: HashMap<FlowKey, Vec<(Owner, usize, u128, u128)>> = HashMap::new();
-    for (owner, list) in [(Owner::Target, &target_flows), (Owner::Other, &other_flows)] {
-        for (index, flow) in list.iter().enumerate() {
-            flows
-                .entry(flow.key)
-                .or_default()
-                .push((owner, index, flow.start, flow.end));
+    let described = flow_records(&reports);
+    let mut index: FlowIndex = HashMap::new();
+    let mut records = Vec::new();
+    for (i, (server, client, record)) in described.into_iter().enumerate() {
+        index
+            .entry((record.udp, server, client))
+            .or_default()
+            .push(i);
+        records.push(record);
+    }
+    let server_ports: HashSet<(bool, u16)> = [
+        (false, echo[0]),
+        (true, echo[1]),
+        (false, workers[0]),
+        (true, workers[1]),
+    ]
+    .into_iter()
+    .collect();
+    let (truth_counts, _) =
+        count_flows(&read_packets(&truth_path)?, &records, &index, &server_ports);
+    let (all_counts, all_twice) = count_flows(&all, &records, &index, &server_ports);
+    let (tree_counts, tree_twice) = count_flows(&tree, &records, &index, &server_ports);
+    // What the streams missed, on stderr, to look into.
+    for (i, record) in records.iter().enumerate() {
+        let truth = truth_counts.get(&i).copied().unwrap_or(0);
+        for (stream, counts, owners) in [
+            ("all", &all_counts, &[Role::Target][..]),
+            ("tree", &tree_counts, &[Role::Target, Role::Child][..]),
+        ] {
+            let seen = counts.get(&i).copied().unwrap_or(0);
+            if owners.contains(&record.owner) && seen < truth {
+                eprintln!("missed in {stream}: {seen} of {truth} packets of {record:?}");
+            }
         }
     }
-    let truth_counts = count_flows(&read_packets(&truth_path)?, &flows, tcp_port, udp_port);
-    let stream_counts = count_flows(&read_packets(&stream_path)?, &flows, tcp_port, udp_port);
-    let precision_violations: u64 = stream_counts
-        .iter()
-        .filter(|((owner, _), _)| *owner == Owner::Other)
-        .map(|(_, count)| count)
-        .sum();
-    let mut rows = Vec::new();
-    let mut recall_of = |udp: bool, long: bool| -> f64 {
-        let flows: Vec<(usize, &ClientFlow)> = target_flows
+    let packets_of = |counts: &HashMap<usize, u64>, owners: &[Role]| -> u64 {
+        counts
             .iter()
-            .enumerate()
-            .filter(|(_, f)| f.key.udp == udp && f.long == long)
-            .collect();
-        let packets_of = |index: usize, counts: &HashMap<(Owner, usize), u64>| {
-            counts.get(&(Owner::Target, index)).copied().unwrap_or(0)
-        };
-        let (mut seen, mut total) = (0u64, 0u64);
-        for (index, _) in &flows {
-            let truth = packets_of(*index, &truth_counts);
-            total += truth;
-            seen += packets_of(*index, &stream_counts).min(truth);
-        }
-        // Polling /proc once a second: a flow is seen if it is alive at a
-        // poll instant (the phase spread over ten offsets).
-        let first = target_flows.iter().map(|f| f.start).min().unwrap_or(0);
-        let mut caught = 0.0;
-        for phase in 0..10u128 {
-            let offset = phase * 100_000_000;
-            let alive_at_poll = |f: &ClientFlow| {
-                let k = (f.start.saturating_sub(first + offset)).div_ceil(1_000_000_000);
-                first + offset + k * 1_000_000_000 <= f.end
-            };
-            let caught_packets: u64 = flows
-                .iter()
-                .filter(|(_, f)| alive_at_poll(f))
-                .map(|(index, _)| packets_of(*index, &truth_counts))
-                .sum();
-            caught += caught_packets as f64 / total.max(1) as f64 / 10.0;
-        }
-        let recall = seen as f64 / total.max(1) as f64;
-        let label = format!(
-            "{} {} ({} flows)",
-            if udp {
-                "UDP exchanges"
-            } else {
-                "TCP connections"
-            },
-            if long {
-                "living 10 ms or more"
-            } else {
-                "living under 1 ms"
-            },
-            flows.len()
-        );
-        rows.push((label, recall, format!("{caught:.3}")));
-        recall
+            .filter(|(i, _)| owners.contains(&records[**i].owner))
+            .map(|(_, count)| count)
+            .sum()
     };
-    let long_tcp_recall = recall_of(false, true);
-    let short_tcp_recall = recall_of(false, false);
-    let long_udp_recall = recall_of(true, true);
-    let short_udp_recall = recall_of(true, false);
-    rows.push((
-        format!("daemon CPU over the {:.1} s run", elapsed.as_secs_f64()),
-        cpu,
-        String::new(),
-    ));
+    // None where the owners had no such flow (a worker may have served
+    // none of a kind: the other got them all).
+    let recall =
+        |counts: &HashMap<usize, u64>, owners: &[Role], pick: &dyn Fn(&FlowRecord) -> bool| {
+            let (mut seen, mut total) = (0u64, 0u64);
+            for (i, record) in records.iter().enumerate() {
+                if owners.contains(&record.owner) && pick(record) {
+                    let truth = truth_counts.get(&i).copied().unwrap_or(0);
+                    total += truth;
+                    seen += counts.get(&i).copied().unwrap_or(0).min(truth);
+                }
+            }
+            (total > 0).then(|| seen as f64 / total as f64)
+        };
+    let mut rows = Vec::new();
+    for passive in [false, true] {
+        for udp in [false, true] {
+            for lifetime in Lifetime::ALL {
+                let pick = |record: &FlowRecord| {
+                    record.passive == passive && record.udp == udp && record.lifetime == lifetime
+                };
+                let flows = records
+                    .iter()
+                    .filter(|r| pick(r) && matches!(r.owner, Role::Target | Role::Child))
+                    .count();
+                rows.push(Row {
+                    label: format!(
+                        "{} {} living {} ({flows} flows, target and child)",
+                        if udp { "UDP" } else { "TCP" },
+                        if passive {
+                            if udp { "served" } else { "accepted" }
+                        } else if udp {
+                            "sent"
+                        } else {
+                            "connected"
+                        },
+                        lifetime.label()
+                    ),
+                    all: recall(&all_counts, &[Role::Target], &pick),
+                    tree: recall(&tree_counts, &[Role::Target, Role::Child], &pick),
+                    long: matches!(lifetime, Lifetime::Ten | Lifetime::Second),
+                });
+            }
+        }
+    }
     Ok(AccuracyReport {
         rows,
-        precision_violations,
-        long_tcp_recall,
-        long_udp_recall,
-        short_tcp_recall,
-        short_udp_recall,
+        neighbour_in_all: packets_of(&all_counts, &[Role::Neighbour, Role::Dialer]),
+        neighbour_in_tree: packets_of(&tree_counts, &[Role::Neighbour, Role::Dialer]),
+        child_in_all: packets_of(&all_counts, &[Role::Child]),
+        duplicates: all_twice + tree_twice,
+        cpu,
+        seconds,
     })
 }
 
-/// `bench --accuracy-truth <file> <tcp port> <udp port>`: captures the
-/// server's ports on lo until "stop".
+/// `bench --accuracy-truth <file> <filter>`: captures the filter's packets
+/// on lo until "stop".
 pub fn truth(args: &[String]) -> Result<(), Error> {
     let path = args.first().ok_or("missing file")?;
-    let (tcp, udp) = (args.get(1).ok_or("port")?, args.get(2).ok_or("port")?);
+    let filter = args.get(1).ok_or("missing filter")?;
     let mut capture = pcap::Capture::from_device("lo")?
         .snaplen(256)
         .buffer_size(64 << 20)
@@ -415,7 +909,7 @@ pub fn truth(args: &[String]) -> Result<(), Error> {
         .timeout(10)
         .open()?
         .setnonblock()?;
-    capture.filter(&format!("tcp port {tcp} or udp port {udp}"), true)?;
+    capture.filter(filter, true)?;
     let mut savefile = capture.savefile(path)?;
     println!("ready");
     std::io::stdout().flush()?;
@@ -438,6 +932,10 @@ pub fn truth(args: &[String]) -> Result<(), Error> {
         }
     }
     savefile.flush()?;
+    let stats = capture.stats()?;
+    if stats.dropped > 0 {
+        return Err(format!("the ground truth lost {} packets", stats.dropped).into());
+    }
     println!("stopped");
     std::io::stdout().flush()?;
     Ok(())

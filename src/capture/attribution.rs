@@ -12,7 +12,9 @@
 //! the flow (a passive connection's handshake, a request a server has not
 //! answered yet), to the first claimant shortly after; a TCP claim never
 //! reaches across a SYN that opened another connection on the same tuple
-//! ([`Openings`]).
+//! ([`Openings`]). A UDP datagram goes to a claim just after it rather than
+//! an older one before it (`REPLY_WINDOW`): on a socket workers share, the
+//! reply's route lookup names the worker that got the request.
 //!
 //! Events that name a socket but not its tuple (`sock_send_length`) are
 //! joined with those that name both (`inet_sock_set_state`) by the socket's
@@ -44,7 +46,11 @@ pub struct Sample {
 const REACH_BACK: Duration = Duration::from_secs(1);
 /// Clock skew allowed between an event and the packet it caused (both are
 /// kernel times, of two clocks).
-const SKEW: Duration = Duration::from_micros(500);
+pub const SKEW: Duration = Duration::from_micros(500);
+/// For UDP, how soon after a packet a claim takes it over from an older
+/// one: a reply's route lookup names who got the request, and workers
+/// sharing one socket each get some of its datagrams.
+const REPLY_WINDOW: Duration = Duration::from_millis(50);
 /// How long after a connect's route lookup its SYN may leave.
 const CONNECT_SLACK: Duration = Duration::from_millis(20);
 /// How long claims are kept; the latest one of an endpoint is kept longer
@@ -224,13 +230,23 @@ impl FlowOwners {
                 .iter()
                 .rev()
                 .find(|claim| claim.at <= at + SKEW && same_connection(claim));
-            let owner = before.or_else(|| {
-                claims.iter().find(|claim| {
-                    claim.at > at
-                        && claim.at.duration_since(at).unwrap_or_default() <= REACH_BACK
-                        && same_connection(claim)
-                })
+            let after = claims.iter().find(|claim| {
+                claim.at > at + SKEW
+                    && claim.at.duration_since(at).unwrap_or_default() <= REACH_BACK
+                    && same_connection(claim)
             });
+            let owner = match (before, after) {
+                (Some(before), Some(after))
+                    if flow.transport == Transport::Udp
+                        && after.at.duration_since(at).unwrap_or_default()
+                            < REPLY_WINDOW
+                                .min(at.duration_since(before.at).unwrap_or_default()) =>
+                {
+                    Some(after)
+                }
+                (Some(before), _) => Some(before),
+                (None, after) => after,
+            };
             if let Some(claim) = owner {
                 owners.push(Claimant {
                     pid: claim.pid,
@@ -240,6 +256,27 @@ impl FlowOwners {
             }
         }
         owners
+    }
+
+    /// The time up to which events must have been applied before
+    /// [`FlowOwners::claimants`] of this packet is final: for UDP, a claim
+    /// up to [`REPLY_WINDOW`] later may still take it over from an older
+    /// one (never from one younger than that distance).
+    pub fn settled_after(&self, flow: &Flow, at: SystemTime) -> SystemTime {
+        let mut wait = Duration::ZERO;
+        if flow.transport == Transport::Udp {
+            for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
+                let latest = self
+                    .claims
+                    .get(&(flow.transport, local.port(), remote))
+                    .and_then(|claims| claims.iter().rev().find(|claim| claim.at <= at + SKEW));
+                if let Some(claim) = latest {
+                    let age = at.duration_since(claim.at).unwrap_or_default();
+                    wait = wait.max(age.min(REPLY_WINDOW));
+                }
+            }
+        }
+        at + SKEW + wait
     }
 
     /// Some events were lost (a ring overflowed): what is known of which
@@ -631,6 +668,50 @@ mod tests {
                 .owners(&udp("127.0.0.1:5353", "127.0.0.54:53"), at(10), &none)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_datagram_on_a_shared_socket_is_the_replying_workers() {
+        // Workers 401 and 402 share a UDP socket on port 5300; a client
+        // (500) on port 40000 makes two exchanges 10 ms apart, the first
+        // answered by 401, the second by 402: each worker's reply route
+        // lookup names who got the request.
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (0, 500, fib_record(0, 17, 40000, LO, 5300)),
+                (100, 401, fib_record(0, 17, 5300, LO, 40000)),
+                (10_000, 500, fib_record(0, 17, 40000, LO, 5300)),
+            ],
+        );
+        let none = Openings::default();
+        let request = udp("127.0.0.1:40000", "127.0.0.1:5300");
+        let reply = udp("127.0.0.1:5300", "127.0.0.1:40000");
+        // Before 402's reply is read, the second request looks like 401's:
+        // a verdict to wait on, until the events up to 401's claim's age
+        // after it (at most the reply window) are in.
+        assert_eq!(owners.owners(&request, at(10_050), &none), [500, 401]);
+        assert_eq!(
+            owners.settled_after(&request, at(10_050)),
+            at(10_050) + SKEW + Duration::from_micros(9_950)
+        );
+        // A claim older than the reply window is taken over only by a
+        // reply within it.
+        assert_eq!(
+            owners.settled_after(&request, at(100_000)),
+            at(100_000) + SKEW + REPLY_WINDOW
+        );
+        replay(
+            &mut owners,
+            &[(10_300, 402, fib_record(0, 17, 5300, LO, 40000))],
+        );
+        assert_eq!(owners.owners(&request, at(50), &none), [500, 401]);
+        assert_eq!(owners.owners(&reply, at(150), &none), [401, 500]);
+        // The second request, before 402's reply: 402's, not 401's of the
+        // exchange before.
+        assert_eq!(owners.owners(&request, at(10_050), &none), [500, 402]);
+        assert_eq!(owners.owners(&reply, at(10_350), &none), [402, 500]);
     }
 
     #[test]

@@ -75,6 +75,8 @@ struct Shared {
     owners: RwLock<FlowOwners>,
     stop: AtomicBool,
     lost: AtomicU64,
+    /// Wall-clock nanoseconds before which every event has been applied.
+    applied_until_ns: AtomicU64,
 }
 
 impl Running {
@@ -108,6 +110,7 @@ impl Running {
             owners: RwLock::new(FlowOwners::default()),
             stop: AtomicBool::new(false),
             lost: AtomicU64::new(0),
+            applied_until_ns: AtomicU64::new(0),
         });
         let reader_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -124,6 +127,14 @@ impl Running {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// The time before which every event has been applied to
+    /// [`Running::owners`]: what they do not say of a packet older than
+    /// this, no event yet to be read will say.
+    pub fn applied_until(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH
+            + Duration::from_nanos(self.shared.applied_until_ns.load(Ordering::Acquire))
     }
 
     /// What the events have told so far.
@@ -200,24 +211,31 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
         }
         pending.sort_by_key(|(time, _, _)| *time);
         let ready = pending.partition_point(|(time, _, _)| *time <= clock.monotonic_ns);
-        if ready == 0 && pruned.elapsed() < PRUNE_INTERVAL {
-            continue;
+        if ready > 0 || pruned.elapsed() >= PRUNE_INTERVAL {
+            let mut owners = shared
+                .owners
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (time, pid, decoded) in pending.drain(..ready) {
+                owners.apply(&Sample {
+                    at: clock.wall(time),
+                    pid,
+                    decoded,
+                });
+            }
+            if pruned.elapsed() >= PRUNE_INTERVAL {
+                owners.prune();
+                pruned = Instant::now();
+            }
         }
-        let mut owners = shared
-            .owners
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (time, pid, decoded) in pending.drain(..ready) {
-            owners.apply(&Sample {
-                at: clock.wall(time),
-                pid,
-                decoded,
+        // Every event before the drain began was in its ring by then.
+        let until = clock
+            .wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
             });
-        }
-        if pruned.elapsed() >= PRUNE_INTERVAL {
-            owners.prune();
-            pruned = Instant::now();
-        }
+        shared.applied_until_ns.store(until, Ordering::Release);
     }
 }
 

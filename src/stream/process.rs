@@ -45,7 +45,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 
 use super::{Format, Stream, lock};
-use crate::capture::attribution::Claimant;
+use crate::capture::attribution::{self, Claimant};
 use crate::capture::classify::{
     Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, flow_of,
 };
@@ -74,6 +74,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long a packet of an unknown flow waits for its owner to show up.
 pub const CANDIDATE_TTL: Duration = Duration::from_millis(200);
+/// The longest a packet waits for a kernel events reader that lags behind.
+const CANDIDATE_TTL_LAGGING: Duration = Duration::from_secs(2);
 /// The most bytes of such packets held at once.
 const CANDIDATE_BYTES: usize = 4 << 20;
 /// How many unclaimed packets make a flow another process's, to exclude.
@@ -158,6 +160,9 @@ pub struct ProcessSink {
     openings: Mutex<Openings>,
     /// Packets waiting for their owner, in the order they came.
     candidates: Mutex<Waiting>,
+    /// How far the events had been applied at the last look at the
+    /// waiting packets: until they go further, another look decides nothing.
+    sorted_until_ns: AtomicU64,
     candidate_bytes: AtomicUsize,
     /// Packets that no member claimed.
     unclaimed: AtomicU64,
@@ -245,6 +250,7 @@ impl ProcessSink {
             sockets: RwLock::new(ProcessSockets::default()),
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
+            sorted_until_ns: AtomicU64::new(0),
             candidate_bytes: AtomicUsize::new(0),
             unclaimed: AtomicU64::new(0),
             withheld: AtomicU64::new(0),
@@ -393,7 +399,15 @@ impl ProcessSink {
             return Verdict::Ours(owner.clone());
         }
         if let Some(events) = &self.events {
-            let claimants = events.owners().claimants(flow, at, openings);
+            let owners = events.owners();
+            if flow.transport == Transport::Udp
+                && events.applied_until() < owners.settled_after(flow, at)
+            {
+                // A reply's claim may yet name who got this datagram.
+                return Verdict::Unknown;
+            }
+            let claimants = owners.claimants(flow, at, openings);
+            drop(owners);
             if let Some(owner) = claimants
                 .iter()
                 .find_map(|claimant| self.member_owner(claimant, flow.transport))
@@ -401,9 +415,15 @@ impl ProcessSink {
                 return Verdict::Ours(owner);
             }
             if !claimants.is_empty() {
-                // Another process's, unless its other end is on this host
-                // and nobody claimed it yet (a connection's handshake comes
-                // before its acceptor's events): then it waits.
+                // Another process's once the events up to the packet are
+                // all in: until then an older claim (a port the other
+                // process used before) may be about to be superseded.
+                if events.applied_until() < at + attribution::SKEW {
+                    return Verdict::Unknown;
+                }
+                // Still another process's, unless its other end is on this
+                // host and nobody claimed it yet (a connection's handshake
+                // comes before its acceptor's events): then it waits.
                 let unclaimed_local_end = [flow.src, flow.dst].into_iter().any(|end| {
                     !claimants.iter().any(|claimant| claimant.local == end)
                         && self.is_local(end.ip())
@@ -424,6 +444,24 @@ impl ProcessSink {
             .bound_owner(flow, at)
             .cloned()
             .map_or(Verdict::Unknown, Verdict::Ours)
+    }
+
+    /// Whether a packet of no known owner yet, captured at `at` and queued
+    /// at `seen`, may still get one: for [`CANDIDATE_TTL`] after the events
+    /// read reach its time (a loaded reader may lag behind the captures),
+    /// and never longer than [`CANDIDATE_TTL_LAGGING`].
+    fn may_still_be_claimed(&self, at: SystemTime, seen: Instant) -> bool {
+        let waited = seen.elapsed();
+        if waited <= CANDIDATE_TTL {
+            return true;
+        }
+        match &self.events {
+            Some(events) => {
+                waited <= CANDIDATE_TTL_LAGGING
+                    && events.applied_until() < at + attribution::SKEW + CANDIDATE_TTL
+            }
+            None => false,
+        }
     }
 
     /// The capture time of the newest packet seen.
@@ -527,6 +565,17 @@ impl ProcessSink {
     /// they came (a flow's later packets never overtake its first waiting
     /// one); drops those that waited too long.
     fn sort_candidates(&self) {
+        if let Some(events) = &self.events {
+            let until = events
+                .applied_until()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+                });
+            if self.sorted_until_ns.swap(until, Ordering::Relaxed) == until {
+                return;
+            }
+        }
         let openings = lock(&self.openings);
         let mut waiting = lock(&self.candidates);
         let mut kept = Waiting::default();
@@ -549,7 +598,7 @@ impl ProcessSink {
                         &candidate.data,
                     );
                 }
-                Verdict::Unknown if candidate.seen.elapsed() <= CANDIDATE_TTL => {
+                Verdict::Unknown if self.may_still_be_claimed(at, candidate.seen) => {
                     blocked.insert(key);
                     kept.push(candidate);
                 }
