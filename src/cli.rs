@@ -87,6 +87,16 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = StreamFormat::Pcap)]
     pub format: StreamFormat,
 
+    /// Streams a user who is not root may hold open at once; beyond, open
+    /// fails with EMFILE. Each costs a kernel ring and a queue.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_user: u32,
+
+    /// Streams everyone together may hold open at once; beyond, open fails
+    /// with ENFILE.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+
     /// Attribute the flows of `all` and `tree` streams by following /proc
     /// only, without kernel events (tracepoints): for a host where they are
     /// unwanted, or to compare. Flows shorter than about 10 ms are then
@@ -194,6 +204,10 @@ impl Cli {
                         .ok_or_else(|| bad("not a byte count from 64 to 262144".into()))?
                 }
                 "buffer" => self.buffer = parse_size(needs()?).map_err(bad)?,
+                "max_streams_per_user" => {
+                    self.max_streams_per_user = parse_count(needs()?).map_err(bad)?
+                }
+                "max_streams" => self.max_streams = parse_count(needs()?).map_err(bad)?,
                 "kernel_buffer" => self.kernel_buffer = parse_size(needs()?).map_err(bad)?,
                 "format" => {
                     self.format = match needs()? {
@@ -207,7 +221,8 @@ impl Cli {
                 unknown => {
                     return Err(format!(
                         "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
-                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events)"
+                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events, max_streams_per_user, \
+                         max_streams)"
                     ));
                 }
             }
@@ -247,6 +262,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string());
     }
     humantime::parse_duration(text).map_err(|err| err.to_string())
+}
+
+/// A positive count, for the stream limits.
+fn parse_count(text: &str) -> Result<u32, String> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("{text:?} is not a count of 1 or more"))
 }
 
 /// A byte count: "4096", "512K", "4M", "4MiB", "1G" (binary multiples).
@@ -303,9 +326,12 @@ mod tests {
             "rw,nosuid,allow_other,cache_ttl=2s,interface=lo",
             "-o",
             "snaplen=1500,all_processes,format=pcapng,x-systemd.automount",
+            "-o",
+            "max_streams_per_user=8,max_streams=100",
         ])
         .unwrap();
         cli.apply_mount_options().unwrap();
+        assert_eq!((cli.max_streams_per_user, cli.max_streams), (8, 100));
         assert_eq!(cli.mountpoint(), PathBuf::from("/mnt/net"));
         assert!(cli.background());
         assert!(cli.allow_other && cli.all_processes);
@@ -317,6 +343,7 @@ mod tests {
         for (bad, named) in [
             ("colour=blue", "colour"),
             ("cache_ttl", "cache_ttl"),
+            ("max_streams=0", "max_streams=0"),
             ("snaplen=9", "snaplen=9"),
         ] {
             let mut cli = Cli::try_parse_from(["netstatfs", "m", "-o", bad]).unwrap();

@@ -20,6 +20,7 @@ use signal_hook::iterator::Signals;
 use crate::capture::source::CaptureSettings;
 use crate::cli::Cli;
 use crate::fs::{FsOptions, NetstatFs};
+use crate::stream::quota::StreamLimits;
 use crate::stream::table::StreamTable;
 
 /// How long an exit waits for the kernel to finish the unmount.
@@ -45,7 +46,10 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         );
     }
 
-    let streams = StreamTable::new();
+    let streams = StreamTable::new(StreamLimits {
+        per_user: cli.max_streams_per_user as usize,
+        total: cli.max_streams as usize,
+    });
     let options = FsOptions {
         cache_ttl: cli.cache_ttl,
         all_processes: cli.all_processes,

@@ -42,7 +42,9 @@ use crate::inventory::probe::SocketOwner;
 use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo};
 use crate::names::Proto;
 use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
+use crate::stream::quota::Exceeded;
 use crate::stream::table::StreamTable;
+use crate::stream::table::Ticket;
 use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
 use tree::{InodeTable, Node, ROOT_INO, Tree, Whole};
@@ -298,11 +300,16 @@ impl NetstatFs {
     }
 
     /// `reader`: the opening user, unless root.
-    fn open_stream(&self, ino: u64, reader: Option<u32>, reply: ReplyOpen) {
+    /// A stream file's open, counted by `ticket` until its file closes.
+    fn open_stream(&self, ino: u64, reader: Option<u32>, ticket: Ticket, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino) {
-            Some(Node::File(dir, file)) => self.open_socket(&tree, dir, file, reader, reply),
-            Some(Node::Whole(dir, which)) => self.open_process(&tree, dir, which, reader, reply),
+            Some(Node::File(dir, file)) => {
+                self.open_socket(&tree, dir, file, reader, ticket, reply)
+            }
+            Some(Node::Whole(dir, which)) => {
+                self.open_process(&tree, dir, which, reader, ticket, reply)
+            }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -315,6 +322,7 @@ impl NetstatFs {
         dir_index: usize,
         file_index: usize,
         reader: Option<u32>,
+        ticket: Ticket,
         reply: ReplyOpen,
     ) {
         let dir = &tree.dirs[dir_index];
@@ -380,6 +388,7 @@ impl NetstatFs {
                 opened_stream.opened(opened);
                 Ok(())
             },
+            ticket,
             reply,
         );
     }
@@ -392,6 +401,7 @@ impl NetstatFs {
         dir_index: usize,
         which: Whole,
         reader: Option<u32>,
+        ticket: Ticket,
         reply: ReplyOpen,
     ) {
         let dir = &tree.dirs[dir_index];
@@ -474,6 +484,7 @@ impl NetstatFs {
             sink,
             stream,
             move |opened| sorter.opened(opened),
+            ticket,
             reply,
         );
     }
@@ -487,6 +498,7 @@ impl NetstatFs {
         sink: Arc<dyn PacketSink>,
         stream: Arc<Stream>,
         on_opened: impl FnOnce(Opened) -> std::io::Result<()> + Send + 'static,
+        ticket: Ticket,
         reply: ReplyOpen,
     ) {
         debug!("{}: opening a capture", request.label);
@@ -506,7 +518,7 @@ impl NetstatFs {
                             control.stop();
                             return reply.error(Errno::EAGAIN);
                         }
-                        let handle = streams.insert(stream);
+                        let handle = streams.insert(stream, ticket);
                         reply.opened(
                             FileHandle(handle),
                             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
@@ -708,7 +720,12 @@ impl Filesystem for NetstatFs {
             return;
         }
         let reader = (req.uid() != 0).then_some(req.uid());
-        self.open_stream(ino.0, reader, reply);
+        let ticket = match self.streams.reserve(req.uid()) {
+            Ok(ticket) => ticket,
+            Err(Exceeded::User { .. }) => return reply.error(Errno::EMFILE),
+            Err(Exceeded::Total { .. }) => return reply.error(Errno::ENFILE),
+        };
+        self.open_stream(ino.0, reader, ticket, reply);
     }
 
     fn read(

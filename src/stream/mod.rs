@@ -18,6 +18,7 @@
 pub mod pcap;
 pub mod pcapng;
 pub mod process;
+pub mod quota;
 pub mod table;
 
 use std::collections::VecDeque;

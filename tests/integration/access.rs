@@ -542,3 +542,80 @@ fn a_users_stream_ends_when_its_process_execs_a_setuid_program() {
     assert_eq!(payloads, ["before-exec"]);
     target.kill();
 }
+
+#[test]
+fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile() {
+    let user = TestUser::new("lim");
+    let mount = Mount::start(&[
+        "--allow-other",
+        "--max-streams-per-user",
+        "3",
+        "--max-streams",
+        "5",
+    ]);
+    let mut peer = user.peer();
+    peer.cmd("comm lim-peer");
+    let udp = peer.cmd("udp-bind 127.0.0.1:0");
+    let file = mount
+        .dir(peer.pid, "lim-peer")
+        .join(format!("udp_{}_0.0.0.0:0", udp[1]));
+    wait_until(WAIT, "the user's socket file", || file.exists());
+
+    // The user's shell holds three streams of its own socket, tries a
+    // fourth, waits for a line, gives one back and tries again.
+    let script = r#"
+        exec 3<"$0" 4<"$0" 5<"$0"
+        echo held
+        head -c 24 "$0" | wc -c
+        read go
+        exec 3<&-
+        head -c 24 "$0" | wc -c
+    "#;
+    let mut shell = user
+        .command(&["sh", "-c", script, file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(shell.stdout.take().unwrap()));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in lines.by_ref().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || rx.recv_timeout(WAIT).expect("the shell goes on");
+    assert_eq!(next(), "held");
+    // The fourth: refused, nothing read.
+    assert_eq!(next().trim(), "0");
+
+    // Root has no per-user limit, but the daemon's total (5) binds it:
+    // two more, then ENFILE.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(File::open(&file).expect("root opens within the total"));
+    }
+    let refused = File::open(&file).expect_err("past the total");
+    assert_eq!(refused.raw_os_error(), Some(nix::libc::ENFILE));
+    drop(held);
+
+    // A stream given back is one more to open.
+    use std::io::Write;
+    writeln!(shell.stdin.as_mut().unwrap(), "go").unwrap();
+    assert_eq!(next().trim(), "24");
+    let status = shell.wait().unwrap();
+    assert!(status.success());
+    let mut errors = String::new();
+    std::io::Read::read_to_string(shell.stderr.as_mut().unwrap(), &mut errors).unwrap();
+    assert!(errors.contains("Too many open files"), "{errors}");
+    let log = mount.log();
+    assert!(
+        log.contains(&format!("user {} holds 3 streams", user.uid)) && log.contains("EMFILE"),
+        "{log}"
+    );
+    assert!(
+        log.contains("5 streams are open") && log.contains("ENFILE"),
+        "{log}"
+    );
+}
