@@ -14,6 +14,15 @@
 //!   so they are matched as IPv4.
 //! - Raw sockets match their IP protocol; ping sockets (the icmp tables)
 //!   match echo requests and replies carrying their identifier.
+//! - What a more specific socket of the namespace takes is not an
+//!   unconnected socket's ([`Taken`], [`taken_from`]): the kernel delivers a
+//!   unicast datagram to a socket bound to its exact address over one bound
+//!   to the wildcard, and to a connected UDP socket over an unconnected one;
+//!   a connection to a listener bound to the exact address goes to that
+//!   listener. Such flows are left out of the wildcard socket's filter.
+//!   SO_REUSEPORT groups are not split (the kernel picks a member by a hash
+//!   no one outside sees), but every member of a group has the same owner:
+//!   the kernel lets only one effective uid join a group.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -110,6 +119,94 @@ fn family_of(ip: IpAddr) -> Family {
         IpAddr::V4(_) => Family::V4,
         IpAddr::V6(_) => Family::V6,
     }
+}
+
+/// A flow that a more specific socket of the namespace takes from an
+/// unconnected one on the same port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Taken {
+    /// Everything to or from this exact local address and port.
+    Address(SocketAddr),
+    /// Both directions between a connected socket's local and remote ends.
+    Flow(SocketAddr, SocketAddr),
+}
+
+/// The most flows left out of one socket's filter (the kernel takes 4096
+/// BPF instructions; each exclusion costs about a dozen).
+pub const MAX_TAKEN: usize = 64;
+
+/// What the other sockets of the namespace (`rows`: local, remote,
+/// whether it listens, inode) take from the socket `target` (inode
+/// `own_inode`), as the kernel's lookup would decide. Sorted, at most
+/// [`MAX_TAKEN`].
+pub fn taken_from(
+    target: &FilterTarget,
+    own_inode: u64,
+    rows: impl IntoIterator<Item = (SocketAddr, SocketAddr, bool, u64)>,
+) -> Vec<Taken> {
+    let tcp = matches!(target.proto, Proto::Tcp | Proto::Tcp6);
+    let udp = matches!(target.proto, Proto::Udp | Proto::Udp6);
+    if !(tcp || udp) || is_connected(target.remote) {
+        return Vec::new();
+    }
+    let own_ip = wire_ip(target.local.ip());
+    let mut taken: Vec<Taken> = rows
+        .into_iter()
+        .filter(|(local, _, _, inode)| *inode != own_inode && local.port() == target.local.port())
+        .filter_map(|(local, remote, listening, _)| {
+            let local_ip = wire_ip(local.ip());
+            let on_our_address = own_ip.is_none() || local_ip == own_ip;
+            if udp && is_connected(remote) && on_our_address {
+                let on_wire = |end: SocketAddr| {
+                    SocketAddr::new(wire_ip(end.ip()).unwrap_or(end.ip()), end.port())
+                };
+                return Some(Taken::Flow(on_wire(local), on_wire(remote)));
+            }
+            let unconnected_binding = if tcp {
+                listening
+            } else {
+                !is_connected(remote)
+            };
+            match local_ip {
+                Some(ip) if own_ip.is_none() && unconnected_binding => {
+                    Some(Taken::Address(SocketAddr::new(ip, local.port())))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    taken.sort();
+    taken.dedup();
+    taken.truncate(MAX_TAKEN);
+    taken
+}
+
+/// `filter` without the flows in `taken`.
+pub fn without_taken(filter: String, taken: &[Taken]) -> String {
+    if taken.is_empty() {
+        return filter;
+    }
+    let end = |direction: &str, at: SocketAddr| {
+        format!(
+            "{direction} host {} and {direction} port {}",
+            at.ip(),
+            at.port()
+        )
+    };
+    let clauses: Vec<String> = taken
+        .iter()
+        .map(|taken| match *taken {
+            Taken::Address(at) => format!("({}) or ({})", end("dst", at), end("src", at)),
+            Taken::Flow(local, remote) => format!(
+                "({} and {}) or ({} and {})",
+                end("src", local),
+                end("dst", remote),
+                end("src", remote),
+                end("dst", local)
+            ),
+        })
+        .collect();
+    format!("({filter}) and not ({})", clauses.join(" or "))
 }
 
 pub fn is_connected(remote: SocketAddr) -> bool {
@@ -372,6 +469,86 @@ mod tests {
             locals,
         )
         .unwrap()
+    }
+
+    fn sock(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_wildcard_udp_socket_leaves_out_what_more_specific_sockets_take() {
+        let wildcard = FilterTarget {
+            proto: Proto::Udp,
+            local: sock("0.0.0.0:15353"),
+            remote: sock("0.0.0.0:0"),
+            dual_stack: false,
+        };
+        let rows = [
+            // Itself.
+            (sock("0.0.0.0:15353"), sock("0.0.0.0:0"), false, 1),
+            // Another user's socket on the exact address: its datagrams.
+            (sock("127.0.0.1:15353"), sock("0.0.0.0:0"), false, 2),
+            // A connected socket on the port: its peer's datagrams.
+            (sock("127.0.0.2:15353"), sock("127.0.0.9:53"), false, 3),
+            // Another port: nothing.
+            (sock("127.0.0.1:5353"), sock("0.0.0.0:0"), false, 4),
+        ];
+        let taken = taken_from(&wildcard, 1, rows);
+        assert_eq!(
+            taken,
+            [
+                Taken::Address(sock("127.0.0.1:15353")),
+                Taken::Flow(sock("127.0.0.2:15353"), sock("127.0.0.9:53")),
+            ]
+        );
+        let text = without_taken(
+            bpf_filter_for(&wildcard, &namespace_addresses()).unwrap(),
+            &taken,
+        );
+        assert!(text.ends_with(
+            " and not ((dst host 127.0.0.1 and dst port 15353) or (src host 127.0.0.1 and src port 15353) \
+             or (src host 127.0.0.2 and src port 15353 and dst host 127.0.0.9 and dst port 53) \
+             or (src host 127.0.0.9 and src port 53 and dst host 127.0.0.2 and dst port 15353))"
+        ), "{text}");
+        compiles(&text);
+
+        // A socket on the exact address loses only its connected peers.
+        let exact = FilterTarget {
+            local: sock("127.0.0.1:15353"),
+            ..wildcard
+        };
+        assert_eq!(taken_from(&exact, 2, rows), []);
+        let on_its_address = [(sock("127.0.0.1:15353"), sock("127.0.0.7:99"), false, 5)];
+        assert_eq!(
+            taken_from(&exact, 2, on_its_address),
+            [Taken::Flow(sock("127.0.0.1:15353"), sock("127.0.0.7:99"))]
+        );
+        // A connected socket's own stream is exact already.
+        let connected = FilterTarget {
+            remote: sock("127.0.0.9:53"),
+            ..exact
+        };
+        assert_eq!(taken_from(&connected, 3, rows), []);
+    }
+
+    #[test]
+    fn a_wildcard_listener_leaves_out_only_listeners_on_exact_addresses() {
+        let listener = FilterTarget {
+            proto: Proto::Tcp,
+            local: sock("0.0.0.0:8080"),
+            remote: sock("0.0.0.0:0"),
+            dual_stack: false,
+        };
+        let rows = [
+            (sock("127.0.0.1:8080"), sock("0.0.0.0:0"), true, 2),
+            // A connection it accepted stays in its stream.
+            (sock("127.0.0.2:8080"), sock("127.0.0.1:40000"), false, 3),
+        ];
+        assert_eq!(
+            taken_from(&listener, 1, rows),
+            [Taken::Address(sock("127.0.0.1:8080"))]
+        );
+        assert_eq!(without_taken("tcp".into(), &[]), "tcp");
     }
 
     fn namespace_addresses() -> Vec<LocalNetwork> {

@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use pcap::{Active, Capture, Precision};
 
-use super::filter::{FilterTarget, LocalNetwork, bpf_filter_for};
+use super::filter::{FilterTarget, LocalNetwork, Taken, bpf_filter_for, without_taken};
 use crate::inventory::Netns;
 
 /// How long the kernel holds a block of packets before handing it over.
@@ -86,10 +86,10 @@ pub struct CaptureRequest {
 }
 
 /// Which packets a capture keeps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum CaptureFilter {
-    /// One socket's traffic.
-    Socket(FilterTarget),
+    /// One socket's traffic, but for the flows more specific sockets take.
+    Socket(FilterTarget, Vec<Taken>),
     /// Every TCP and UDP packet of the namespace, for a process's `all`
     /// stream to sort in user space.
     TcpAndUdp,
@@ -278,7 +278,7 @@ fn open(
     // A process's stream takes every TCP and UDP packet of the namespace,
     // far more than one socket's: its ring absorbs a longer stall.
     let ring = match request.filter {
-        CaptureFilter::Socket(_) => settings.kernel_buffer,
+        CaptureFilter::Socket(..) => settings.kernel_buffer,
         CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
     };
     let inactive = || {
@@ -305,7 +305,8 @@ fn open(
     };
     let local_networks = local_networks();
     let filter = match &request.filter {
-        CaptureFilter::Socket(target) => bpf_filter_for(target, &local_networks)
+        CaptureFilter::Socket(target, taken) => bpf_filter_for(target, &local_networks)
+            .map(|filter| without_taken(filter, taken))
             .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
         CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
     };

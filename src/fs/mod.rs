@@ -41,6 +41,7 @@ use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
 use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo};
 use crate::names::Proto;
+use crate::stream::neighbours::Neighbours;
 use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
 use crate::stream::quota::Exceeded;
 use crate::stream::table::StreamTable;
@@ -360,6 +361,13 @@ impl NetstatFs {
                 process.pid, process.comm, file.name
             )
         });
+        // An unconnected socket: not what the namespace's more specific
+        // sockets take, now and as they come and go.
+        let neighbours = Neighbours::look(target, socket.row.inode, process.pid).map(Arc::new);
+        let taken = neighbours
+            .as_ref()
+            .map(|neighbours| neighbours.taken())
+            .unwrap_or_default();
         let stream = match Stream::start(
             label.clone(),
             owner,
@@ -373,11 +381,14 @@ impl NetstatFs {
                 return reply.error(Errno::EAGAIN);
             }
         };
+        if let Some(neighbours) = neighbours {
+            stream.follow_neighbours(neighbours);
+        }
         let sink: Arc<dyn PacketSink> = stream.clone();
         let opened_stream = Arc::clone(&stream);
         let request = CaptureRequest {
             netns,
-            filter: CaptureFilter::Socket(target),
+            filter: CaptureFilter::Socket(target, taken),
             label,
         };
         self.launch(

@@ -15,6 +15,7 @@
 //! grace period passed for its last packets, or shutdown), reads drain the
 //! queue and then return EOF.
 
+pub mod neighbours;
 pub mod pcap;
 pub mod pcapng;
 pub mod process;
@@ -133,6 +134,9 @@ pub struct Stream {
     /// The captures feeding the stream (an `all` stream has one per
     /// network namespace of its process's sockets).
     controls: Mutex<Vec<CaptureControl>>,
+    /// For an unconnected socket: what more specific sockets take, kept
+    /// out of its filter.
+    neighbours: Mutex<Option<Arc<neighbours::Neighbours>>>,
     /// Set once the stream is to end: a capture added later stops at once.
     stopping: AtomicBool,
     /// Set once released and once ended; the closing log line is written by
@@ -185,6 +189,7 @@ impl Stream {
                 },
             }),
             controls: Mutex::new(Vec::new()),
+            neighbours: Mutex::new(None),
             stopping: AtomicBool::new(false),
             closing_report: Mutex::new((false, None)),
         });
@@ -220,7 +225,17 @@ impl Stream {
             opened.snaplen,
             opened.nanosecond_timestamps,
         );
+        if let Some(neighbours) = lock(&self.neighbours).as_ref() {
+            neighbours.opened(opened.local_networks.clone());
+        }
         self.add_capture(opened.control);
+    }
+
+    /// Keeps out of this stream what more specific sockets take, from now
+    /// on (the capture's first filter already leaves out what they take at
+    /// open).
+    pub fn follow_neighbours(&self, neighbours: Arc<neighbours::Neighbours>) {
+        *lock(&self.neighbours) = Some(neighbours);
     }
 
     /// A read of up to `size` bytes by thread `caller`.
@@ -350,7 +365,7 @@ impl Stream {
     /// reads, or its reader is not root (whose right to it is checked on
     /// every round, busy or not).
     pub fn needs_watch(&self) -> bool {
-        self.has_pending() || self.owner.reader.is_some()
+        self.has_pending() || self.owner.reader.is_some() || lock(&self.neighbours).is_some()
     }
 
     /// The watchdog's periodic look at a stream with waiting reads:
@@ -381,6 +396,12 @@ impl Stream {
             }
         }
         self.follow_socket(now);
+        let neighbours = lock(&self.neighbours).clone();
+        if let Some(filter) = neighbours.and_then(|neighbours| neighbours.refresh(&self.label)) {
+            for control in lock(&self.controls).iter() {
+                control.set_filter(filter.clone());
+            }
+        }
         self.serve_pending();
     }
 

@@ -619,3 +619,79 @@ fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile()
         "{log}"
     );
 }
+
+#[test]
+fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
+    let (b_user, c_user) = (TestUser::new("dmb"), TestUser::new("dmc"));
+    let mount = Mount::start(&["--allow-other"]);
+    // B: a wildcard socket, read by B itself from before C comes.
+    let mut b = b_user.peer();
+    b.cmd("comm demux-b");
+    let wildcard = b.cmd("udp-bind-reuse 0.0.0.0:0");
+    let port: u16 = wildcard[1].rsplit(':').next().unwrap().parse().unwrap();
+    let file = mount
+        .dir(b.pid, "demux-b")
+        .join(format!("udp_0.0.0.0:{port}_0.0.0.0:0"));
+    wait_until(WAIT, "B's socket file", || file.exists());
+    let mut b_reader = b_user
+        .command(&["sh", "-c", "exec cat \"$0\"", file.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut b_out = b_reader.stdout.take().unwrap();
+    let b_bytes = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut b_out, &mut bytes).unwrap();
+        bytes
+    });
+
+    wait_until(WAIT, "B's capture to run", || {
+        mount.log().contains("demux-b/udp_0.0.0.0") && mount.log().contains("capture running")
+    });
+    let since = mount.log().len();
+    // C, another user: the same port on 127.0.0.1 (SO_REUSEADDR), so the
+    // kernel delivers to C what is sent to 127.0.0.1, and to B the rest.
+    let mut c = c_user.peer();
+    c.cmd("comm demux-c");
+    let exact = c.cmd(&format!("udp-bind-reuse 127.0.0.1:{port}"));
+    let c_client = c.cmd("udp-bind 127.0.0.1:0");
+    wait_until(WAIT, "B's stream to leave C's address out", || {
+        mount.log()[since..].contains("demux-b/udp_0.0.0.0")
+            && mount.log()[since..].contains("1 flows of more specific sockets left out")
+    });
+    // Root opens after C came: left out from the start.
+    let (root_bytes, root_reader) = crate::common::read_to_eof(&file);
+
+    let b_client = b.cmd("udp-bind 127.0.0.1:0");
+    for i in 0..5 {
+        c.cmd(&format!(
+            "sendto {} 127.0.0.1:{port} secret-of-c-{i}",
+            c_client[0]
+        ));
+        c.cmd(&format!("recv {} 64", exact[0]));
+        c.cmd(&format!(
+            "sendto {} {} secret-reply-{i}",
+            exact[0], c_client[1]
+        ));
+        b.cmd(&format!("sendto {} 127.0.0.2:{port} mine-{i}", b_client[0]));
+        assert_eq!(
+            b.cmd(&format!("recv {} 64", wildcard[0])),
+            [format!("mine-{i}")]
+        );
+    }
+    b.cmd(&format!("close {}", wildcard[0]));
+    assert!(b_reader.wait().unwrap().success());
+    wait_until(WAIT, "root's copy to end", || root_reader.is_finished());
+    let expected: Vec<String> = (0..5).map(|i| format!("mine-{i}")).collect();
+    for (who, bytes) in [
+        ("B", b_bytes.join().unwrap()),
+        ("root", root_bytes.lock().unwrap().clone()),
+    ] {
+        let (_, packets) = crate::common::packets::read_pcap(&bytes);
+        assert_eq!(
+            crate::common::packets::payloads(&packets),
+            expected,
+            "{who}'s stream"
+        );
+    }
+}

@@ -273,6 +273,27 @@ impl PeerState {
                 let local = socket.local_addr().map_err(err)?;
                 Ok(vec![self.hold(Held::Udp(socket)), local.to_string()])
             }
+            "udp-bind-reuse" => {
+                // SO_REUSEADDR: another user's socket may share the port.
+                let addr: SocketAddr = arg(0)?.parse().map_err(err)?;
+                let family = if addr.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let fd = socket::socket(
+                    family,
+                    SockType::Datagram,
+                    SockFlag::SOCK_CLOEXEC,
+                    SockProtocol::Udp,
+                )
+                .map_err(err)?;
+                socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err)?;
+                let socket = UdpSocket::from(fd);
+                let local = socket.local_addr().map_err(err)?;
+                Ok(vec![self.hold(Held::Udp(socket)), local.to_string()])
+            }
             "udp-many" => {
                 let count: usize = arg(0)?.parse().map_err(err)?;
                 raise_fd_limit();
