@@ -661,6 +661,23 @@ fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
     });
     // Root opens after C came: left out from the start.
     let (root_bytes, root_reader) = crate::common::read_to_eof(&file);
+    // B's process's `all`, read by B: C's exchanges are C's, by the
+    // kernel's events.
+    let all = mount.dir(b.pid, "demux-b").join("all");
+    let mut all_reader = b_user
+        .command(&["sh", "-c", "exec cat \"$0\"", all.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut all_out = all_reader.stdout.take().unwrap();
+    let all_bytes = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut all_out, &mut bytes).unwrap();
+        bytes
+    });
+    wait_until(WAIT, "B's all to run", || {
+        mount.log().contains("demux-b/all: capture running")
+    });
 
     let b_client = b.cmd("udp-bind 127.0.0.1:0");
     for i in 0..5 {
@@ -681,6 +698,14 @@ fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
     }
     b.cmd(&format!("close {}", wildcard[0]));
     assert!(b_reader.wait().unwrap().success());
+    b.kill();
+    assert!(all_reader.wait().unwrap().success());
+    let (_, in_all) = crate::common::packets::read_pcap(&all_bytes.join().unwrap());
+    let in_all: Vec<String> = crate::common::packets::payloads(&in_all)
+        .into_iter()
+        .filter(|payload| payload.contains("secret"))
+        .collect();
+    assert!(in_all.is_empty(), "C's datagrams in B's all: {in_all:?}");
     wait_until(WAIT, "root's copy to end", || root_reader.is_finished());
     let expected: Vec<String> = (0..5).map(|i| format!("mine-{i}")).collect();
     for (who, bytes) in [
