@@ -3,12 +3,16 @@
 //!
 //! Socket files carry `user.netstatfs.{proto,state,inode,uid,local,remote,
 //! rx_queue,tx_queue,fds,netns}`; process directories carry
-//! `user.netstatfs.{pid,comm,uid,netns,sockets}`; the root carries what a
+//! `user.netstatfs.{pid,comm,uid,netns,sockets}` and, read from /proc when
+//! asked, `user.netstatfs.{exe,cmdline,user,cgroup}` and, where the cgroup
+//! names one, `user.netstatfs.container.{runtime,id}` and
+//! `user.netstatfs.pod.uid`; the root carries what a
 //! reader of the streams needs before opening one,
 //! `user.netstatfs.{format,interface,linktype}` (the Wireshark extcap
 //! reads the link type). Values are plain text, as `getfattr -d` shows
 //! them.
 
+use crate::inventory::details::ProcessDetails;
 use crate::inventory::{ProcessInfo, SocketInfo};
 
 type SocketGetter = fn(&SocketInfo) -> String;
@@ -53,6 +57,25 @@ const PROCESS_ATTRIBUTES: &[(&str, ProcessGetter)] = &[
     ("user.netstatfs.sockets", |p| p.sockets.len().to_string()),
 ];
 
+type DetailGetter = fn(&ProcessDetails) -> Option<String>;
+
+/// Read from /proc when asked; absent where /proc does not tell.
+const DETAIL_ATTRIBUTES: &[(&str, DetailGetter)] = &[
+    ("user.netstatfs.exe", |d| d.exe.clone()),
+    ("user.netstatfs.cmdline", |d| d.cmdline.clone()),
+    ("user.netstatfs.user", |d| d.user.clone()),
+    ("user.netstatfs.cgroup", |d| d.cgroup.clone()),
+    ("user.netstatfs.container.runtime", |d| {
+        d.container.as_ref().map(|c| c.runtime.to_owned())
+    }),
+    ("user.netstatfs.container.id", |d| {
+        d.container.as_ref().map(|c| c.id.clone())
+    }),
+    ("user.netstatfs.pod.uid", |d| {
+        d.container.as_ref().and_then(|c| c.pod_uid.clone())
+    }),
+];
+
 fn join(fds: &[i32]) -> String {
     fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -75,7 +98,19 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
     let names: Vec<&str> = match subject {
         Subject::Root(_) => MOUNT_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
         Subject::Whole => Vec::new(),
-        Subject::Process(_) => PROCESS_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+        Subject::Process(process) => {
+            let details = ProcessDetails::read(process.pid, process.uid);
+            PROCESS_ATTRIBUTES
+                .iter()
+                .map(|(name, _)| *name)
+                .chain(
+                    DETAIL_ATTRIBUTES
+                        .iter()
+                        .filter(|(_, getter)| getter(&details).is_some())
+                        .map(|(name, _)| *name),
+                )
+                .collect()
+        }
         Subject::Socket(_) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
     };
     let mut out = Vec::new();
@@ -97,7 +132,13 @@ pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
         Subject::Process(process) => PROCESS_ATTRIBUTES
             .iter()
             .find(|(known, _)| known.as_bytes() == name)
-            .map(|(_, getter)| getter(process)),
+            .map(|(_, getter)| getter(process))
+            .or_else(|| {
+                let (_, getter) = DETAIL_ATTRIBUTES
+                    .iter()
+                    .find(|(known, _)| known.as_bytes() == name)?;
+                getter(&ProcessDetails::read(process.pid, process.uid))
+            }),
         Subject::Socket(socket) => SOCKET_ATTRIBUTES
             .iter()
             .find(|(known, _)| known.as_bytes() == name)

@@ -10,6 +10,7 @@
 //! lookup.
 
 pub mod container;
+pub mod details;
 pub mod live;
 pub mod netns;
 pub mod probe;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::common::cgroup::{CONTAINER_ID, Cgroup};
 use crate::common::mount::Mount;
 use crate::common::packets::{Seen, payloads, read_pcap_file};
 use crate::common::peer::Peer;
@@ -260,51 +261,6 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
         text(&dlts.stdout).trim(),
         "dlt {number=1}{name=EN10MB}{display=Ethernet}"
     );
-}
-
-const CONTAINER_ID: &str = "3f2a0e57c1d94b6e8a7f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
-
-/// A cgroup named as docker's systemd driver names a container's, in the
-/// machine's cgroup v2 hierarchy: what `docker run` would make, without a
-/// docker daemon. Removed on drop, its processes moved back to the root.
-struct Cgroup {
-    root: PathBuf,
-    slice: PathBuf,
-    scope: PathBuf,
-}
-
-impl Cgroup {
-    fn docker_like() -> Cgroup {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = mountinfo
-            .lines()
-            .find_map(|line| {
-                let (before, after) = line.split_once(" - ")?;
-                (after.split(' ').next()? == "cgroup2").then(|| before.split(' ').nth(4))?
-            })
-            .map(PathBuf::from)
-            .expect("a cgroup v2 hierarchy");
-        let slice = root.join(format!("netstatfs-test-{}.slice", std::process::id()));
-        let scope = slice.join(format!("docker-{CONTAINER_ID}.scope"));
-        std::fs::create_dir_all(&scope).unwrap();
-        Cgroup { root, slice, scope }
-    }
-
-    fn enter(&self, pid: u32) {
-        std::fs::write(self.scope.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        if let Ok(procs) = std::fs::read_to_string(self.scope.join("cgroup.procs")) {
-            for pid in procs.lines() {
-                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.scope);
-        let _ = std::fs::remove_dir(&self.slice);
-    }
 }
 
 #[test]

@@ -534,3 +534,56 @@ fn the_netstat_example_prints_a_table_from_the_mount() {
         ["tcp", listener[1].as_str(), "0.0.0.0:0", "LISTEN"]
     );
 }
+
+#[test]
+fn a_process_directory_says_its_program_user_cgroup_and_container() {
+    let mount = Mount::start(&[]);
+    let container = crate::common::cgroup::Cgroup::kubernetes_like();
+    let mut contained = Peer::spawn();
+    contained.cmd("comm in-a-pod");
+    container.enter(contained.pid);
+    contained.cmd("udp-bind 127.0.0.1:0");
+    let mut host = Peer::spawn();
+    host.cmd("comm on-the-host");
+    host.cmd("udp-bind 127.0.0.1:0");
+    let pod_dir = mount.dir(contained.pid, "in-a-pod");
+    let host_dir = mount.dir(host.pid, "on-the-host");
+    wait_until(WAIT, "both directories", || {
+        pod_dir.exists() && host_dir.exists()
+    });
+
+    let attribute = |dir: &Path, name: &str| xattr(dir, &format!("user.netstatfs.{name}"));
+    let exe = std::env::current_exe().unwrap();
+    assert_eq!(attribute(&pod_dir, "exe").as_deref(), exe.to_str());
+    let cmdline = attribute(&pod_dir, "cmdline").unwrap();
+    assert!(cmdline.starts_with(exe.to_str().unwrap()), "{cmdline}");
+    assert_eq!(attribute(&pod_dir, "user").as_deref(), Some("root"));
+    assert_eq!(attribute(&pod_dir, "cgroup"), Some(container.path()));
+    assert_eq!(
+        attribute(&pod_dir, "container.runtime").as_deref(),
+        Some("containerd")
+    );
+    assert_eq!(
+        attribute(&pod_dir, "container.id").as_deref(),
+        Some(crate::common::cgroup::CONTAINER_ID)
+    );
+    assert_eq!(
+        attribute(&pod_dir, "pod.uid").as_deref(),
+        Some(crate::common::cgroup::POD_UID)
+    );
+
+    // On the host: no container, and `getfattr -d` lists only what is there.
+    assert_eq!(attribute(&host_dir, "container.id"), None);
+    let dump = std::process::Command::new("getfattr")
+        .args(["-d", "--absolute-names"])
+        .arg(&host_dir)
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("user.netstatfs.exe=") && dump.contains("user.netstatfs.cgroup="),
+        "{dump}"
+    );
+    assert!(!dump.contains("container"), "{dump}");
+}

@@ -5,6 +5,7 @@
 //! Every helper cleans up in `Drop`, so a failing test leaves no mount,
 //! process or namespace behind.
 
+pub mod cgroup;
 pub mod mount;
 pub mod netns;
 pub mod nginx;
