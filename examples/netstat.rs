@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! cargo run --example netstat -- m
-//! Proto  Local Address                 Foreign Address               State        Recv-Q  Send-Q  PID/Program
-//! tcp    127.0.0.1:8080                0.0.0.0:0                     LISTEN            0       0  1290/python3
+//! Proto  Local Address                 Foreign Address               State        Recv-Q  Send-Q  PID/Program          Container
+//! tcp    127.0.0.1:8080                0.0.0.0:0                     LISTEN            0       0  1290/python3         -
+//! tcp    10.0.0.5:443                  10.0.0.9:51234                ESTABLISHED       0       0  2211/nginx           docker 3f2a0e57c1d9
 //! ```
 
 use std::ffi::CString;
@@ -58,6 +59,15 @@ fn main() -> ExitCode {
         let Some((pid, comm)) = dir_name.to_str().and_then(parse_process_dir_name) else {
             continue;
         };
+        // The container, as `docker ps` shortens its id ("-" on the host).
+        let container = match xattr(&process.path(), "user.netstatfs.container.runtime") {
+            runtime if runtime == "-" => "-".to_owned(),
+            runtime => {
+                let id = xattr(&process.path(), "user.netstatfs.container.id");
+                let short: String = id.chars().take(12).collect();
+                format!("{runtime} {short}")
+            }
+        };
         // Processes and sockets come and go while we walk: skip what vanished.
         let Ok(sockets) = std::fs::read_dir(process.path()) else {
             continue;
@@ -79,16 +89,19 @@ fn main() -> ExitCode {
                 xattr(&path, "user.netstatfs.rx_queue"),
                 xattr(&path, "user.netstatfs.tx_queue"),
                 format!("{pid}/{comm}"),
+                container.clone(),
             ));
         }
     }
     rows.sort();
     println!(
-        "{:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  PID/Program",
-        "Proto", "Local Address", "Foreign Address", "State", "Recv-Q", "Send-Q"
+        "{:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  {:<20} Container",
+        "Proto", "Local Address", "Foreign Address", "State", "Recv-Q", "Send-Q", "PID/Program"
     );
-    for (proto, local, remote, state, rx, tx, program) in rows {
-        println!("{proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {program}");
+    for (proto, local, remote, state, rx, tx, program, container) in rows {
+        println!(
+            "{proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {program:<20} {container}"
+        );
     }
     ExitCode::SUCCESS
 }

@@ -504,8 +504,10 @@ fn names_too_long_or_strange_get_clean_errors() {
 #[test]
 fn the_netstat_example_prints_a_table_from_the_mount() {
     let mount = Mount::start(&[]);
+    let container = crate::common::cgroup::Cgroup::docker_like();
     let mut peer = Peer::spawn();
     peer.cmd("comm example-peer");
+    container.enter(peer.pid);
     let listener = peer.cmd("tcp-listen 127.0.0.1:0");
     let dir = mount.dir(peer.pid, "example-peer");
     wait_for_listing(&dir, &[format!("tcp_{}_0.0.0.0:0", listener[1])]);
@@ -532,6 +534,13 @@ fn the_netstat_example_prints_a_table_from_the_mount() {
     assert_eq!(
         fields[..4],
         ["tcp", listener[1].as_str(), "0.0.0.0:0", "LISTEN"]
+    );
+    assert!(
+        row.ends_with(&format!(
+            "docker {}",
+            &crate::common::cgroup::CONTAINER_ID[..12]
+        )),
+        "{row}"
     );
 }
 
