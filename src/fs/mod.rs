@@ -14,6 +14,7 @@
 //! only maps them to file handles and errors to errno.
 
 pub mod attrs;
+pub mod diagnostics;
 pub mod tree;
 pub mod xattrs;
 
@@ -79,6 +80,8 @@ pub struct NetstatFs {
     options: FsOptions,
     /// What the root's attributes say of the streams.
     facts: MountFacts,
+    /// Socket diagnostics for socket files' kernel attributes.
+    diagnostics: diagnostics::Diagnostics,
     identity: MountIdentity,
     /// The daemon's own network namespace, opened at start-up.
     home: Option<Netns>,
@@ -119,6 +122,7 @@ impl NetstatFs {
         };
         NetstatFs {
             facts,
+            diagnostics: diagnostics::Diagnostics::default(),
             options,
             identity: MountIdentity {
                 uid: nix::unistd::getuid().as_raw(),
@@ -204,13 +208,27 @@ impl NetstatFs {
         Ok(Lookup::Missing(tree))
     }
 
-    fn subject<'t>(&'t self, tree: &'t Tree, node: Node) -> Subject<'t> {
+    /// Whose attributes a node has; `kernel` holds a socket's diagnostics
+    /// (asked for only where `with_kernel` says they are wanted).
+    fn subject<'t>(
+        &'t self,
+        tree: &'t Tree,
+        node: Node,
+        with_kernel: bool,
+        kernel: &'t mut Arc<Vec<(String, String)>>,
+    ) -> Subject<'t> {
         match node {
             Node::Root => Subject::Root(&self.facts),
             Node::Dir(dir) => Subject::Process(tree.process_of(&tree.dirs[dir])),
             Node::File(dir, file) => {
                 let dir = &tree.dirs[dir];
-                Subject::Socket(tree.socket_of(dir, &dir.files[file]))
+                let socket = tree.socket_of(dir, &dir.files[file]);
+                if with_kernel {
+                    *kernel = self
+                        .diagnostics
+                        .attributes(tree.process_of(dir).pid, socket);
+                }
+                Subject::Socket(socket, kernel.as_slice())
             }
             Node::Whole(..) => Subject::Whole,
         }
@@ -810,7 +828,12 @@ impl Filesystem for NetstatFs {
             reply.error(Errno::ENOENT);
             return;
         };
-        match xattrs::get(&self.subject(&tree, node), name.as_bytes()) {
+        let mut kernel = Arc::default();
+        let wanted = xattrs::is_kernel_attribute(name.as_bytes());
+        match xattrs::get(
+            &self.subject(&tree, node, wanted, &mut kernel),
+            name.as_bytes(),
+        ) {
             Some(value) => reply_sized(reply, size, &value),
             None => reply.error(Errno::NO_XATTR),
         }
@@ -819,7 +842,11 @@ impl Filesystem for NetstatFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let tree = self.tree();
         match tree.node(ino.0) {
-            Some(node) => reply_sized(reply, size, &xattrs::list(&self.subject(&tree, node))),
+            Some(node) => {
+                let mut kernel = Arc::default();
+                let subject = self.subject(&tree, node, true, &mut kernel);
+                reply_sized(reply, size, &xattrs::list(&subject))
+            }
             None => reply.error(Errno::ENOENT),
         }
     }

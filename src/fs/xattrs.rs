@@ -2,7 +2,8 @@
 //! adding one is adding a line.
 //!
 //! Socket files carry `user.netstatfs.{proto,state,inode,uid,local,remote,
-//! rx_queue,tx_queue,fds,netns}`; process directories carry
+//! rx_queue,tx_queue,fds,netns}` and what socket diagnostics says at the
+//! time of asking (`tcp.*`, `mem.*`, see `diagnostics.rs`); process directories carry
 //! `user.netstatfs.{pid,comm,uid,netns,sockets}` and, read from /proc when
 //! asked, `user.netstatfs.{exe,cmdline,user,cgroup}` and, where the cgroup
 //! names one, `user.netstatfs.container.{runtime,id}` and
@@ -90,7 +91,16 @@ pub enum Subject<'a> {
     /// `all` and `tree`: no attributes of their own.
     Whole,
     Process(&'a ProcessInfo),
-    Socket(&'a SocketInfo),
+    /// A socket file, with what socket diagnostics said of it (names
+    /// under `user.netstatfs.`).
+    Socket(&'a SocketInfo, &'a [(String, String)]),
+}
+
+const PREFIX: &str = "user.netstatfs.";
+
+/// Whether an attribute is one socket diagnostics answers.
+pub fn is_kernel_attribute(name: &[u8]) -> bool {
+    name.starts_with(b"user.netstatfs.tcp.") || name.starts_with(b"user.netstatfs.mem.")
 }
 
 /// The NUL-terminated names, as listxattr returns them.
@@ -111,12 +121,19 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
                 )
                 .collect()
         }
-        Subject::Socket(_) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+        Subject::Socket(_, _) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
     };
     let mut out = Vec::new();
     for name in names {
         out.extend_from_slice(name.as_bytes());
         out.push(0);
+    }
+    if let Subject::Socket(_, kernel) = subject {
+        for (name, _) in kernel.iter() {
+            out.extend_from_slice(PREFIX.as_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+        }
     }
     out
 }
@@ -139,10 +156,17 @@ pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
                     .find(|(known, _)| known.as_bytes() == name)?;
                 getter(&ProcessDetails::read(process.pid, process.uid))
             }),
-        Subject::Socket(socket) => SOCKET_ATTRIBUTES
+        Subject::Socket(socket, kernel) => SOCKET_ATTRIBUTES
             .iter()
             .find(|(known, _)| known.as_bytes() == name)
-            .map(|(_, getter)| getter(socket)),
+            .map(|(_, getter)| getter(socket))
+            .or_else(|| {
+                let short = name.strip_prefix(PREFIX.as_bytes())?;
+                kernel
+                    .iter()
+                    .find(|(known, _)| known.as_bytes() == short)
+                    .map(|(_, value)| value.clone())
+            }),
     };
     value.map(String::into_bytes)
 }
@@ -169,7 +193,7 @@ mod tests {
             fds: vec![3, 7],
             netns: Some(crate::inventory::NetnsId::from_inode(4026531840)),
         };
-        let subject = Subject::Socket(&socket);
+        let subject = Subject::Socket(&socket, &[]);
         let value =
             |name: &str| String::from_utf8(get(&subject, name.as_bytes()).unwrap()).unwrap();
         assert_eq!(value("user.netstatfs.proto"), "tcp6");

@@ -11,6 +11,7 @@
 
 pub mod container;
 pub mod details;
+pub mod diag;
 pub mod live;
 pub mod netns;
 pub mod probe;

@@ -9,6 +9,7 @@ mod common;
 mod access;
 mod attribution;
 mod capture;
+mod diagnostics;
 mod extcap;
 mod lifecycle;
 mod package;

@@ -147,6 +147,20 @@ fn extra_sections() -> Roff {
              for datagram sockets), .inode, .uid, .local, .remote, .rx_queue, .tx_queue, .fds (the process's fds \
              for the socket, comma-separated), .netns (the network namespace's inode). Process directories: \
              user.netstatfs.pid, .comm, .uid, .netns, .sockets. Read them with getfattr -d.",
+            "What the kernel knows of a socket, asked of socket diagnostics (as ss -tinm asks) for that one \
+             socket when the attribute is read (a reply answers for 100 ms): user.netstatfs.tcp.rtt, .rttvar, \
+             .min_rtt and .rto in milliseconds with microsecond precision; .cwnd, .ssthresh (absent before the \
+             first loss), .mss, .pmtu, .reordering in segments or bytes as ss prints them; .retrans (segments \
+             being retransmitted now), .total_retrans, .lost, .unacked, .sacked; .bytes_sent, .bytes_acked \
+             (the SYN counts one), .bytes_received, .bytes_retrans; .segs_out, .segs_in, .data_segs_out, \
+             .data_segs_in; .delivery_rate and .pacing_rate in bits per second; .busy_time, .rwnd_limited, \
+             .sndbuf_limited, .last_send and .last_recv in milliseconds; .congestion (the algorithm's name); \
+             .timer as kind,expiry,retransmissions (kind: off, on, keepalive, timewait, persist). Every inet \
+             socket: user.netstatfs.mem.rmem_alloc, .rcvbuf, .wmem_alloc, .sndbuf (bytes) and .drops (packets \
+             dropped on receipt, UDP's lost datagrams). What the running kernel does not report is absent.",
+            "Process directories also say, read from /proc when asked: user.netstatfs.exe, .cmdline, .user, \
+             .cgroup, and where the cgroup path names a container, .container.runtime, .container.id and, for \
+             a Kubernetes pod, .pod.uid.",
         ],
     );
     section(

@@ -15,7 +15,11 @@ fn ip(args: &[&str]) {
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = format!("nsfs-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A namespace left by a killed run (usually none: say nothing).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         ip(&["netns", "add", &name]);
         let netns = Netns { name };
         ip(&["-n", &netns.name, "link", "set", "lo", "up"]);

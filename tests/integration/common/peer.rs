@@ -347,6 +347,32 @@ impl PeerState {
                 };
                 Ok(vec![String::from_utf8_lossy(&buffer[..got]).into_owned()])
             }
+            "congestion" => {
+                // setsockopt(TCP_CONGESTION) on a TCP stream.
+                let Held::Stream(stream) = self.get(arg(0)?)? else {
+                    return Err("not a tcp stream".into());
+                };
+                socket::setsockopt(
+                    stream,
+                    sockopt::TcpCongestion,
+                    &std::ffi::OsString::from(arg(1)?),
+                )
+                .map_err(err)?;
+                Ok(vec![])
+            }
+            "sendto-many" => {
+                // `count` datagrams of `size` bytes, as fast as they go.
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                let count: usize = arg(2)?.parse().map_err(err)?;
+                let size: usize = arg(3)?.parse().map_err(err)?;
+                let payload = vec![b'f'; size];
+                for _ in 0..count {
+                    socket.send_to(&payload, arg(1)?).map_err(err)?;
+                }
+                Ok(vec![])
+            }
             "pump" => {
                 // Writes `bytes` bytes on a TCP stream from a thread; the
                 // other end must be drained ("drain").
