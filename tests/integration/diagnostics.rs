@@ -71,9 +71,7 @@ fn a_slow_connections_numbers_are_what_ss_says() {
 
     // Once every byte is acknowledged the numbers stand still.
     wait_until(WAIT, "every byte acknowledged", || {
-        ss_info(&netns, &client[1], &client[2])
-            .get("unacked")
-            .is_none()
+        !ss_info(&netns, &client[1], &client[2]).contains_key("unacked")
     });
     let ss = ss_info(&netns, &client[1], &client[2]);
     let (ss_rtt, _) = ss["rtt"].split_once('/').unwrap();
