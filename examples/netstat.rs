@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! cargo run --example netstat -- m
-//! Proto  Local Address                 Foreign Address               State        Recv-Q  Send-Q  PID/Program          Container
-//! tcp    127.0.0.1:8080                0.0.0.0:0                     LISTEN            0       0  1290/python3         -
-//! tcp    10.0.0.5:443                  10.0.0.9:51234                ESTABLISHED       0       0  2211/nginx           docker 3f2a0e57c1d9
+//! Proto  Local Address                 Foreign Address               State        Recv-Q  Send-Q    RTT(ms)  Retrans  PID/Program          Container
+//! tcp    127.0.0.1:8080                0.0.0.0:0                     LISTEN            0       0      0.000        0  1290/python3         -
+//! tcp    10.0.0.5:443                  10.0.0.9:51234                ESTABLISHED       0       0     12.481        3  2211/nginx           docker 3f2a0e57c1d9
 //! ```
 
 use std::ffi::CString;
@@ -88,6 +88,8 @@ fn main() -> ExitCode {
                 xattr(&path, "user.netstatfs.state"),
                 xattr(&path, "user.netstatfs.rx_queue"),
                 xattr(&path, "user.netstatfs.tx_queue"),
+                xattr(&path, "user.netstatfs.tcp.rtt"),
+                xattr(&path, "user.netstatfs.tcp.total_retrans"),
                 format!("{pid}/{comm}"),
                 container.clone(),
             ));
@@ -95,12 +97,20 @@ fn main() -> ExitCode {
     }
     rows.sort();
     println!(
-        "{:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  {:<20} Container",
-        "Proto", "Local Address", "Foreign Address", "State", "Recv-Q", "Send-Q", "PID/Program"
+        "{:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  {:>9}  {:>7}  {:<20} Container",
+        "Proto",
+        "Local Address",
+        "Foreign Address",
+        "State",
+        "Recv-Q",
+        "Send-Q",
+        "RTT(ms)",
+        "Retrans",
+        "PID/Program"
     );
-    for (proto, local, remote, state, rx, tx, program, container) in rows {
+    for (proto, local, remote, state, rx, tx, rtt, retrans, program, container) in rows {
         println!(
-            "{proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {program:<20} {container}"
+            "{proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {rtt:>9}  {retrans:>7}  {program:<20} {container}"
         );
     }
     ExitCode::SUCCESS

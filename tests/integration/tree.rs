@@ -535,6 +535,9 @@ fn the_netstat_example_prints_a_table_from_the_mount() {
         fields[..4],
         ["tcp", listener[1].as_str(), "0.0.0.0:0", "LISTEN"]
     );
+    // rtt and retransmits from socket diagnostics: a listener has them.
+    assert!(fields[6].parse::<f64>().is_ok(), "rtt in {row}");
+    assert_eq!(fields[7], "0", "retransmits in {row}");
     assert!(
         row.ends_with(&format!(
             "docker {}",
