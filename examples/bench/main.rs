@@ -1214,6 +1214,71 @@ fn run(
         println!();
     }
 
+    if wanted("diagnostics") {
+        // What the kernel knows of every socket: getfattr -d on every
+        // socket file against ss -tinm, on a workload of about 5,000.
+        let (processes, connections) = if quick { (20, 10) } else { (100, 25) };
+        let workload = Workload::start(processes, connections)?;
+        let m = daemon.mountpoint.display();
+        // The mount lists the whole workload before anything is timed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while timed(&format!("find {m} -mindepth 2 -name 'tcp_*' | wc -l"))?
+            .2
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+            < workload.sockets()
+        {
+            if Instant::now() > deadline {
+                return Err("the mount did not list the workload".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let every_file =
+            format!("find {m} -mindepth 2 -type f ! -name all ! -name tree -print0 | xargs -0");
+        let scripts = [
+            (
+                "getfattr -d on every socket file (all 50 attributes)",
+                format!("{every_file} getfattr -d --absolute-names 2>/dev/null | grep -c tcp.rtt="),
+            ),
+            (
+                "getfattr -n user.netstatfs.tcp.rtt on every socket file",
+                format!(
+                    "{every_file} getfattr -n user.netstatfs.tcp.rtt --absolute-names 2>/dev/null \
+                     | grep -c tcp.rtt="
+                ),
+            ),
+            ("ss -tinm", "ss -tinmH | grep -c rtt:".to_owned()),
+        ];
+        let mut seconds = [Vec::new(), Vec::new(), Vec::new()];
+        let mut counted = [0usize; 3];
+        for _ in 0..runs {
+            for (index, (_, script)) in scripts.iter().enumerate() {
+                let daemon_cpu = daemon.cpu_seconds();
+                let (elapsed, _, output) = timed(script)?;
+                let _ = daemon.cpu_seconds() - daemon_cpu;
+                seconds[index].push(elapsed);
+                counted[index] = output.trim().parse().unwrap_or(0);
+            }
+        }
+        println!(
+            "## Kernel attributes of every socket, workload {}\n",
+            workload.label()
+        );
+        println!("| tool | median s | ratio to ss | sockets with an rtt |");
+        println!("|---|---:|---:|---:|");
+        let base = median(&mut seconds[2].clone());
+        for (index, (name, _)) in scripts.iter().enumerate() {
+            let value = median(&mut seconds[index].clone());
+            println!(
+                "| {name} | {value:.3} | {:.2}x | {} |",
+                value / base,
+                counted[index]
+            );
+        }
+        println!();
+    }
+
     if wanted("capture") {
         // Capture.
         let volume = if quick { 128 << 20 } else { 1 << 30 };
