@@ -376,6 +376,29 @@ mod tests {
         assert_eq!(attributes["mem.sndbuf"], "4");
     }
 
+    proptest::proptest! {
+        /// Whatever the kernel (or a bug) hands over, parsing never panics,
+        /// and a reply cut anywhere is no reply or a smaller one.
+        #[test]
+        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            if let Some(reply) = parse_reply(&bytes) {
+                let _ = reply.attributes();
+            }
+        }
+
+        #[test]
+        fn a_truncated_reply_never_panics(cut in 0usize..400, length_field in 0u32..1000) {
+            let mut message = reply_bytes(&[7u8; 232], "cubic", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+            message.truncate(cut.min(message.len()));
+            if message.len() >= 4 {
+                message[0..4].copy_from_slice(&length_field.to_ne_bytes());
+            }
+            if let Some(reply) = parse_reply(&message) {
+                let _ = reply.attributes();
+            }
+        }
+    }
+
     #[test]
     fn errors_and_garbage_are_no_reply() {
         let mut error = vec![0u8; 36];
