@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
 
-use super::filter::LocalNetwork;
+use super::filter::{LocalNetwork, Taken};
 use crate::names::Proto;
 
 /// The transports an `all` stream follows.
@@ -123,6 +123,10 @@ pub struct KnownSocket {
     /// When it was first seen, and when it was found closed.
     pub seen: SystemTime,
     pub closed: Option<SystemTime>,
+    /// For a listener or an unconnected socket: the flows more specific
+    /// sockets of its namespace take from it (see
+    /// [`crate::capture::filter::taken_from`]).
+    pub taken: Vec<Taken>,
 }
 
 /// The time a socket may claim packets in: from a little before it was
@@ -183,7 +187,7 @@ pub struct Owner {
 }
 
 /// Sockets bound to one port: their address (None: a wildcard) and owner.
-type BoundSockets = Vec<(Option<IpAddr>, Owner, Lifetime)>;
+type BoundSockets = Vec<(Option<IpAddr>, Owner, Lifetime, Vec<Taken>)>;
 
 /// When TCP connections were opened (their SYNs), by 4-tuple: a closed
 /// connection's 4-tuple can be opened again at once by another socket
@@ -271,7 +275,7 @@ impl ProcessSockets {
                         .bound
                         .entry((socket.transport, local.port()))
                         .or_default()
-                        .push((ip, owner, Lifetime::of(socket)));
+                        .push((ip, owner, Lifetime::of(socket), socket.taken.clone()));
                 }
             }
         }
@@ -312,16 +316,21 @@ impl ProcessSockets {
     /// A listener or unconnected socket bound to one of the flow's ports
     /// (and address, or a wildcard of the namespace's own addresses).
     pub fn bound_owner(&self, flow: &Flow, at: SystemTime) -> Option<&Owner> {
-        for local in [flow.src, flow.dst] {
+        for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
             let Some(bound) = self.bound.get(&(flow.transport, local.port())) else {
                 continue;
             };
-            for (ip, owner, lifetime) in bound {
+            for (ip, owner, lifetime, taken) in bound {
                 let matches = match ip {
                     Some(ip) => *ip == local.ip(),
                     None => self.is_local(local.ip()),
                 };
-                if matches && lifetime.covers(at) {
+                // What a more specific socket takes is not this one's.
+                let taken_away = taken.iter().any(|taken| match *taken {
+                    Taken::Address(address) => address == local,
+                    Taken::Flow(a, b) => (a, b) == (local, remote),
+                });
+                if matches && !taken_away && lifetime.covers(at) {
                     return Some(owner);
                 }
             }
@@ -419,6 +428,7 @@ mod tests {
             pid: 1,
             seen: SystemTime::now() - Duration::from_secs(10),
             closed,
+            taken: Vec::new(),
         }
     }
 
@@ -567,5 +577,27 @@ mod tests {
             None
         );
         assert_eq!(index.ports(Transport::Tcp), [8080, 40000]);
+    }
+
+    #[test]
+    fn a_wildcard_socket_does_not_own_what_a_more_specific_socket_takes() {
+        let mut wildcard = known(
+            Transport::Udp,
+            "0.0.0.0:15353",
+            None,
+            "udp_0.0.0.0:15353_0.0.0.0:0",
+            None,
+        );
+        wildcard.taken = vec![Taken::Address(addr("127.0.0.1:15353"))];
+        let sockets = ProcessSockets::new(&[wildcard], Vec::new());
+        let now = SystemTime::now();
+        let to = |dst: &str| Flow {
+            transport: Transport::Udp,
+            src: addr("127.0.0.1:40000"),
+            dst: addr(dst),
+            opening: false,
+        };
+        assert!(sockets.bound_owner(&to("127.0.0.1:15353"), now).is_none());
+        assert!(sockets.bound_owner(&to("127.0.0.2:15353"), now).is_some());
     }
 }

@@ -318,8 +318,8 @@ impl NetstatFs {
         })
     }
 
+    /// A stream file's open, counted by `ticket` until its file closes;
     /// `reader`: the opening user, unless root.
-    /// A stream file's open, counted by `ticket` until its file closes.
     fn open_stream(&self, ino: u64, reader: Option<u32>, ticket: Ticket, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino) {

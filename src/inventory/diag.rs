@@ -281,8 +281,17 @@ pub fn query(
             &mut buffer,
             nix::sys::socket::MsgFlags::empty(),
         )?;
-        if let Some(reply) = parse_reply(&buffer[..length]).filter(|reply| reply.inode == inode) {
-            return Ok(Some(reply));
+        match parse_reply(&buffer[..length]) {
+            Some(reply) if reply.inode == inode => return Ok(Some(reply)),
+            Some(reply) => log::debug!(
+                "socket diagnostics answered for inode {} where {inode} was asked",
+                reply.inode
+            ),
+            // An error reply (no socket with that tuple this way round) or
+            // a message that does not parse.
+            None => {
+                log::debug!("socket diagnostics: no reply for inode {inode} ({length} bytes back)")
+            }
         }
     }
     Ok(None)

@@ -49,13 +49,14 @@ use crate::capture::attribution::{self, Claimant};
 use crate::capture::classify::{
     Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, flow_of,
 };
-use crate::capture::filter::{ForeignFlow, LocalNetwork, process_filter};
+use crate::capture::filter::{FilterTarget, ForeignFlow, LocalNetwork, process_filter, taken_from};
 use crate::capture::source::{
     self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
     Timestamp,
 };
 use crate::events::Subscription;
 use crate::inventory::live::{LiveSocket, ProcessWatch, children_of};
+use crate::inventory::tables::read_table;
 use crate::inventory::{Netns, NetnsId};
 use crate::names::{self, Proto};
 
@@ -71,6 +72,17 @@ const REVOKE_DRAIN: Duration = Duration::from_millis(50);
 const DRAIN_QUIET: Duration = Duration::from_millis(30);
 /// The longest a stream waits, after its grace, for its capture to catch up.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often a member's namespace socket table is read again, for what
+/// more specific sockets take from its unconnected ones.
+const NEIGHBOURS_RECHECK: Duration = Duration::from_secs(1);
+/// The kernel's state number of a listening TCP socket.
+const TCP_LISTEN: u8 = 10;
+
+/// A row of a namespace's socket table: local, remote, listening, inode.
+type NeighbourRow = (std::net::SocketAddr, std::net::SocketAddr, bool, u64);
+/// A namespace's table rows, and when they were read.
+type TableRead = (Instant, Arc<Vec<NeighbourRow>>);
 
 /// How long a packet of an unknown flow waits for its owner to show up.
 pub const CANDIDATE_TTL: Duration = Duration::from_millis(200);
@@ -160,6 +172,11 @@ pub struct ProcessSink {
     openings: Mutex<Openings>,
     /// Packets waiting for their owner, in the order they came.
     candidates: Mutex<Waiting>,
+    /// Members' namespace socket tables, by member pid, with when read.
+    neighbour_rows: Mutex<HashMap<i32, TableRead>>,
+    /// How many flows more specific sockets take from the members', as
+    /// last counted (logged when it changes).
+    taken_count: AtomicUsize,
     /// How far the events had been applied at the last look at the
     /// waiting packets: until they go further, another look decides nothing.
     sorted_until_ns: AtomicU64,
@@ -250,6 +267,8 @@ impl ProcessSink {
             sockets: RwLock::new(ProcessSockets::default()),
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
+            neighbour_rows: Mutex::new(HashMap::new()),
+            taken_count: AtomicUsize::new(0),
             sorted_until_ns: AtomicU64::new(0),
             candidate_bytes: AtomicUsize::new(0),
             unclaimed: AtomicU64::new(0),
@@ -323,7 +342,21 @@ impl ProcessSink {
                 })
                 .collect();
             let names = names::unique_socket_names(&endpoints);
+            let rows = self.neighbour_rows(watch.pid(), &sockets);
             known.extend(sockets.iter().zip(names).filter_map(|(socket, name)| {
+                let taken = match (&rows, socket.remote) {
+                    (Some(rows), None) => taken_from(
+                        &FilterTarget {
+                            proto: socket.proto,
+                            local: socket.local,
+                            remote: unconnected(socket.local),
+                            dual_stack: false,
+                        },
+                        socket.inode,
+                        rows.iter().copied(),
+                    ),
+                    _ => Vec::new(),
+                };
                 Some(KnownSocket {
                     transport: Transport::of(socket.proto)?,
                     local: socket.local,
@@ -333,13 +366,62 @@ impl ProcessSink {
                     pid: watch.pid() as u32,
                     seen: socket.seen,
                     closed: socket.closed,
+                    taken,
                 })
             }));
+        }
+        let taken: usize = known.iter().map(|socket| socket.taken.len()).sum();
+        if self.taken_count.swap(taken, Ordering::Relaxed) != taken {
+            debug!(
+                "{}: {taken} flows of more specific sockets are not its sockets'",
+                self.stream.label()
+            );
         }
         let index = ProcessSockets::new(&known, lock(&self.local_networks).clone());
         *write(&self.sockets) = index;
         self.sort_candidates();
         self.stream.batch_end();
+    }
+
+    /// The socket table of member `pid`'s namespace, re-read at most every
+    /// [`NEIGHBOURS_RECHECK`], for members holding an unconnected socket
+    /// (what more specific sockets take from it is not its own).
+    fn neighbour_rows(&self, pid: i32, sockets: &[&LiveSocket]) -> Option<Arc<Vec<NeighbourRow>>> {
+        if !sockets.iter().any(|socket| socket.remote.is_none()) {
+            return None;
+        }
+        let mut cache = lock(&self.neighbour_rows);
+        if let Some((read_at, rows)) = cache.get(&pid)
+            && read_at.elapsed() < NEIGHBOURS_RECHECK
+        {
+            return Some(Arc::clone(rows));
+        }
+        let proc_pid = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let mut rows = Vec::new();
+        for proto in [Proto::Tcp, Proto::Tcp6, Proto::Udp, Proto::Udp6] {
+            let Ok(table) = read_table(&proc_pid, proto) else {
+                continue;
+            };
+            let tcp = matches!(proto, Proto::Tcp | Proto::Tcp6);
+            rows.extend(
+                table
+                    .rows
+                    .into_iter()
+                    .filter(|row| !tcp || row.state == TCP_LISTEN || row.remote.port() != 0)
+                    .map(|row| {
+                        (
+                            row.local,
+                            row.remote,
+                            tcp && row.state == TCP_LISTEN,
+                            row.inode,
+                        )
+                    }),
+            );
+        }
+        let rows = Arc::new(rows);
+        cache.retain(|_, (read_at, _)| read_at.elapsed() < NEIGHBOURS_RECHECK * 10);
+        cache.insert(pid, (Instant::now(), Arc::clone(&rows)));
+        Some(rows)
     }
 
     /// Starts one more capture, in another namespace a member holds a

@@ -622,8 +622,19 @@ fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile()
 
 #[test]
 fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
+    wildcard_socket_demux(&["--allow-other"]);
+}
+
+#[test]
+fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it_following_proc() {
+    wildcard_socket_demux(&["--allow-other", "--no-kernel-events"]);
+}
+
+/// B's wildcard socket and C's exact one on the same port: B's socket
+/// file and B's process's `all` hold only B's datagrams.
+fn wildcard_socket_demux(mount_args: &[&str]) {
     let (b_user, c_user) = (TestUser::new("dmb"), TestUser::new("dmc"));
-    let mount = Mount::start(&["--allow-other"]);
+    let mount = Mount::start(mount_args);
     // B: a wildcard socket, read by B itself from before C comes.
     let mut b = b_user.peer();
     b.cmd("comm demux-b");
@@ -677,6 +688,12 @@ fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
     });
     wait_until(WAIT, "B's all to run", || {
         mount.log().contains("demux-b/all: capture running")
+    });
+    // Whoever sorts B's `all` knows C's socket takes 127.0.0.1:P.
+    wait_until(WAIT, "B's all to leave C's address out", || {
+        mount
+            .log()
+            .contains("demux-b/all: 1 flows of more specific sockets are not its sockets'")
     });
 
     let b_client = b.cmd("udp-bind 127.0.0.1:0");
