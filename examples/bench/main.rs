@@ -30,9 +30,9 @@
 //!    sockets), a child, a neighbour; with kernel events and with
 //!    `--no-kernel-events`, in one run. With `--check`, a packet of the
 //!    neighbour (or, with events, of the child in `all`), a record twice, a
-//!    row's recall under 99% with events, or under 99% for flows of 10 ms
-//!    or more without, fails the run (the test suite runs `--quick --only
-//!    accuracy --check`).
+//!    row's recall under 99% with events, or, following /proc, an `all`
+//!    under 99% for 10 ms flows, fails the run (the test suite runs
+//!    `--quick --only accuracy --check`).
 
 mod accuracy;
 
@@ -1036,6 +1036,72 @@ fn memory_with_streams(daemon: &Daemon, command: &str) -> Result<u64, Error> {
     Ok(peak.max(daemon.rss_kib().0))
 }
 
+/// What the daemon costs at one moment: threads, resident MiB, CPU over
+/// the next `window`, and root's `ls -l` of every process directory.
+struct Cost {
+    threads: u64,
+    rss_mib: f64,
+    cpu_per_second: f64,
+    ls_seconds: f64,
+}
+
+fn cost_now(daemon: &Daemon, runs: usize, ttl: Duration, window: Duration) -> Result<Cost, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?;
+    let threads = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0);
+    let before = daemon.cpu_seconds();
+    std::thread::sleep(window);
+    let cpu_per_second = (daemon.cpu_seconds() - before) / window.as_secs_f64();
+    let mut ls = Vec::new();
+    for _ in 0..runs {
+        // Cold: the snapshot and the kernel's cached entries expired.
+        std::thread::sleep(ttl + Duration::from_millis(50));
+        ls.push(
+            timed(&format!(
+                "ls -l {}/*/ > /dev/null",
+                daemon.mountpoint.display()
+            ))?
+            .0,
+        );
+    }
+    Ok(Cost {
+        threads,
+        rss_mib: daemon.rss_kib().0 as f64 / 1024.0,
+        cpu_per_second,
+        ls_seconds: median(&mut ls),
+    })
+}
+
+/// The daemon idle, then with `streams` streams of one busy socket (10
+/// MiB/s) held open and never read, as one user at the per-user limit
+/// would: (idle, loaded).
+fn streams_held(
+    daemon: &Daemon,
+    streams: usize,
+    runs: usize,
+    ttl: Duration,
+) -> Result<(Cost, Cost), Error> {
+    let Flow {
+        helper: mut flow,
+        file,
+        ..
+    } = Flow::start(daemon)?;
+    let window = Duration::from_secs(2);
+    let idle = cost_now(daemon, runs, ttl, window)?;
+    let held: Vec<File> = (0..streams)
+        .map(|_| File::open(&file))
+        .collect::<Result<_, _>>()?;
+    flow.send(&format!("pace {} 10", 200usize << 20))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let loaded = cost_now(daemon, runs, ttl, window)?;
+    drop(held);
+    flow.send("close")?;
+    Ok((idle, loaded))
+}
+
 // ---------------------------------------------------------------- report
 
 fn main() -> Result<(), Error> {
@@ -1209,6 +1275,46 @@ fn run(
             println!(
                 "| {label} | {sockets} | {processes} | {walk:.3} | {:.4} |",
                 walk / *sockets as f64 * 1000.0
+            );
+        }
+        println!();
+    }
+
+    if wanted("streams") {
+        let streams = 32;
+        let (idle, loaded) = streams_held(&daemon, streams, runs, ttl)?;
+        println!("## One user at the stream limit\n");
+        println!(
+            "{streams} streams (`--max-streams-per-user`'s default) of one socket carrying 10 MiB/s, \
+             opened and never read, against the same daemon idle, in one run.\n"
+        );
+        println!("| | idle | {streams} unread streams | ratio |");
+        println!("|---|---:|---:|---:|");
+        let rows = [
+            (
+                "daemon threads",
+                idle.threads as f64,
+                loaded.threads as f64,
+                0,
+            ),
+            ("daemon RSS MiB", idle.rss_mib, loaded.rss_mib, 1),
+            (
+                "daemon CPU (cores)",
+                idle.cpu_per_second,
+                loaded.cpu_per_second,
+                3,
+            ),
+            (
+                "root's ls -l m/*/ (s, median)",
+                idle.ls_seconds,
+                loaded.ls_seconds,
+                3,
+            ),
+        ];
+        for (label, before, after, digits) in rows {
+            println!(
+                "| {label} | {before:.digits$} | {after:.digits$} | {:.2}x |",
+                after / before.max(f64::EPSILON)
             );
         }
         println!();
@@ -1424,10 +1530,7 @@ fn run(
             || fallback.neighbour_in_all + fallback.neighbour_in_tree > 0
             || report.duplicates + fallback.duplicates > 0
             || report.rows.iter().any(|row| low(row.all) || low(row.tree))
-            || fallback
-                .rows
-                .iter()
-                .any(|row| row.long && (low(row.all) || low(row.tree)));
+            || fallback.rows.iter().any(|row| row.long && low(row.all));
         if check && below {
             return Err("accuracy below target".into());
         }

@@ -259,8 +259,8 @@ fn the_accuracy_harness_meets_its_targets_at_small_scale() {
     // The benchmark's accuracy section, small: 40 flows of each lifetime
     // (0.1 ms, 1 ms, 10 ms, 1 s), protocol and side, for the target, its
     // child and (passive) the two as workers sharing sockets; --check fails
-    // the run below 99% recall of `all` or `tree` for any of them (with
-    // kernel events; following /proc, for flows of 10 ms or more), on any
+    // the run below 99% recall of `all` or `tree` for any of them with
+    // kernel events (following /proc, of `all` for 10 ms flows), on any
     // packet of another process, or on a record seen twice.
     let example = std::env::current_exe()
         .unwrap()
