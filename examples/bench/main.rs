@@ -1312,10 +1312,12 @@ fn run(
             ),
         ];
         for (label, before, after, digits) in rows {
-            println!(
-                "| {label} | {before:.digits$} | {after:.digits$} | {:.2}x |",
-                after / before.max(f64::EPSILON)
-            );
+            let ratio = if before > 1e-3 {
+                format!("{:.2}x", after / before)
+            } else {
+                "–".to_owned()
+            };
+            println!("| {label} | {before:.digits$} | {after:.digits$} | {ratio} |");
         }
         println!();
     }
