@@ -630,6 +630,26 @@ fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it_following_proc() {
     wildcard_socket_demux(&["--allow-other", "--no-kernel-events"]);
 }
 
+/// `user`'s `cat` of a stream file, and a thread that returns what it
+/// read once the stream ends.
+fn user_reads(
+    user: &TestUser,
+    path: &Path,
+) -> (std::process::Child, std::thread::JoinHandle<Vec<u8>>) {
+    let mut reader = user
+        .command(&["sh", "-c", "exec cat \"$0\"", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = reader.stdout.take().unwrap();
+    let bytes = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut bytes).unwrap();
+        bytes
+    });
+    (reader, bytes)
+}
+
 /// B's wildcard socket and C's exact one on the same port: B's socket
 /// file and B's process's `all` hold only B's datagrams.
 fn wildcard_socket_demux(mount_args: &[&str]) {
@@ -644,17 +664,7 @@ fn wildcard_socket_demux(mount_args: &[&str]) {
         .dir(b.pid, "demux-b")
         .join(format!("udp_0.0.0.0:{port}_0.0.0.0:0"));
     wait_until(WAIT, "B's socket file", || file.exists());
-    let mut b_reader = b_user
-        .command(&["sh", "-c", "exec cat \"$0\"", file.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut b_out = b_reader.stdout.take().unwrap();
-    let b_bytes = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut b_out, &mut bytes).unwrap();
-        bytes
-    });
+    let (mut b_reader, b_bytes) = user_reads(&b_user, &file);
 
     wait_until(WAIT, "B's capture to run", || {
         mount.log().contains("demux-b/udp_0.0.0.0") && mount.log().contains("capture running")
@@ -675,17 +685,7 @@ fn wildcard_socket_demux(mount_args: &[&str]) {
     // B's process's `all`, read by B: C's exchanges are C's, by the
     // kernel's events.
     let all = mount.dir(b.pid, "demux-b").join("all");
-    let mut all_reader = b_user
-        .command(&["sh", "-c", "exec cat \"$0\"", all.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut all_out = all_reader.stdout.take().unwrap();
-    let all_bytes = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut all_out, &mut bytes).unwrap();
-        bytes
-    });
+    let (mut all_reader, all_bytes) = user_reads(&b_user, &all);
     wait_until(WAIT, "B's all to run", || {
         mount.log().contains("demux-b/all: capture running")
     });

@@ -37,9 +37,10 @@ fn assets(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The clap-generated page with the sections a user needs beyond options.
-fn man_page() -> Result<Vec<u8>, std::io::Error> {
-    let man = clap_mangen::Man::new(Cli::command())
+/// A clap-generated page: title, name, synopsis, description, options,
+/// then `extra`, then the version.
+fn page(command: clap::Command, extra: Roff) -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(command)
         .section("1")
         .manual("User Commands");
     let mut out = Vec::new();
@@ -48,22 +49,18 @@ fn man_page() -> Result<Vec<u8>, std::io::Error> {
     man.render_synopsis_section(&mut out)?;
     man.render_description_section(&mut out)?;
     man.render_options_section(&mut out)?;
-    extra_sections().to_writer(&mut out)?;
+    extra.to_writer(&mut out)?;
     man.render_version_section(&mut out)?;
     Ok(out)
 }
 
+/// The daemon's page, with the sections a user needs beyond options.
+fn man_page() -> Result<Vec<u8>, std::io::Error> {
+    page(Cli::command(), extra_sections())
+}
+
 /// The extcap's page: its options, and how Wireshark finds it.
 fn extcap_man_page() -> Result<Vec<u8>, std::io::Error> {
-    let man = clap_mangen::Man::new(ExtcapArgs::command())
-        .section("1")
-        .manual("User Commands");
-    let mut out = Vec::new();
-    man.render_title(&mut out)?;
-    man.render_name_section(&mut out)?;
-    man.render_synopsis_section(&mut out)?;
-    man.render_description_section(&mut out)?;
-    man.render_options_section(&mut out)?;
     let mut roff = Roff::new();
     section(
         &mut roff,
@@ -90,9 +87,7 @@ fn extcap_man_page() -> Result<Vec<u8>, std::io::Error> {
            not understand.",
         ],
     );
-    roff.to_writer(&mut out)?;
-    man.render_version_section(&mut out)?;
-    Ok(out)
+    page(ExtcapArgs::command(), roff)
 }
 
 fn section(roff: &mut Roff, title: &str, paragraphs: &[&str]) {

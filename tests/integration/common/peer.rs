@@ -221,18 +221,7 @@ impl PeerState {
             }
             "tcp-listen-reuseport" | "tcp-listen-v6only" => {
                 let addr: SocketAddr = arg(0)?.parse().map_err(err)?;
-                let family = if addr.is_ipv4() {
-                    AddressFamily::Inet
-                } else {
-                    AddressFamily::Inet6
-                };
-                let fd = socket::socket(
-                    family,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    SockProtocol::Tcp,
-                )
-                .map_err(err)?;
+                let fd = socket_for(addr, SockType::Stream, SockProtocol::Tcp)?;
                 if command == "tcp-listen-reuseport" {
                     socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(err)?;
                 } else {
@@ -276,18 +265,7 @@ impl PeerState {
             "udp-bind-reuse" => {
                 // SO_REUSEADDR: another user's socket may share the port.
                 let addr: SocketAddr = arg(0)?.parse().map_err(err)?;
-                let family = if addr.is_ipv4() {
-                    AddressFamily::Inet
-                } else {
-                    AddressFamily::Inet6
-                };
-                let fd = socket::socket(
-                    family,
-                    SockType::Datagram,
-                    SockFlag::SOCK_CLOEXEC,
-                    SockProtocol::Udp,
-                )
-                .map_err(err)?;
+                let fd = socket_for(addr, SockType::Datagram, SockProtocol::Udp)?;
                 socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
                 socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err)?;
                 let socket = UdpSocket::from(fd);
@@ -522,4 +500,18 @@ fn raise_fd_limit() {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// A new socket of `kind` in `addr`'s family, before its options are set.
+fn socket_for(
+    addr: SocketAddr,
+    kind: SockType,
+    protocol: SockProtocol,
+) -> Result<std::os::fd::OwnedFd, String> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, protocol).map_err(|e| e.to_string())
 }
