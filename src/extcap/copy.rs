@@ -32,6 +32,9 @@ use super::records::RecordSplitter;
 /// comes.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How long a failing capture waits for Wireshark to open the FIFO.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 /// One read's worth: what a stream hands out per FUSE read at most.
 const READ_SIZE: usize = 1 << 20;
 
@@ -162,11 +165,28 @@ fn open_fifo(job: &Job, stop: &AtomicBool) -> Result<Option<File>, Failure> {
 /// Lets a reader blocked opening the FIFO go, on a capture that fails
 /// before it began: dumpcap waits in open(2) for a writer, and only sees
 /// the end of the data (and tshark the extcap's message) once one came.
+/// dumpcap may not have opened the FIFO yet: a writer that came and went
+/// before it would leave it blocked, so this waits for it a while.
 pub fn release_reader(fifo: &std::path::Path) {
-    let _ = OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(fifo);
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        let opened = OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(fifo);
+        match opened {
+            // ENXIO: no reader yet.
+            Err(err)
+                if err.raw_os_error() == Some(nix::libc::ENXIO)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Opened (and closed at once: the reader sees the end), or no
+            // FIFO there, or no reader within the wait.
+            _ => return,
+        }
+    }
 }
 
 /// The FIFO's read end is closed (poll says POLLERR on the write end).
