@@ -65,6 +65,9 @@ impl Wireshark {
         if let Some(filter) = filter {
             command.args(["-f", filter]);
         }
+        // A group of its own: on a timeout the test ends tshark with the
+        // dumpcap and extcap it started.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -107,7 +110,7 @@ fn stops_by_itself(tshark: Child, within: Duration) -> Output {
     match done_rx.recv_timeout(within) {
         Ok(output) => output.unwrap(),
         Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
             panic!("tshark did not stop within {within:?} of {started:?}");
         }
     }
