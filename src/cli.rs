@@ -40,7 +40,7 @@ pub struct Cli {
     /// Mount options, comma-separated, as mount(8) passes them:
     /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
     /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng,
-    /// no_kernel_events
+    /// no_kernel_events, unix
     /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
@@ -52,6 +52,13 @@ pub struct Cli {
     /// List every process, not only those holding an inet socket.
     #[arg(long)]
     pub all_processes: bool,
+
+    /// List unix sockets too, as `unix_<path>`, `unix_@<abstract name>` or
+    /// `unix_<inode>` files with their peer in attributes (they cannot be
+    /// read: libpcap does not see them). Off by default: a desktop holds
+    /// hundreds.
+    #[arg(long)]
+    pub unix: bool,
 
     /// How long one /proc snapshot answers listings and lookups (and how
     /// long the kernel may cache what it said), e.g. 1s, 250ms, 0.
@@ -194,6 +201,7 @@ impl Cli {
                 "allow_other" => self.allow_other = true,
                 "all_processes" => self.all_processes = true,
                 "no_kernel_events" => self.no_kernel_events = true,
+                "unix" => self.unix = true,
                 "cache_ttl" => self.cache_ttl = parse_duration(needs()?).map_err(bad)?,
                 "interface" => self.interface = needs()?.to_owned(),
                 "snaplen" => {
@@ -221,8 +229,8 @@ impl Cli {
                 unknown => {
                     return Err(format!(
                         "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
-                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events, max_streams_per_user, \
-                         max_streams)"
+                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events, unix, \
+                         max_streams_per_user, max_streams)"
                     ));
                 }
             }

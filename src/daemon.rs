@@ -62,6 +62,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         format: cli.format.into(),
         allow_other: cli.allow_other,
         kernel_events: !cli.no_kernel_events,
+        unix: cli.unix,
     };
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {

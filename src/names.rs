@@ -183,6 +183,20 @@ pub fn socket_file_name(proto: Proto, local: SocketAddr, remote: SocketAddr) -> 
     .to_string()
 }
 
+/// The prefix of every unix socket file's name.
+pub const UNIX_PREFIX: &str = "unix_";
+
+/// A unix socket file's name: `unix_<path>` for a socket bound to a path,
+/// `unix_@<name>` for an abstract one (`path` as `/proc/net/unix` shows it,
+/// abstract names with their leading `@`), `unix_<inode>` for an unnamed
+/// one; '/' and control characters become '_', as in process names.
+pub fn unix_file_name(path: Option<&str>, inode: u64) -> String {
+    match path {
+        Some(path) if !path.is_empty() => format!("{UNIX_PREFIX}{}", safe_comm(path)),
+        _ => format!("{UNIX_PREFIX}{inode}"),
+    }
+}
+
 /// Names for a process's sockets, in the order given, unique within the
 /// directory: every socket whose plain name is shared by another gets the
 /// `~<inode>` suffix, so the result does not depend on the order.
@@ -191,6 +205,13 @@ pub fn unique_socket_names(sockets: &[(Proto, SocketAddr, SocketAddr, u64)]) -> 
         .iter()
         .map(|&(proto, local, remote, _)| socket_file_name(proto, local, remote))
         .collect();
+    let inodes: Vec<u64> = sockets.iter().map(|&(_, _, _, inode)| inode).collect();
+    unique_names(plain, &inodes)
+}
+
+/// `plain` names made unique as [`unique_socket_names`] does, `inodes[i]`
+/// being the socket of `plain[i]`.
+pub fn unique_names(plain: Vec<String>, inodes: &[u64]) -> Vec<String> {
     let mut sorted: Vec<&str> = plain.iter().map(String::as_str).collect();
     sorted.sort_unstable();
     let shared = |name: &str| {
@@ -199,8 +220,8 @@ pub fn unique_socket_names(sockets: &[(Proto, SocketAddr, SocketAddr, u64)]) -> 
     };
     plain
         .iter()
-        .zip(sockets)
-        .map(|(name, &(_, _, _, inode))| {
+        .zip(inodes)
+        .map(|(name, inode)| {
             if shared(name) {
                 format!("{name}~{inode}")
             } else {
@@ -244,6 +265,30 @@ mod tests {
         ] {
             assert_eq!(parse_process_dir_name(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn unix_names_are_safe_and_unique() {
+        assert_eq!(
+            unix_file_name(Some("/run/dbus/system_bus_socket"), 9),
+            "unix__run_dbus_system_bus_socket"
+        );
+        assert_eq!(
+            unix_file_name(Some("@/tmp/.X11-unix/X0"), 9),
+            "unix_@_tmp_.X11-unix_X0"
+        );
+        assert_eq!(unix_file_name(Some("@a\nb"), 9), "unix_@a_b");
+        assert_eq!(unix_file_name(None, 31337), "unix_31337");
+        // A listener and the connection it accepted share the path.
+        let plain = vec![
+            unix_file_name(Some("/run/x.sock"), 10),
+            unix_file_name(Some("/run/x.sock"), 11),
+            unix_file_name(None, 12),
+        ];
+        assert_eq!(
+            unique_names(plain, &[10, 11, 12]),
+            ["unix__run_x.sock~10", "unix__run_x.sock~11", "unix_12"]
+        );
     }
 
     #[test]

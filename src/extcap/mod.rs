@@ -342,12 +342,14 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
     view
 }
 
-/// A process directory's streams: `all`, `tree`, then its socket files.
+/// A process directory's streams: `all`, `tree`, then its socket files
+/// (not its unix sockets, on a mount with `--unix`: they cannot be read).
 fn streams_of(directory: &Path) -> Result<Vec<String>, Failure> {
     let entries = std::fs::read_dir(directory)
         .map_err(|err| Failure(format!("cannot list {}: {err}", directory.display())))?;
     let mut names: Vec<String> = entries
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.starts_with(crate::names::UNIX_PREFIX))
         .collect();
     names.sort_by_key(|name| (name != "all", name != "tree", name.clone()));
     Ok(names)

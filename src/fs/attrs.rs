@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use fuser::{FileAttr, FileType, INodeNo};
 
-use super::tree::{Node, ROOT_INO, Tree, Whole};
+use super::tree::{FileSocket, Node, ROOT_INO, Tree, Whole};
 
 /// The block size socket files report: readers size their reads by it
 /// (cat, and stdio under libpcap's `tcpdump -r`), and one 1 MiB read is one
@@ -77,9 +77,14 @@ pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
             let dir = &tree.dirs[dir_index];
             let file = &dir.files[file_index];
             let process = tree.process_of(dir);
-            let socket = tree.socket_of(dir, file);
+            // A unix socket's owner is not in /proc/net/unix: its file is
+            // its process's.
+            let uid = match tree.socket_of(dir, file) {
+                FileSocket::Inet(socket) => socket.row.uid,
+                FileSocket::Unix(_) => process.uid,
+            };
             FileAttr {
-                uid: socket.row.uid,
+                uid,
                 ..stream_file(file.ino, file.first_seen, process.gid)
             }
         }

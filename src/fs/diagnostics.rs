@@ -1,5 +1,6 @@
-//! Socket files' kernel attributes (`user.netstatfs.tcp.*`, `mem.*`):
-//! asked of socket diagnostics ([`crate::inventory::diag`]) when a
+//! Socket files' kernel attributes (`user.netstatfs.tcp.*`, `mem.*`, and a
+//! unix socket's peer, owner and queues): asked of socket diagnostics
+//! ([`crate::inventory::diag`], [`crate::inventory::unix`]) when a
 //! `getxattr` or `listxattr` comes, never for a listing.
 //!
 //! A netlink socket answers for the namespace it was made in, so one is
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 
 use crate::inventory::diag;
-use crate::inventory::{Netns, NetnsId, SocketInfo};
+use crate::inventory::{Netns, NetnsId, SocketInfo, UnixSocketInfo, unix};
 use crate::names::Proto;
 
 /// How long one reply answers for its socket.
@@ -40,17 +41,44 @@ impl Diagnostics {
         if !matches!(proto, Proto::Tcp | Proto::Tcp6 | Proto::Udp | Proto::Udp6) {
             return Attributes::default();
         }
-        let inode = socket.row.inode;
+        self.cached(socket.row.inode, || {
+            self.ask(pid, socket)
+                .map(|reply| reply.attributes())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The kernel's attributes of unix socket `socket`, held by `pid`.
+    pub fn unix_attributes(&self, pid: i32, socket: &UnixSocketInfo) -> Attributes {
+        self.cached(socket.row.inode, || {
+            let Some(fd) = socket.netns.and_then(|netns| self.netlink_in(netns, pid)) else {
+                return Vec::new();
+            };
+            match unix::query(&fd, socket.row.inode) {
+                Ok(reply) => reply.map(|reply| reply.attributes()).unwrap_or_default(),
+                Err(err) => {
+                    debug!(
+                        "unix socket diagnostics for inode {}: {err}",
+                        socket.row.inode
+                    );
+                    if let Some(netns) = socket.netns {
+                        lock(&self.netlink).remove(&netns);
+                    }
+                    Vec::new()
+                }
+            }
+        })
+    }
+
+    /// The reply for socket `inode` asked less than [`FRESH_FOR`] ago, or
+    /// `ask`'s.
+    fn cached(&self, inode: u64, ask: impl FnOnce() -> Vec<(String, String)>) -> Attributes {
         if let Some((at, attributes)) = lock(&self.recent).get(&inode)
             && at.elapsed() < FRESH_FOR
         {
             return Arc::clone(attributes);
         }
-        let attributes: Attributes = Arc::new(
-            self.ask(pid, socket)
-                .map(|reply| reply.attributes())
-                .unwrap_or_default(),
-        );
+        let attributes: Attributes = Arc::new(ask());
         let mut recent = lock(&self.recent);
         if recent.len() >= KEPT {
             recent.retain(|_, (at, _)| at.elapsed() < FRESH_FOR);

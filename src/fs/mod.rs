@@ -40,7 +40,7 @@ use crate::capture::source::{
 use crate::events::KernelEvents;
 use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
-use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo};
+use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo, UnixSocketInfo};
 use crate::names::Proto;
 use crate::stream::neighbours::Neighbours;
 use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
@@ -49,7 +49,7 @@ use crate::stream::table::StreamTable;
 use crate::stream::table::Ticket;
 use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
-use tree::{InodeTable, Node, ROOT_INO, Tree, Whole};
+use tree::{FileSocket, InodeTable, Node, ROOT_INO, Tree, Whole};
 use xattrs::{MountFacts, Subject};
 
 /// The shortest interval between snapshots that a lookup miss may force.
@@ -68,6 +68,8 @@ pub struct FsOptions {
     pub allow_other: bool,
     /// `all` and `tree` streams use kernel events where they can be had.
     pub kernel_events: bool,
+    /// Unix sockets are listed too (`--unix`).
+    pub unix: bool,
 }
 
 /// What makes snapshots and gives inode numbers; one at a time.
@@ -104,7 +106,7 @@ impl NetstatFs {
     pub fn new(options: FsOptions, streams: Arc<StreamTable>) -> NetstatFs {
         let shared = options.allow_other;
         let mut refresher = Refresher {
-            inventory: Inventory::new(),
+            inventory: Inventory::new().with_unix(options.unix),
             inodes: InodeTable::default(),
         };
         let first = Tree::build(
@@ -195,7 +197,7 @@ impl NetstatFs {
             if let Some(node) = tree.lookup(parent_node, name) {
                 return Ok(Lookup::Found(tree, node));
             }
-            if attempt == 0 && could_be_new(parent_node, name) {
+            if attempt == 0 && could_be_new(parent_node, name, self.options.unix) {
                 debug!(
                     "lookup of {name:?} missed a snapshot {:?} old; refreshing",
                     tree.snapshot.age()
@@ -222,16 +224,66 @@ impl NetstatFs {
             Node::Dir(dir) => Subject::Process(tree.process_of(&tree.dirs[dir])),
             Node::File(dir, file) => {
                 let dir = &tree.dirs[dir];
-                let socket = tree.socket_of(dir, &dir.files[file]);
-                if with_kernel {
-                    *kernel = self
-                        .diagnostics
-                        .attributes(tree.process_of(dir).pid, socket);
+                let pid = tree.process_of(dir).pid;
+                match tree.socket_of(dir, &dir.files[file]) {
+                    FileSocket::Inet(socket) => {
+                        if with_kernel {
+                            *kernel = self.diagnostics.attributes(pid, socket);
+                        }
+                        Subject::Socket(socket, kernel.as_slice())
+                    }
+                    // Most of a unix socket's attributes are the kernel's.
+                    FileSocket::Unix(socket) => {
+                        *kernel = self.unix_kernel_attributes(tree, pid, socket);
+                        Subject::Unix(socket, kernel.as_slice())
+                    }
                 }
-                Subject::Socket(socket, kernel.as_slice())
             }
             Node::Whole(..) => Subject::Whole,
         }
+    }
+
+    /// What socket diagnostics says of a unix socket, and who holds its
+    /// peer (`peer_pid`, `peer_comm`: every process holding the peer
+    /// socket, ascending, comma-separated), found in the snapshot or, if
+    /// it is not there, in one fresh snapshot.
+    fn unix_kernel_attributes(
+        &self,
+        tree: &Tree,
+        pid: i32,
+        socket: &UnixSocketInfo,
+    ) -> Arc<Vec<(String, String)>> {
+        let kernel = self.diagnostics.unix_attributes(pid, socket);
+        let Some(peer) = kernel
+            .iter()
+            .find(|(name, _)| name == "peer_inode")
+            .and_then(|(_, value)| value.parse::<u64>().ok())
+        else {
+            return kernel;
+        };
+        let holders = |tree: &Tree| -> Vec<(i32, String)> {
+            tree.snapshot
+                .processes
+                .iter()
+                .filter(|process| process.unix.iter().any(|s| s.row.inode == peer))
+                .map(|process| (process.pid, process.comm.clone()))
+                .collect()
+        };
+        let mut found = holders(tree);
+        if found.is_empty() {
+            found = holders(&self.tree_younger_than(MISS_REFRESH.min(self.options.cache_ttl)));
+        }
+        if found.is_empty() {
+            return kernel;
+        }
+        let mut with_peer = kernel.as_ref().clone();
+        let (pids, comms): (Vec<String>, Vec<String>) = found
+            .into_iter()
+            .map(|(pid, comm)| (pid.to_string(), comm))
+            .unzip();
+        with_peer.push(("peer_pid".into(), pids.join(",")));
+        with_peer.push(("peer_comm".into(), comms.join(",")));
+        Arc::new(with_peer)
     }
 
     /// The entries of a directory as (ino, name, node), "." and ".." first.
@@ -347,8 +399,17 @@ impl NetstatFs {
         let dir = &tree.dirs[dir_index];
         let file = &dir.files[file_index];
         let process = tree.process_of(dir);
-        let socket = tree.socket_of(dir, file);
         let label = format!("{}/{}", dir.name, file.name);
+        let socket = match tree.socket_of(dir, file) {
+            FileSocket::Inet(socket) => socket,
+            FileSocket::Unix(_) => {
+                info!(
+                    "{label}: a unix socket cannot be read: libpcap captures network \
+                     interfaces, and unix sockets never pass through one"
+                );
+                return reply.error(Errno::EOPNOTSUPP);
+            }
+        };
         let target = FilterTarget {
             proto: socket.proto(),
             local: socket.local(),
@@ -573,7 +634,7 @@ enum Lookup {
 /// since: a process directory of a live pid under its current comm (not in
 /// the tree, or under another name), or a well-formed socket file name.
 /// Other names (typos, guesses of dead pids) cost no snapshot.
-fn could_be_new(parent: Node, name: &OsStr) -> bool {
+fn could_be_new(parent: Node, name: &OsStr, unix: bool) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
@@ -585,7 +646,12 @@ fn could_be_new(parent: Node, name: &OsStr) -> bool {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|live| crate::names::safe_comm(live.trim_end_matches('\n')) == comm)
         }
-        Node::Dir(_) => name.parse::<crate::names::SocketFileName>().is_ok(),
+        Node::Dir(_) => {
+            name.parse::<crate::names::SocketFileName>().is_ok()
+                || (unix
+                    && name.len() > crate::names::UNIX_PREFIX.len()
+                    && name.starts_with(crate::names::UNIX_PREFIX))
+        }
         Node::File(..) | Node::Whole(..) => false,
     }
 }

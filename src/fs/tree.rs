@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::time::SystemTime;
 
-use crate::inventory::{ProcessInfo, Snapshot, SocketInfo};
+use crate::inventory::{ProcessInfo, Snapshot, SocketInfo, UnixSocketInfo};
 use crate::names;
 
 /// Inode number of the mount's root directory.
@@ -164,9 +164,24 @@ pub struct ProcessDir {
 pub struct SocketFile {
     pub ino: u64,
     pub name: String,
-    /// Index into the process's sockets.
-    pub socket: usize,
+    pub socket: SocketRef,
     pub first_seen: SystemTime,
+}
+
+/// Which of its process's sockets a socket file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketRef {
+    /// Index into the process's inet sockets.
+    Inet(usize),
+    /// Index into the process's unix sockets.
+    Unix(usize),
+}
+
+/// The socket a socket file shows.
+#[derive(Clone, Copy, Debug)]
+pub enum FileSocket<'t> {
+    Inet(&'t SocketInfo),
+    Unix(&'t UnixSocketInfo),
 }
 
 /// What the mount shows for one snapshot.
@@ -179,8 +194,8 @@ pub struct Tree {
 }
 
 impl Tree {
-    /// Builds the tree: one directory per process holding an inet socket
-    /// (every readable process with `all_processes`).
+    /// Builds the tree: one directory per process holding a socket the
+    /// snapshot lists (every readable process with `all_processes`).
     pub fn build(snapshot: Snapshot, inodes: &mut InodeTable, all_processes: bool) -> Tree {
         inodes.start_build();
         let now = snapshot.taken_wall;
@@ -195,7 +210,7 @@ impl Tree {
                 start_ticks: process.start_ticks,
                 which,
             };
-            if process.sockets.is_empty() && !all_processes {
+            if process.sockets.is_empty() && process.unix.is_empty() && !all_processes {
                 inodes.touch(&key);
                 for which in Whole::BOTH {
                     inodes.touch(&whole(which));
@@ -267,8 +282,12 @@ impl Tree {
         &self.snapshot.processes[dir.process]
     }
 
-    pub fn socket_of(&self, dir: &ProcessDir, file: &SocketFile) -> &SocketInfo {
-        &self.process_of(dir).sockets[file.socket]
+    pub fn socket_of(&self, dir: &ProcessDir, file: &SocketFile) -> FileSocket<'_> {
+        let process = self.process_of(dir);
+        match file.socket {
+            SocketRef::Inet(index) => FileSocket::Inet(&process.sockets[index]),
+            SocketRef::Unix(index) => FileSocket::Unix(&process.unix[index]),
+        }
     }
 }
 
@@ -277,34 +296,35 @@ fn socket_files(
     inodes: &mut InodeTable,
     now: SystemTime,
 ) -> Vec<SocketFile> {
-    let endpoints: Vec<_> = process
-        .sockets
-        .iter()
-        .map(|socket| {
-            (
-                socket.proto(),
-                socket.local(),
-                socket.remote(),
-                socket.row.inode,
-            )
-        })
-        .collect();
-    let mut files: Vec<SocketFile> = names::unique_socket_names(&endpoints)
+    let inet = process.sockets.iter().enumerate().map(|(index, socket)| {
+        let name = names::socket_file_name(socket.proto(), socket.local(), socket.remote());
+        (name, socket.row.inode, SocketRef::Inet(index))
+    });
+    let unix = process.unix.iter().enumerate().map(|(index, socket)| {
+        let name = names::unix_file_name(socket.row.path().as_deref(), socket.row.inode);
+        (name, socket.row.inode, SocketRef::Unix(index))
+    });
+    let (plain, found): (Vec<String>, Vec<(u64, SocketRef)>) = inet
+        .chain(unix)
+        .map(|(name, inode, socket)| (name, (inode, socket)))
+        .unzip();
+    let socket_inodes: Vec<u64> = found.iter().map(|&(inode, _)| inode).collect();
+    let mut files: Vec<SocketFile> = names::unique_names(plain, &socket_inodes)
         .into_iter()
-        .enumerate()
-        .map(|(socket_index, name)| {
+        .zip(found)
+        .map(|(name, (inode, socket))| {
             let assigned = inodes.assign(
                 NodeKey::Socket {
                     pid: process.pid,
                     start_ticks: process.start_ticks,
-                    inode: process.sockets[socket_index].row.inode,
+                    inode,
                 },
                 now,
             );
             SocketFile {
                 ino: assigned.ino,
                 name,
-                socket: socket_index,
+                socket,
                 first_seen: assigned.first_seen,
             }
         })
@@ -347,6 +367,7 @@ mod tests {
                     netns: Some(crate::inventory::NetnsId::from_inode(1)),
                 })
                 .collect(),
+            unix: Vec::new(),
         }
     }
 
@@ -370,6 +391,43 @@ mod tests {
         assert_eq!(tree.dirs[0].name, "20_server");
         let all = Tree::build(snapshot(processes), &mut inodes, true);
         assert_eq!(all.dirs.len(), 2);
+    }
+
+    #[test]
+    fn unix_sockets_are_files_beside_inet_ones() {
+        use crate::inventory::unix::{UnixName, UnixType};
+        let unix = |inode, name| UnixSocketInfo {
+            row: crate::inventory::UnixRow {
+                inode,
+                kind: UnixType::Stream,
+                socket_state: 3,
+                listening: false,
+                name,
+            },
+            fds: vec![5],
+            netns: None,
+        };
+        let mut with_unix = process(30, 1, "agent", &[(500, "127.0.0.1:80")]);
+        with_unix.unix = vec![
+            unix(700, UnixName::Path("/run/a.sock".into())),
+            unix(701, UnixName::Unnamed),
+        ];
+        let mut only_unix = process(31, 1, "dbus", &[]);
+        only_unix.unix = vec![unix(702, UnixName::Abstract("bus".into()))];
+        let mut inodes = InodeTable::default();
+        let tree = Tree::build(snapshot(vec![with_unix, only_unix]), &mut inodes, false);
+        let names: Vec<&str> = tree.dirs[0].files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["tcp_127.0.0.1:80_0.0.0.0:0", "unix_701", "unix__run_a.sock"]
+        );
+        let dir = &tree.dirs[0];
+        assert!(matches!(
+            tree.socket_of(dir, &dir.files[2]),
+            FileSocket::Unix(socket) if socket.row.inode == 700
+        ));
+        assert_eq!(tree.dirs[1].name, "31_dbus", "listed for its unix socket");
+        assert_eq!(tree.dirs[1].files[0].name, "unix_@bus");
     }
 
     #[test]

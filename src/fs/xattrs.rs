@@ -3,7 +3,11 @@
 //!
 //! Socket files carry `user.netstatfs.{proto,state,inode,uid,local,remote,
 //! rx_queue,tx_queue,fds,netns}` and what socket diagnostics says at the
-//! time of asking (`tcp.*`, `mem.*`, see `diagnostics.rs`); process directories carry
+//! time of asking (`tcp.*`, `mem.*`, see `diagnostics.rs`); unix socket
+//! files (with `--unix`) carry `user.netstatfs.{proto,type,state,inode,
+//! path,fds,netns}` and, asked of the kernel when read,
+//! `user.netstatfs.{peer_inode,peer_pid,peer_comm,uid,rx_queue,tx_queue,
+//! vfs_inode,vfs_dev}`; process directories carry
 //! `user.netstatfs.{pid,comm,uid,netns,sockets}` and, read from /proc when
 //! asked, `user.netstatfs.{exe,cmdline,user,cgroup}` and, where the cgroup
 //! names one, `user.netstatfs.container.{runtime,id}` and
@@ -14,11 +18,12 @@
 //! them.
 
 use crate::inventory::details::ProcessDetails;
-use crate::inventory::{ProcessInfo, SocketInfo};
+use crate::inventory::{ProcessInfo, SocketInfo, UnixSocketInfo};
 
 type SocketGetter = fn(&SocketInfo) -> String;
 type ProcessGetter = fn(&ProcessInfo) -> String;
 type MountGetter = fn(&MountFacts) -> String;
+type UnixGetter = fn(&UnixSocketInfo) -> Option<String>;
 
 /// What the whole mount serves, fixed at mount time.
 #[derive(Debug, Clone)]
@@ -48,6 +53,18 @@ const SOCKET_ATTRIBUTES: &[(&str, SocketGetter)] = &[
     ("user.netstatfs.tx_queue", |s| s.row.tx_queue.to_string()),
     ("user.netstatfs.fds", |s| join(&s.fds)),
     ("user.netstatfs.netns", |s| optional(s.netns)),
+];
+
+/// A unix socket's, from `/proc/net/unix`; `path` is absent for an
+/// unnamed socket.
+const UNIX_ATTRIBUTES: &[(&str, UnixGetter)] = &[
+    ("user.netstatfs.proto", |_| Some("unix".into())),
+    ("user.netstatfs.type", |s| Some(s.row.kind.name())),
+    ("user.netstatfs.state", |s| Some(s.row.state_name().into())),
+    ("user.netstatfs.inode", |s| Some(s.row.inode.to_string())),
+    ("user.netstatfs.path", |s| s.row.path()),
+    ("user.netstatfs.fds", |s| Some(join(&s.fds))),
+    ("user.netstatfs.netns", |s| Some(optional(s.netns))),
 ];
 
 const PROCESS_ATTRIBUTES: &[(&str, ProcessGetter)] = &[
@@ -94,6 +111,8 @@ pub enum Subject<'a> {
     /// A socket file, with what socket diagnostics said of it (names
     /// under `user.netstatfs.`).
     Socket(&'a SocketInfo, &'a [(String, String)]),
+    /// A unix socket file, likewise.
+    Unix(&'a UnixSocketInfo, &'a [(String, String)]),
 }
 
 const PREFIX: &str = "user.netstatfs.";
@@ -122,13 +141,18 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
                 .collect()
         }
         Subject::Socket(_, _) => SOCKET_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
+        Subject::Unix(socket, _) => UNIX_ATTRIBUTES
+            .iter()
+            .filter(|(_, getter)| getter(socket).is_some())
+            .map(|(name, _)| *name)
+            .collect(),
     };
     let mut out = Vec::new();
     for name in names {
         out.extend_from_slice(name.as_bytes());
         out.push(0);
     }
-    if let Subject::Socket(_, kernel) = subject {
+    if let Subject::Socket(_, kernel) | Subject::Unix(_, kernel) = subject {
         for (name, _) in kernel.iter() {
             out.extend_from_slice(PREFIX.as_bytes());
             out.extend_from_slice(name.as_bytes());
@@ -160,15 +184,22 @@ pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
             .iter()
             .find(|(known, _)| known.as_bytes() == name)
             .map(|(_, getter)| getter(socket))
-            .or_else(|| {
-                let short = name.strip_prefix(PREFIX.as_bytes())?;
-                kernel
-                    .iter()
-                    .find(|(known, _)| known.as_bytes() == short)
-                    .map(|(_, value)| value.clone())
-            }),
+            .or_else(|| kernel_value(kernel, name)),
+        Subject::Unix(socket, kernel) => UNIX_ATTRIBUTES
+            .iter()
+            .find(|(known, _)| known.as_bytes() == name)
+            .and_then(|(_, getter)| getter(socket))
+            .or_else(|| kernel_value(kernel, name)),
     };
     value.map(String::into_bytes)
+}
+
+fn kernel_value(kernel: &[(String, String)], name: &[u8]) -> Option<String> {
+    let short = name.strip_prefix(PREFIX.as_bytes())?;
+    kernel
+        .iter()
+        .find(|(known, _)| known.as_bytes() == short)
+        .map(|(_, value)| value.clone())
 }
 
 #[cfg(test)]
@@ -176,6 +207,33 @@ mod tests {
     use super::*;
     use crate::inventory::SocketRow;
     use crate::names::Proto;
+
+    #[test]
+    fn unix_attributes_read_as_text() {
+        let socket = UnixSocketInfo {
+            row: crate::inventory::UnixRow {
+                inode: 77,
+                kind: crate::inventory::unix::UnixType::Stream,
+                socket_state: 3,
+                listening: false,
+                name: crate::inventory::unix::UnixName::Unnamed,
+            },
+            fds: vec![4],
+            netns: None,
+        };
+        let kernel = [("peer_inode".to_owned(), "78".to_owned())];
+        let subject = Subject::Unix(&socket, &kernel);
+        let value =
+            |name: &str| get(&subject, name.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(value("user.netstatfs.proto").as_deref(), Some("unix"));
+        assert_eq!(value("user.netstatfs.type").as_deref(), Some("stream"));
+        assert_eq!(value("user.netstatfs.state").as_deref(), Some("CONNECTED"));
+        assert_eq!(value("user.netstatfs.peer_inode").as_deref(), Some("78"));
+        assert_eq!(value("user.netstatfs.path"), None, "unnamed: no path");
+        let listed = String::from_utf8(list(&subject)).unwrap();
+        assert!(!listed.contains("user.netstatfs.path\0"));
+        assert!(listed.ends_with("user.netstatfs.peer_inode\0"));
+    }
 
     #[test]
     fn socket_attributes_read_as_text() {

@@ -17,10 +17,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::names::Proto;
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HEADER_LEN: usize = 16;
+pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub(crate) const NLM_F_REQUEST: u16 = 1;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_HEADER_LEN: usize = 16;
 const INET_DIAG_REQ_LEN: usize = 56;
 const INET_DIAG_MSG_LEN: usize = 72;
 

@@ -16,6 +16,7 @@ pub mod live;
 pub mod netns;
 pub mod probe;
 pub mod tables;
+pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use procfs::process::{FDTarget, Process as ProcfsProcess};
 
 use crate::names::Proto;
 pub use tables::{SocketRow, state_name};
+pub use unix::UnixRow;
 
 pub use netns::{Netns, NetnsId};
 
@@ -59,12 +61,25 @@ pub struct ProcessInfo {
     pub netns: Option<NetnsId>,
     /// The inet sockets it holds, one per socket inode, sorted by inode.
     pub sockets: Vec<SocketInfo>,
+    /// The unix sockets it holds, sorted by inode (only where the
+    /// inventory lists them, see [`Inventory::with_unix`]).
+    pub unix: Vec<UnixSocketInfo>,
 }
 
 /// One inet socket as a process holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketInfo {
     pub row: SocketRow,
+    /// The process's fds that point at this socket, ascending.
+    pub fds: Vec<i32>,
+    /// The namespace whose table listed the socket.
+    pub netns: Option<NetnsId>,
+}
+
+/// One unix socket as a process holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketInfo {
+    pub row: UnixRow,
     /// The process's fds that point at this socket, ascending.
     pub fds: Vec<i32>,
     /// The namespace whose table listed the socket.
@@ -113,6 +128,8 @@ pub struct Inventory {
     reported_lines: HashSet<String>,
     reported_unreadable: HashSet<i32>,
     own_netns: Option<NetnsId>,
+    /// Whether unix sockets are listed too.
+    unix: bool,
 }
 
 /// A process as the fd pass saw it, before the tables are joined in.
@@ -146,7 +163,14 @@ impl Inventory {
             reported_lines: HashSet::new(),
             reported_unreadable: HashSet::new(),
             own_netns: own_netns(),
+            unix: false,
         }
+    }
+
+    /// Lists unix sockets too (one more table read per namespace).
+    pub fn with_unix(mut self, unix: bool) -> Self {
+        self.unix = unix;
+        self
     }
 
     /// Reads /proc now. Never fails: what cannot be read is left out (and
@@ -159,10 +183,11 @@ impl Inventory {
         // tables read through /proc/self, which cannot exit meanwhile, while
         // the processes are scanned.
         let own_dir = self.proc_root.join("self");
+        let unix = self.unix;
         let (outcomes, own_tables) = std::thread::scope(|scope| {
             let own = self
                 .own_netns
-                .map(|_| scope.spawn(|| read_namespace(std::slice::from_ref(&own_dir))));
+                .map(|_| scope.spawn(|| read_namespace(std::slice::from_ref(&own_dir), unix)));
             let outcomes = scan_all(&self.proc_root, clock);
             (
                 outcomes,
@@ -209,7 +234,7 @@ impl Inventory {
         &mut self,
         scanned: &[ScannedProcess],
         own_tables: Option<NamespaceTables>,
-    ) -> HashMap<u64, (SocketRow, Option<NetnsId>)> {
+    ) -> Rows {
         // Each namespace's tables can be read through any of its processes;
         // keep them all in case the first exits meanwhile.
         let mut sources: HashMap<TableSource, Vec<PathBuf>> = HashMap::new();
@@ -222,7 +247,7 @@ impl Inventory {
             sources.entry(source).or_default().push(dir);
         }
         let mut own_tables = own_tables;
-        let mut rows = HashMap::new();
+        let mut rows = Rows::default();
         for (source, dirs) in sources {
             let netns = match source {
                 TableSource::Netns(netns) => Some(netns),
@@ -232,7 +257,7 @@ impl Inventory {
                 Some(own) if netns.is_some() && netns == self.own_netns => Some(own),
                 unused => {
                     own_tables = unused;
-                    read_namespace(&dirs)
+                    read_namespace(&dirs, self.unix)
                 }
             };
             let Some(tables) = tables else {
@@ -243,27 +268,47 @@ impl Inventory {
                     warn!("skipping a malformed line of /proc/net/{proto}: {line:?}");
                 }
             }
+            for line in tables.unix_bad_lines {
+                if self.reported_lines.insert(format!("unix:{line}")) {
+                    warn!("skipping a malformed line of /proc/net/unix: {line:?}");
+                }
+            }
             for row in tables.rows {
-                rows.insert(row.inode, (row, netns));
+                rows.inet.insert(row.inode, (row, netns));
+            }
+            for row in tables.unix {
+                rows.unix.insert(row.inode, (row, netns));
             }
         }
         rows
     }
 }
 
+/// Every namespace's table rows, by socket inode.
+#[derive(Default)]
+struct Rows {
+    inet: HashMap<u64, (SocketRow, Option<NetnsId>)>,
+    unix: HashMap<u64, (UnixRow, Option<NetnsId>)>,
+}
+
 /// One namespace's socket tables.
 struct NamespaceTables {
     rows: Vec<SocketRow>,
     bad_lines: Vec<(Proto, String)>,
+    /// Empty unless unix sockets are listed.
+    unix: Vec<UnixRow>,
+    unix_bad_lines: Vec<String>,
 }
 
-/// Reads a namespace's tables through the first of `proc_dirs` that is
-/// still there.
-fn read_namespace(proc_dirs: &[PathBuf]) -> Option<NamespaceTables> {
+/// Reads a namespace's tables (and its unix table, with `unix`) through
+/// the first of `proc_dirs` that is still there.
+fn read_namespace(proc_dirs: &[PathBuf], unix: bool) -> Option<NamespaceTables> {
     'dirs: for proc_pid in proc_dirs {
         let mut tables = NamespaceTables {
             rows: Vec::new(),
             bad_lines: Vec::new(),
+            unix: Vec::new(),
+            unix_bad_lines: Vec::new(),
         };
         for proto in Proto::ALL {
             match tables::read_table(proc_pid, proto) {
@@ -280,6 +325,21 @@ fn read_namespace(proc_dirs: &[PathBuf]) -> Option<NamespaceTables> {
                     );
                     continue 'dirs;
                 }
+            }
+        }
+        if unix {
+            match std::fs::read(proc_pid.join("net/unix")) {
+                Ok(text) => {
+                    let table = unix::parse_table(&text);
+                    tables.unix = table.rows;
+                    tables.unix_bad_lines = table.bad_lines;
+                }
+                // A kernel without unix sockets (or a process gone just
+                // now: its inet tables were read, so the listing stands).
+                Err(err) => debug!(
+                    "cannot read the unix socket table through {}: {err}",
+                    proc_pid.display()
+                ),
             }
         }
         return Some(tables);
@@ -387,6 +447,7 @@ fn scan_process(
             gid: metadata.gid(),
             netns,
             sockets: Vec::new(),
+            unix: Vec::new(),
         },
         socket_fds,
     })
@@ -427,31 +488,37 @@ fn read_netns(proc_pid: &Path) -> Option<NetnsId> {
     NetnsId::from_link_text(link.to_str()?)
 }
 
-fn join_sockets(
-    scanned: ScannedProcess,
-    rows: &HashMap<u64, (SocketRow, Option<NetnsId>)>,
-) -> ProcessInfo {
+fn join_sockets(scanned: ScannedProcess, rows: &Rows) -> ProcessInfo {
     let ScannedProcess {
         mut info,
         mut socket_fds,
     } = scanned;
     socket_fds.sort_unstable();
     let mut sockets: Vec<SocketInfo> = Vec::new();
+    let mut unix: Vec<UnixSocketInfo> = Vec::new();
     for (inode, fd) in socket_fds {
-        match sockets.last_mut() {
-            Some(last) if last.row.inode == inode => last.fds.push(fd),
-            _ => {
-                if let Some((row, netns)) = rows.get(&inode) {
-                    sockets.push(SocketInfo {
-                        row: row.clone(),
-                        fds: vec![fd],
-                        netns: *netns,
-                    });
-                }
+        if let Some((row, netns)) = rows.inet.get(&inode) {
+            match sockets.last_mut() {
+                Some(last) if last.row.inode == inode => last.fds.push(fd),
+                _ => sockets.push(SocketInfo {
+                    row: row.clone(),
+                    fds: vec![fd],
+                    netns: *netns,
+                }),
+            }
+        } else if let Some((row, netns)) = rows.unix.get(&inode) {
+            match unix.last_mut() {
+                Some(last) if last.row.inode == inode => last.fds.push(fd),
+                _ => unix.push(UnixSocketInfo {
+                    row: row.clone(),
+                    fds: vec![fd],
+                    netns: *netns,
+                }),
             }
         }
     }
     info.sockets = sockets;
+    info.unix = unix;
     info
 }
 

@@ -139,3 +139,44 @@ fn a_flooded_udp_receiver_counts_its_drops() {
     assert!(dump.status.success());
     assert!(String::from_utf8_lossy(&dump.stdout).contains("user.netstatfs.mem.drops="));
 }
+
+#[test]
+fn an_ipv6_connection_and_socket_answer_as_ss_says() {
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm six-peer");
+    let listener = peer.cmd("tcp-listen [::1]:0");
+    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
+    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
+    let sent = 64 * 1024;
+    peer.cmd(&format!("pump {} {sent}", client[0]));
+    peer.cmd(&format!("drain {} {sent}", server[0]));
+    let receiver = peer.cmd("udp-bind [::1]:0");
+    let dir = mount.dir(peer.pid, "six-peer");
+    let file = dir.join(format!("tcp6_{}_{}", client[1], client[2]));
+    let udp_file = dir.join(format!("udp6_{}_[::]:0", receiver[1]));
+    wait_until(WAIT, "the IPv6 socket files", || {
+        file.exists() && udp_file.exists()
+    });
+
+    let output = Command::new("ss")
+        .args(["-tinH", "src", &client[1], "dst", &client[2]])
+        .output()
+        .unwrap();
+    let ss: HashMap<String, String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|word| word.split_once(':'))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect();
+    let bytes_acked = kernel(&file, "tcp.bytes_acked").unwrap();
+    assert_eq!(bytes_acked, ss["bytes_acked"], "{ss:?}");
+    assert!(
+        [sent, sent + 1].contains(&bytes_acked.parse::<usize>().unwrap()),
+        "{bytes_acked}"
+    );
+    assert_eq!(kernel(&file, "tcp.mss").unwrap(), ss["mss"]);
+    assert!(kernel(&file, "tcp.rtt").is_some());
+    assert!(kernel(&udp_file, "mem.rcvbuf").is_some_and(|rcvbuf| rcvbuf != "0"));
+    assert_eq!(kernel(&udp_file, "mem.drops").as_deref(), Some("0"));
+}

@@ -15,6 +15,7 @@ mod lifecycle;
 mod package;
 mod process_stream;
 mod tree;
+mod unix;
 
 /// Not a test: the entry point of peer processes (see `common::peer`).
 #[test]

@@ -156,6 +156,14 @@ fn extra_sections() -> Roff {
             "Process directories also say, read from /proc when asked: user.netstatfs.exe, .cmdline, .user, \
              .cgroup, and where the cgroup path names a container, .container.runtime, .container.id and, for \
              a Kubernetes pod, .pod.uid.",
+            "With --unix, unix sockets are files too: unix_PATH (with / made _), unix_@NAME for an abstract \
+             name, unix_INODE for an unnamed socket, with a ~INODE suffix where a listener and its accepted \
+             connections share a path. Attributes: user.netstatfs.proto (unix), .type (stream, dgram, \
+             seqpacket), .state (LISTEN, CONNECTED, UNCONNECTED, CONNECTING, DISCONNECTING), .inode, .path \
+             (the path, or @ and the abstract name; absent if unnamed), .fds, .netns; and, asked of socket \
+             diagnostics (UNIX_DIAG) when read, .peer_inode, .peer_pid and .peer_comm (the processes holding \
+             the peer socket, comma-separated), .uid, .rx_queue, .tx_queue, .vfs_inode, .vfs_dev. Reading a \
+             unix socket file fails with EOPNOTSUPP: libpcap cannot capture unix sockets.",
         ],
     );
     section(

@@ -156,6 +156,7 @@ pub fn serve_if_peer() {
 }
 
 enum Held {
+    UnixListener(std::os::unix::net::UnixListener),
     Listener(TcpListener),
     Stream(TcpStream),
     Udp(UdpSocket),
@@ -165,6 +166,7 @@ enum Held {
 impl Held {
     fn raw_fd(&self) -> i32 {
         match self {
+            Held::UnixListener(s) => s.as_raw_fd(),
             Held::Listener(s) => s.as_raw_fd(),
             Held::Stream(s) => s.as_raw_fd(),
             Held::Udp(s) => s.as_raw_fd(),
@@ -256,6 +258,43 @@ impl PeerState {
                     local.to_string(),
                     remote.to_string(),
                 ])
+            }
+            // Unix sockets: each answer ends with the socket's inode.
+            "unix-pair" => {
+                let (a, b) = std::os::unix::net::UnixStream::pair().map_err(err)?;
+                let (a, b) = (OwnedFd::from(a), OwnedFd::from(b));
+                let inodes = [inode_of(&a)?, inode_of(&b)?];
+                Ok(vec![
+                    self.hold(Held::Fd(a)),
+                    self.hold(Held::Fd(b)),
+                    inodes[0].to_string(),
+                    inodes[1].to_string(),
+                ])
+            }
+            "unix-listen" => {
+                let listener = std::os::unix::net::UnixListener::bind_addr(&unix_address(arg(0)?)?)
+                    .map_err(err)?;
+                let inode = inode_of(&listener)?;
+                Ok(vec![
+                    self.hold(Held::UnixListener(listener)),
+                    inode.to_string(),
+                ])
+            }
+            "unix-connect" => {
+                let stream = std::os::unix::net::UnixStream::connect_addr(&unix_address(arg(0)?)?)
+                    .map_err(err)?;
+                let fd = OwnedFd::from(stream);
+                let inode = inode_of(&fd)?;
+                Ok(vec![self.hold(Held::Fd(fd)), inode.to_string()])
+            }
+            "unix-accept" => {
+                let Held::UnixListener(listener) = self.get(arg(0)?)? else {
+                    return Err("not a unix listener".into());
+                };
+                let (stream, _) = listener.accept().map_err(err)?;
+                let fd = OwnedFd::from(stream);
+                let inode = inode_of(&fd)?;
+                Ok(vec![self.hold(Held::Fd(fd)), inode.to_string()])
             }
             "udp-bind" => {
                 let socket = UdpSocket::bind(arg(0)?).map_err(err)?;
@@ -414,6 +453,7 @@ impl PeerState {
             "dup" => {
                 let held = self.get(arg(0)?)?;
                 let fd = match held {
+                    Held::UnixListener(s) => s.as_fd().try_clone_to_owned(),
                     Held::Listener(s) => s.as_fd().try_clone_to_owned(),
                     Held::Stream(s) => s.as_fd().try_clone_to_owned(),
                     Held::Udp(s) => s.as_fd().try_clone_to_owned(),
@@ -493,6 +533,20 @@ impl PeerState {
             other => Err(format!("unknown command {other:?}")),
         }
     }
+}
+
+/// A unix socket address: a path, or `@name` for an abstract name.
+fn unix_address(text: &str) -> Result<std::os::unix::net::SocketAddr, String> {
+    use std::os::linux::net::SocketAddrExt;
+    match text.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err),
+        None => std::os::unix::net::SocketAddr::from_pathname(text).map_err(err),
+    }
+}
+
+/// A socket's inode number, as /proc and the mount name it.
+fn inode_of(fd: &impl AsFd) -> Result<u64, String> {
+    Ok(nix::sys::stat::fstat(fd.as_fd()).map_err(err)?.st_ino)
 }
 
 fn raise_fd_limit() {
