@@ -210,12 +210,14 @@ impl NetstatFs {
         Ok(Lookup::Missing(tree))
     }
 
-    /// Whose attributes a node has; `kernel` holds a socket's diagnostics
-    /// (asked for only where `with_kernel` says they are wanted).
+    /// Whose attributes a node has, as `reader` (None for root) may see
+    /// them; `kernel` holds a socket's diagnostics (asked for only where
+    /// `with_kernel` says they are wanted).
     fn subject<'t>(
         &'t self,
         tree: &'t Tree,
         node: Node,
+        reader: Option<u32>,
         with_kernel: bool,
         kernel: &'t mut Arc<Vec<(String, String)>>,
     ) -> Subject<'t> {
@@ -234,7 +236,7 @@ impl NetstatFs {
                     }
                     // Most of a unix socket's attributes are the kernel's.
                     FileSocket::Unix(socket) => {
-                        *kernel = self.unix_kernel_attributes(tree, pid, socket);
+                        *kernel = self.unix_kernel_attributes(tree, pid, socket, reader);
                         Subject::Unix(socket, kernel.as_slice())
                     }
                 }
@@ -246,12 +248,15 @@ impl NetstatFs {
     /// What socket diagnostics says of a unix socket, and who holds its
     /// peer (`peer_pid`, `peer_comm`: every process holding the peer
     /// socket, ascending, comma-separated), found in the snapshot or, if
-    /// it is not there, in one fresh snapshot.
+    /// it is not there, in one fresh snapshot. A `reader` who is not root
+    /// learns only of holders whose fds /proc would show them (their own
+    /// processes): who holds a socket is what /proc/<pid>/fd tells.
     fn unix_kernel_attributes(
         &self,
         tree: &Tree,
         pid: i32,
         socket: &UnixSocketInfo,
+        reader: Option<u32>,
     ) -> Arc<Vec<(String, String)>> {
         let kernel = self.diagnostics.unix_attributes(pid, socket);
         let Some(peer) = kernel
@@ -265,6 +270,7 @@ impl NetstatFs {
             tree.snapshot
                 .processes
                 .iter()
+                .filter(|process| reader.is_none_or(|uid| process.uid == uid))
                 .filter(|process| process.unix.iter().any(|s| s.row.inode == peer))
                 .map(|process| (process.pid, process.comm.clone()))
                 .collect()
@@ -630,6 +636,11 @@ enum Lookup {
     Missing(Arc<Tree>),
 }
 
+/// The user a request comes from, unless root.
+fn reader_of(req: &Request) -> Option<u32> {
+    (req.uid() != 0).then_some(req.uid())
+}
+
 /// Whether a name missing from `tree` may name something that appeared
 /// since: a process directory of a live pid under its current comm (not in
 /// the tree, or under another name), or a well-formed socket file name.
@@ -814,7 +825,7 @@ impl Filesystem for NetstatFs {
             reply.error(Errno::EROFS);
             return;
         }
-        let reader = (req.uid() != 0).then_some(req.uid());
+        let reader = reader_of(req);
         let ticket = match self.streams.reserve(req.uid()) {
             Ok(ticket) => ticket,
             Err(Exceeded::User { .. }) => return reply.error(Errno::EMFILE),
@@ -888,7 +899,7 @@ impl Filesystem for NetstatFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let tree = self.tree();
         let Some(node) = tree.node(ino.0) else {
             reply.error(Errno::ENOENT);
@@ -897,7 +908,7 @@ impl Filesystem for NetstatFs {
         let mut kernel = Arc::default();
         let wanted = xattrs::is_kernel_attribute(name.as_bytes());
         match xattrs::get(
-            &self.subject(&tree, node, wanted, &mut kernel),
+            &self.subject(&tree, node, reader_of(req), wanted, &mut kernel),
             name.as_bytes(),
         ) {
             Some(value) => reply_sized(reply, size, &value),
@@ -905,12 +916,12 @@ impl Filesystem for NetstatFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let tree = self.tree();
         match tree.node(ino.0) {
             Some(node) => {
                 let mut kernel = Arc::default();
-                let subject = self.subject(&tree, node, true, &mut kernel);
+                let subject = self.subject(&tree, node, reader_of(req), true, &mut kernel);
                 reply_sized(reply, size, &xattrs::list(&subject))
             }
             None => reply.error(Errno::ENOENT),

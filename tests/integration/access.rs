@@ -737,3 +737,61 @@ fn wildcard_socket_demux(mount_args: &[&str]) {
         );
     }
 }
+
+/// A unix socket's peer names its holder only to a reader who could see
+/// that holder's fds in /proc: a user connected to root's listener learns
+/// the peer socket, not root's process; root learns both.
+#[test]
+fn a_users_unix_peer_names_only_what_proc_would_show_them() {
+    let user = TestUser::new("uxp");
+    let mount = Mount::start(&["--unix", "--allow-other"]);
+    let scratch = ScratchDir::new("unix-peer");
+    std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = scratch.0.join("root.sock");
+    let path_text = path.to_str().unwrap();
+    let mut server = Peer::spawn();
+    server.cmd("comm root-server");
+    let listener = server.cmd(&format!("unix-listen {path_text}"));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let mut client = user.peer();
+    client.cmd("comm user-client");
+    let connected = client.cmd(&format!("unix-connect {path_text}"));
+    let pair = client.cmd("unix-pair");
+    let accepted = server.cmd(&format!("unix-accept {}", listener[0]));
+    let dir = mount.dir(client.pid, "user-client");
+    let connected_file = dir.join(format!("unix_{}", connected[1]));
+    let pair_file = dir.join(format!("unix_{}", pair[2]));
+    wait_until(WAIT, "the user's unix sockets listed", || {
+        connected_file.exists() && pair_file.exists()
+    });
+    let as_user = |file: &Path, name: &str| -> Option<String> {
+        let output = user.run(&[
+            "getfattr",
+            "--only-values",
+            "-n",
+            &format!("user.netstatfs.{name}"),
+            file.to_str().unwrap(),
+        ]);
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8(output.stdout).unwrap())
+    };
+    assert_eq!(
+        as_user(&connected_file, "peer_inode").as_ref(),
+        Some(&accepted[1])
+    );
+    assert_eq!(as_user(&connected_file, "peer_pid"), None, "root's process");
+    assert_eq!(as_user(&connected_file, "peer_comm"), None);
+    assert_eq!(
+        as_user(&pair_file, "peer_pid"),
+        Some(client.pid.to_string()),
+        "the user's own process"
+    );
+    assert_eq!(
+        crate::common::xattr(&connected_file, "user.netstatfs.peer_pid"),
+        Some(server.pid.to_string()),
+        "root sees every holder"
+    );
+}
