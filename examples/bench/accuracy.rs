@@ -31,7 +31,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Daemon, Error, Helper, unix_nanos, wait_for_path};
+use super::{Error, Helper, unix_nanos, wait_for_path};
+use testkit::Mount;
 
 /// How long a flow lives.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -263,7 +264,7 @@ pub fn client(args: &[String]) -> Result<(), Error> {
         if role == Role::Target {
             let mut spawned = Command::new(std::env::current_exe()?)
                 .args([
-                    "--accuracy-client",
+                    "accuracy-client",
                     "child",
                     &count.to_string(),
                     &echo_tcp_at.port().to_string(),
@@ -724,11 +725,11 @@ impl StreamCopy {
 /// side for the target (and as many for its child; the neighbour makes a
 /// quarter as many).
 pub fn measure(
-    daemon: &Daemon,
+    daemon: &Mount,
     scratch: &std::path::Path,
     count: usize,
 ) -> Result<AccuracyReport, Error> {
-    let mut server = Helper::spawn(&["--accuracy-server"])?;
+    let mut server = Helper::spawn(&["accuracy-server"])?;
     let ports = |line: String| -> Vec<u16> {
         line.split_whitespace()
             .skip(1)
@@ -740,7 +741,7 @@ pub fn measure(
     let count_text = count.to_string();
     let neighbour_count = count.div_ceil(4).to_string();
     let mut target = Helper::spawn(&[
-        "--accuracy-client",
+        "accuracy-client",
         "target",
         &count_text,
         &echo_tcp,
@@ -749,20 +750,20 @@ pub fn measure(
     let workers = ports(target.read_line()?);
     let (worker_tcp, worker_udp) = (workers[0].to_string(), workers[1].to_string());
     let mut neighbour = Helper::spawn(&[
-        "--accuracy-client",
+        "accuracy-client",
         "neighbour",
         &neighbour_count,
         &echo_tcp,
         &echo_udp,
     ])?;
     neighbour.read_line()?;
-    let mut dialer = Helper::spawn(&["--accuracy-dialer", &count_text, &worker_tcp, &worker_udp])?;
+    let mut dialer = Helper::spawn(&["accuracy-dialer", &count_text, &worker_tcp, &worker_udp])?;
     dialer.read_line()?;
 
     // The ground truth: this harness's own capture of every port involved.
     let truth_path = scratch.join("truth.pcap");
     let mut truth = Helper::spawn(&[
-        "--accuracy-truth",
+        "accuracy-truth",
         truth_path.to_str().ok_or("path")?,
         &format!(
             "tcp port {echo_tcp} or udp port {echo_udp} or tcp port {worker_tcp} or udp port {worker_udp}"
@@ -770,9 +771,7 @@ pub fn measure(
     ])?;
     truth.read_line()?;
 
-    let directory = daemon
-        .mountpoint
-        .join(format!("{}_bench", target.child.id()));
+    let directory = daemon.path.join(format!("{}_bench", target.child.id()));
     let all = StreamCopy::open(&directory.join("all"))?;
     let tree = StreamCopy::open(&directory.join("tree"))?;
 

@@ -45,6 +45,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use testkit::Mount;
+
 type Error = Box<dyn std::error::Error>;
 
 // ---------------------------------------------------------------- workers
@@ -248,8 +250,8 @@ struct Flow {
 }
 
 impl Flow {
-    fn start(daemon: &Daemon) -> Result<Flow, Error> {
-        let mut helper = Helper::spawn(&["--flow"])?;
+    fn start(daemon: &Mount) -> Result<Flow, Error> {
+        let mut helper = Helper::spawn(&["flow"])?;
         let ready = helper.read_line()?;
         let ports: Vec<u16> = ready
             .split_whitespace()
@@ -260,7 +262,7 @@ impl Flow {
             return Err(format!("flow helper said {ready:?}").into());
         };
         let file = daemon
-            .mountpoint
+            .path
             .join(format!("{}_bench", helper.child.id()))
             .join(format!("tcp_127.0.0.1:{sender}_127.0.0.1:{receiver}"));
         wait_for_path(&file, Duration::from_secs(10))?;
@@ -297,7 +299,7 @@ impl Workload {
     fn start(processes: usize, connections: usize) -> Result<Workload, Error> {
         let mut workers = Vec::with_capacity(processes);
         for _ in 0..processes {
-            workers.push(Helper::spawn(&["--worker", &connections.to_string()])?);
+            workers.push(Helper::spawn(&["worker", &connections.to_string()])?);
         }
         let mut ports = HashSet::new();
         for worker in &mut workers {
@@ -334,111 +336,14 @@ impl Workload {
 
 // ---------------------------------------------------------------- daemon
 
-struct Daemon {
-    child: Child,
-    mountpoint: PathBuf,
-    log: PathBuf,
-}
+/// How long the daemon may take to log what a step awaits.
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
-impl Daemon {
-    /// Mounts netstatfs with `options` (command-line arguments) in scratch.
-    fn start(binary: &Path, scratch: &Path, options: &[String]) -> Result<Daemon, Error> {
-        let mountpoint = scratch.join("m");
-        std::fs::create_dir_all(&mountpoint)?;
-        let log = scratch.join("daemon.log");
-        let child = Command::new(binary)
-            .args(options)
-            .arg(&mountpoint)
-            .env("RUST_LOG", "netstatfs=debug")
-            .stderr(File::create(&log)?)
-            .spawn()?;
-        let daemon = Daemon {
-            child,
-            mountpoint,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !std::fs::read_to_string(&daemon.log)?.contains("mounted at") {
-            if Instant::now() > deadline {
-                return Err("netstatfs did not mount".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(daemon)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits up to 10 s for `text` in the log written after byte `since`.
-    fn await_log(&self, since: usize, text: &str) -> Result<(), Error> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().get(since..).unwrap_or_default().contains(text) {
-            if Instant::now() > deadline {
-                return Err(format!("netstatfs did not log {text:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
-    /// User plus system CPU seconds so far.
-    fn cpu_seconds(&self) -> f64 {
-        process_cpu_seconds(self.pid())
-    }
-
-    /// (current, peak) resident set in KiB.
-    fn rss_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|line| line.starts_with(name))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-/// A process's resident set in KiB.
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0)
-}
-
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / procfs::ticks_per_second() as f64
+/// Mounts `binary` with `options` (the mount and its end are testkit's,
+/// shared with the integration tests).
+fn mount(binary: &Path, options: &[String]) -> Mount {
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    Mount::launch(binary, &[], None, &options)
 }
 
 /// CPU seconds used by finished children so far.
@@ -525,12 +430,12 @@ struct ToolRun {
 }
 
 fn listing(
-    daemon: &Daemon,
+    daemon: &Mount,
     workload: &Workload,
     runs: usize,
     ttl: Duration,
 ) -> Result<Vec<ToolRun>, Error> {
-    let m = daemon.mountpoint.display();
+    let m = daemon.path.display();
     let mut tools = vec![
         ToolRun {
             name: "netstatfs: find (cold)",
@@ -700,7 +605,7 @@ fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> Result<(), Error
 }
 
 fn capture_run(
-    daemon: &Daemon,
+    daemon: &Mount,
     scratch: &Path,
     volume: usize,
     capturer: Capturer,
@@ -735,7 +640,7 @@ fn capture_run(
     } else {
         let child = if capturer == Capturer::TimedCat {
             Command::new(std::env::current_exe()?)
-                .arg("--timed-cat")
+                .arg("timed-cat")
                 .args([&file, &out])
                 .stdout(Stdio::piped())
                 .spawn()?
@@ -749,7 +654,7 @@ fn capture_run(
                 ))
                 .spawn()?
         };
-        daemon.await_log(log_before, "capture running")?;
+        daemon.wait_log(log_before, "capture running", LOG_WAIT)?;
         child
     };
     let segments_before = tcp_out_segments();
@@ -829,6 +734,7 @@ fn quiet_reader_steps(
     volume: usize,
 ) -> Result<Option<(f64, f64)>, Error> {
     let scratch = scratch.join("quiet");
+    std::fs::create_dir_all(&scratch)?;
     let room = format!("{}MiB", (volume >> 20) * 2);
     let options = [
         "--cache-ttl",
@@ -839,7 +745,7 @@ fn quiet_reader_steps(
         "32MiB",
     ]
     .map(str::to_owned);
-    let daemon = Daemon::start(binary, &scratch, &options)?;
+    let daemon = mount(binary, &options);
     let Flow {
         helper: mut flow,
         file,
@@ -847,13 +753,13 @@ fn quiet_reader_steps(
     } = Flow::start(&daemon)?;
     let gate = scratch.join("go");
     let mut reader = Command::new(std::env::current_exe()?)
-        .arg("--timed-cat")
+        .arg("timed-cat")
         .args([&file, &scratch.join("out.pcap"), &gate])
         .stdout(Stdio::piped())
         .spawn()?;
-    if let Err(err) = daemon.await_log(0, "capture running") {
+    if let Err(err) = daemon.wait_log(0, "capture running", LOG_WAIT) {
         let _ = reader.kill();
-        return Err(err);
+        return Err(err.into());
     }
     flow.send(&format!("send {volume}"))?;
     flow.read_line()?;
@@ -915,7 +821,7 @@ fn reader_steps_table(timed: &[CaptureResult], quiet: Option<(f64, f64)>, volume
 // ---------------------------------------------------------------- latency
 
 /// send() to readable from the stream, for `count` small messages.
-fn latency(daemon: &Daemon, count: usize) -> Result<(f64, f64, f64), Error> {
+fn latency(daemon: &Mount, count: usize) -> Result<(f64, f64, f64), Error> {
     let Flow {
         helper: mut flow,
         file,
@@ -988,7 +894,7 @@ fn latency(daemon: &Daemon, count: usize) -> Result<(f64, f64, f64), Error> {
 /// Ten streams read by cat while their connections carry `command`
 /// ("send <bytes>" at full speed, or "pace <bytes> <MiB/s>"); the highest
 /// RSS of the daemon seen meanwhile.
-fn memory_with_streams(daemon: &Daemon, command: &str) -> Result<u64, Error> {
+fn memory_with_streams(daemon: &Mount, command: &str) -> Result<u64, Error> {
     let mut flows = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..10 {
@@ -1015,7 +921,7 @@ fn memory_with_streams(daemon: &Daemon, command: &str) -> Result<u64, Error> {
         std::thread::spawn(move || {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_of(pid));
+                peak = peak.max(testkit::process::rss_kib(pid).0);
                 std::thread::sleep(Duration::from_millis(20));
             }
             peak
@@ -1045,7 +951,7 @@ struct Cost {
     ls_seconds: f64,
 }
 
-fn cost_now(daemon: &Daemon, runs: usize, ttl: Duration, window: Duration) -> Result<Cost, Error> {
+fn cost_now(daemon: &Mount, runs: usize, ttl: Duration, window: Duration) -> Result<Cost, Error> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?;
     let threads = status
         .lines()
@@ -1059,13 +965,7 @@ fn cost_now(daemon: &Daemon, runs: usize, ttl: Duration, window: Duration) -> Re
     for _ in 0..runs {
         // Cold: the snapshot and the kernel's cached entries expired.
         std::thread::sleep(ttl + Duration::from_millis(50));
-        ls.push(
-            timed(&format!(
-                "ls -l {}/*/ > /dev/null",
-                daemon.mountpoint.display()
-            ))?
-            .0,
-        );
+        ls.push(timed(&format!("ls -l {}/*/ > /dev/null", daemon.path.display()))?.0);
     }
     Ok(Cost {
         threads,
@@ -1079,7 +979,7 @@ fn cost_now(daemon: &Daemon, runs: usize, ttl: Duration, window: Duration) -> Re
 /// MiB/s) held open and never read, as one user at the per-user limit
 /// would: (idle, loaded).
 fn streams_held(
-    daemon: &Daemon,
+    daemon: &Mount,
     streams: usize,
     runs: usize,
     ttl: Duration,
@@ -1104,87 +1004,119 @@ fn streams_held(
 
 // ---------------------------------------------------------------- report
 
-fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(connections) = args
-        .iter()
-        .position(|a| a == "--worker")
-        .and_then(|i| args.get(i + 1))
-    {
-        return worker(connections.parse()?);
-    }
-    for (mode, entry) in [
-        ("--accuracy-server", None),
-        (
-            "--accuracy-client",
-            Some(accuracy::client as fn(&[String]) -> Result<(), Error>),
-        ),
-        (
-            "--accuracy-truth",
-            Some(accuracy::truth as fn(&[String]) -> Result<(), Error>),
-        ),
-        (
-            "--accuracy-dialer",
-            Some(accuracy::dialer as fn(&[String]) -> Result<(), Error>),
-        ),
-    ] {
-        if let Some(index) = args.iter().position(|a| a == mode) {
-            return match entry {
-                Some(entry) => entry(&args[index + 1..]),
-                None => accuracy::server(),
-            };
-        }
-    }
-    if let Some(index) = args.iter().position(|a| a == "--timed-cat") {
-        return match &args[index + 1..] {
-            [input, output, rest @ ..] => timed_cat(
-                Path::new(input),
-                Path::new(output),
-                rest.first().map(Path::new),
-            ),
-            _ => Err("--timed-cat needs an input and an output file".into()),
-        };
-    }
-    if args.iter().any(|a| a == "--flow") {
-        std::fs::write("/proc/self/comm", "bench")?;
-        return flow();
-    }
-    let binary = args
-        .iter()
-        .position(|a| a == "--netstatfs")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/release/netstatfs"));
-    let quick = args.iter().any(|a| a == "--quick");
-    // --only listing,capture,latency,memory runs those sections alone.
-    let only: Option<Vec<String>> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| list.split(',').map(str::to_owned).collect());
-    // --daemon-args '--kernel-buffer 8MiB ...' mounts netstatfs with those
-    // options, to compare settings.
-    let daemon_args: Vec<String> = args
-        .iter()
-        .position(|a| a == "--daemon-args")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| list.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default();
-    raise_fd_limit();
+/// The harness's command line.
+#[derive(clap::Parser)]
+#[command(
+    name = "bench",
+    about = "netstatfs side by side with ss, netstat, lsof and tcpdump, on the same workload in one run"
+)]
+struct Args {
+    /// The netstatfs binary to measure.
+    #[arg(long, value_name = "PATH", default_value = "target/release/netstatfs")]
+    netstatfs: PathBuf,
+    /// Fewer runs and smaller workloads (what the test suite runs).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these sections (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION,...")]
+    only: Vec<Section>,
+    /// Mount netstatfs with these options too, to compare settings
+    /// ('--kernel-buffer 8MiB ...').
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
+    daemon_args: Option<String>,
+    /// Fail the run where the accuracy of `all` and `tree` falls short.
+    #[arg(long)]
+    check: bool,
+    /// What a child of the harness runs (the harness starts them itself).
+    #[command(subcommand)]
+    helper: Option<HelperRole>,
+}
 
-    let scratch = std::env::temp_dir().join(format!("netstatfs-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
-    let check = args.iter().any(|a| a == "--check");
-    let result = run(
-        &binary,
+/// The sections of a run, in the order they print.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Listing,
+    Memory,
+    Streams,
+    Diagnostics,
+    Capture,
+    Latency,
+    Accuracy,
+}
+
+/// The harness's own children: each speaks the line protocol of [`Helper`].
+#[derive(clap::Subcommand)]
+enum HelperRole {
+    /// A listener and CONNECTIONS connections to it, held.
+    #[command(hide = true)]
+    Worker { connections: usize },
+    /// One loopback TCP flow, sent on command.
+    #[command(hide = true)]
+    Flow,
+    /// A cat that times its reads and writes.
+    #[command(hide = true)]
+    TimedCat {
+        input: PathBuf,
+        output: PathBuf,
+        gate: Option<PathBuf>,
+    },
+    /// The accuracy run's echo server.
+    #[command(hide = true)]
+    AccuracyServer,
+    /// The accuracy run's target, child or neighbour.
+    #[command(hide = true)]
+    AccuracyClient {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The accuracy run's ground truth capture.
+    #[command(hide = true)]
+    AccuracyTruth {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The accuracy run's dialer of the shared workers.
+    #[command(hide = true)]
+    AccuracyDialer {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<(), Error> {
+    let args = <Args as clap::Parser>::parse();
+    match args.helper {
+        Some(HelperRole::Worker { connections }) => return worker(connections),
+        Some(HelperRole::Flow) => {
+            std::fs::write("/proc/self/comm", "bench")?;
+            return flow();
+        }
+        Some(HelperRole::TimedCat {
+            input,
+            output,
+            gate,
+        }) => return timed_cat(&input, &output, gate.as_deref()),
+        Some(HelperRole::AccuracyServer) => return accuracy::server(),
+        Some(HelperRole::AccuracyClient { args }) => return accuracy::client(&args),
+        Some(HelperRole::AccuracyTruth { args }) => return accuracy::truth(&args),
+        Some(HelperRole::AccuracyDialer { args }) => return accuracy::dialer(&args),
+        None => {}
+    }
+    let daemon_args: Vec<String> = args
+        .daemon_args
+        .iter()
+        .flat_map(|list| list.split_whitespace().map(str::to_owned))
+        .collect();
+    raise_fd_limit();
+    let scratch = testkit::ScratchDir::new("bench");
+    run(
+        &args.netstatfs,
         &daemon_args,
-        &scratch,
-        quick,
-        only.as_deref(),
-        check,
-    );
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+        &scratch.0,
+        args.quick,
+        &args.only,
+        args.check,
+    )
 }
 
 fn raise_fd_limit() {
@@ -1199,14 +1131,14 @@ fn run(
     daemon_args: &[String],
     scratch: &Path,
     quick: bool,
-    only: Option<&[String]>,
+    only: &[Section],
     check: bool,
 ) -> Result<(), Error> {
-    let wanted = |section: &str| only.is_none_or(|sections| sections.iter().any(|s| s == section));
+    let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let ttl = Duration::from_millis(500);
     let mut options = vec!["--cache-ttl".to_owned(), "500ms".to_owned()];
     options.extend_from_slice(daemon_args);
-    let daemon = Daemon::start(binary, scratch, &options)?;
+    let daemon = mount(binary, &options);
     let runs = if quick { 3 } else { 7 };
     let sizes: &[(usize, usize)] = if quick {
         &[(10, 5), (20, 10), (40, 10)]
@@ -1229,7 +1161,7 @@ fn run(
     // Listing at each size; the full comparison at the largest.
     let mut scaling = Vec::new();
     let mut walked_peak_kib = 0;
-    let sizes = if wanted("listing") || wanted("memory") {
+    let sizes = if wanted(Section::Listing) || wanted(Section::Memory) {
         sizes
     } else {
         &[]
@@ -1280,7 +1212,7 @@ fn run(
         println!();
     }
 
-    if wanted("streams") {
+    if wanted(Section::Streams) {
         let streams = 32;
         let (idle, loaded) = streams_held(&daemon, streams, runs, ttl)?;
         println!("## One user at the stream limit\n");
@@ -1322,12 +1254,12 @@ fn run(
         println!();
     }
 
-    if wanted("diagnostics") {
+    if wanted(Section::Diagnostics) {
         // What the kernel knows of every socket: getfattr -d on every
         // socket file against ss -tinm, on a workload of about 5,000.
         let (processes, connections) = if quick { (20, 10) } else { (100, 25) };
         let workload = Workload::start(processes, connections)?;
-        let m = daemon.mountpoint.display();
+        let m = daemon.path.display();
         // The mount lists the whole workload before anything is timed.
         let deadline = Instant::now() + Duration::from_secs(60);
         while timed(&format!("find {m} -mindepth 2 -name 'tcp_*' | wc -l"))?
@@ -1387,7 +1319,7 @@ fn run(
         println!();
     }
 
-    if wanted("capture") {
+    if wanted(Section::Capture) {
         // Capture.
         let volume = if quick { 128 << 20 } else { 1 << 30 };
         println!(
@@ -1442,7 +1374,7 @@ fn run(
         reader_steps_table(&timed, quiet, volume);
     }
 
-    if wanted("latency") {
+    if wanted(Section::Latency) {
         let (p50, p99, received) = latency(&daemon, 1000)?;
         println!("## Latency: send() to readable from the stream, 1,000 messages\n");
         println!("| p50 ms | p99 ms | messages seen |");
@@ -1450,7 +1382,7 @@ fn run(
         println!("| {p50:.3} | {p99:.3} | {received} |\n");
     }
 
-    if wanted("memory") {
+    if wanted(Section::Memory) {
         let steady = memory_with_streams(&daemon, &format!("pace {} 20", 40 << 20))?;
         let flooded = memory_with_streams(&daemon, &format!("send {}", 256 << 20))?;
         println!("## Memory of the daemon (peak RSS)\n");
@@ -1471,7 +1403,7 @@ fn run(
         );
         println!();
     }
-    if wanted("accuracy") {
+    if wanted(Section::Accuracy) {
         // Enough flows in the quick run that one flow is under 1% of a row.
         let count = if quick { 150 } else { 250 };
         let report = accuracy::measure(&daemon, scratch, count)?;
@@ -1482,7 +1414,7 @@ fn run(
         let mut fallback_options = options.clone();
         fallback_options.push("--no-kernel-events".to_owned());
         let fallback = {
-            let fallback_daemon = Daemon::start(binary, &fallback_scratch, &fallback_options)?;
+            let fallback_daemon = mount(binary, &fallback_options);
             accuracy::measure(&fallback_daemon, &fallback_scratch, count)?
         };
         println!("## Accuracy of a process's `all` and `tree` streams\n");

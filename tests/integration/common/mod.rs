@@ -13,7 +13,9 @@ pub mod packets;
 pub mod peer;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+pub use testkit::{ScratchDir, mounted_at, wait_for, wait_until};
 
 /// Held by tests that saturate this 2-core machine (hundreds of streams,
 /// ab against nginx, the accuracy harness): they run one at a time, so that
@@ -26,34 +28,6 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Polls `condition` every 20 ms until it holds; panics after `timeout`
-/// with `what` (a wait for an event with a deadline, not a sleep).
-pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Like [`wait_until`] for a value.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The names in a directory, sorted.
@@ -89,15 +63,6 @@ pub fn xattr(path: &Path, name: &str) -> Option<String> {
         .then(|| String::from_utf8(output.stdout).unwrap())
 }
 
-/// Whether anything is mounted at `path` (by /proc/self/mountinfo).
-pub fn mounted_at(path: &Path) -> bool {
-    let canonical = path.to_path_buf();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(canonical.to_str().unwrap()))
-}
-
 /// Reads a file on a thread until EOF; returns the bytes so far and the
 /// thread, which returns when EOF came.
 pub fn read_to_eof(
@@ -122,27 +87,4 @@ pub fn read_to_eof(
         }
     });
     (bytes, thread)
-}
-
-/// A unique scratch directory under /tmp, removed on drop.
-pub struct ScratchDir(pub std::path::PathBuf);
-
-impl ScratchDir {
-    pub fn new(tag: &str) -> ScratchDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "netstatfs-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        ScratchDir(path)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
