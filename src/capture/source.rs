@@ -11,6 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
@@ -19,15 +20,36 @@ use pcap::{Active, Capture, Precision};
 use super::filter::{FilterTarget, LocalNetwork, Taken, bpf_filter_for, without_taken};
 use crate::inventory::Netns;
 
-/// How long the kernel holds a block of packets before handing it over.
+/// How long a stalled capture (a daemon stopped, starved or swapping) may
+/// fall behind a trickle of packets before the kernel drops any.
 ///
 /// Not libpcap's immediate mode: that switches to TPACKET_V2, whose ring on
 /// the "any" device holds one snaplen-sized frame per packet (a handful with
 /// the default 2 MiB buffer and 256 KiB snaplen), so a burst of a few small
-/// packets is dropped. TPACKET_V3 packs packets by their real size and hands
-/// a block over when it is full or this old: packets still reach the reader
-/// within a few milliseconds, and an idle capture costs only a kernel timer.
-const BLOCK_TIMEOUT_MS: i32 = 2;
+/// packets is dropped. TPACKET_V3 packs packets by their real size into
+/// blocks of 256 KiB (libpcap's fixed size) and hands a block over when it
+/// is full or when the block timeout fires with packets in it. At a
+/// trickle every timeout hands over a nearly empty block, so a ring of N
+/// blocks covers N timeouts of stall: the timeout is this span divided by
+/// the ring's blocks ([`block_timeout`]). That is also how late a packet of
+/// a trickle may reach a socket file's reader; a bigger `--kernel-buffer`
+/// makes it sooner. (Not for `all` and `tree`, see [`open`].)
+pub const STALL_SPAN: Duration = Duration::from_millis(1500);
+/// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
+const BLOCK_BYTES: usize = 256 << 10;
+/// The block timeout's bounds: soon enough for a live view and for a
+/// stream's end ([`crate::stream::CLOSE_GRACE`] must exceed it), and not a
+/// wake-up per packet.
+const BLOCK_TIMEOUT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(2), Duration::from_millis(200));
+
+/// The block timeout of a ring of `ring` bytes (pure): [`STALL_SPAN`] over
+/// its blocks, within [`BLOCK_TIMEOUT_BOUNDS`].
+pub fn block_timeout(ring: usize) -> Duration {
+    let blocks = u32::try_from((ring / BLOCK_BYTES).max(1)).unwrap_or(u32::MAX);
+    let (least, most) = BLOCK_TIMEOUT_BOUNDS;
+    (STALL_SPAN / blocks).clamp(least, most)
+}
 
 /// The least kernel ring of an `all` or `tree` stream's captures.
 pub const PROCESS_RING: usize = 8 << 20;
@@ -281,6 +303,15 @@ fn open(
         CaptureFilter::Socket(..) => settings.kernel_buffer,
         CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
     };
+    // A process's stream sorts packets to processes as they come, and
+    // following /proc it must see a flow's packets while the socket is
+    // still in /proc: its blocks come at once (measured: 10 ms flows kept
+    // fell from 0.996 to 0.81 with its ring's stall-proof timeout).
+    let timeout = match request.filter {
+        CaptureFilter::Socket(..) => block_timeout(ring),
+        CaptureFilter::TcpAndUdp => BLOCK_TIMEOUT_BOUNDS.0,
+    };
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let inactive = || {
         Capture::from_device(settings.interface.as_str())
             .map(|capture| {
@@ -288,7 +319,7 @@ fn open(
                     .snaplen(snaplen)
                     .promisc(false)
                     .immediate_mode(false)
-                    .timeout(BLOCK_TIMEOUT_MS)
+                    .timeout(timeout_ms)
                     .buffer_size(i32::try_from(ring).unwrap_or(i32::MAX))
             })
             .map_err(|err| {
@@ -464,7 +495,26 @@ fn apply_commands(
 
 #[cfg(test)]
 mod tests {
-    use super::linktype_for;
+    use super::{BLOCK_TIMEOUT_BOUNDS, PROCESS_RING, STALL_SPAN, block_timeout, linktype_for};
+    use std::time::Duration;
+
+    #[test]
+    fn a_ring_covers_the_stall_span_at_a_trickle() {
+        // A socket file's default ring: 8 blocks.
+        assert_eq!(block_timeout(2 << 20), Duration::from_micros(187_500));
+        // A 32-block ring.
+        assert_eq!(block_timeout(PROCESS_RING), Duration::from_micros(46_875));
+        for ring in [1 << 20, 2 << 20, 8 << 20, 32 << 20, 64 << 20] {
+            let blocks = (ring / (256 << 10)) as u32;
+            let timeout = block_timeout(ring);
+            assert!(timeout * blocks >= STALL_SPAN || timeout == BLOCK_TIMEOUT_BOUNDS.1);
+        }
+        // Bounded both ways: a huge ring is not a wake-up per packet, a
+        // tiny one not a reader waiting seconds.
+        assert_eq!(block_timeout(4 << 30), BLOCK_TIMEOUT_BOUNDS.0);
+        assert_eq!(block_timeout(0), BLOCK_TIMEOUT_BOUNDS.1);
+        assert!(BLOCK_TIMEOUT_BOUNDS.1 < crate::stream::CLOSE_GRACE);
+    }
 
     #[test]
     fn link_types_follow_libpcap() {

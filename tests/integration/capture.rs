@@ -908,3 +908,47 @@ fn await_line(
         }
     }
 }
+
+/// The daemon stopped for a second (SIGSTOP, as a starved or swapping
+/// machine would stall it) while a socket sends 1,000 datagrams a second:
+/// the kernel's ring holds what came meanwhile, and the stream has every
+/// datagram, once, in order, with none dropped by the kernel.
+#[test]
+fn a_stalled_daemon_loses_nothing_of_a_trickle() {
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm trickle");
+    let receiver = peer.cmd("udp-bind 127.0.0.1:0");
+    let (sender, file) = udp_socket(&mount, &mut peer, "trickle");
+    let stream = Reader::open(&file);
+
+    let count = 3000;
+    let daemon = Pid::from_raw(mount.pid() as i32);
+    let stopper = std::thread::spawn(move || {
+        // Into the trickle's second of three, for one second.
+        std::thread::sleep(Duration::from_millis(1000));
+        kill(daemon, Signal::SIGSTOP).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        kill(daemon, Signal::SIGCONT).unwrap();
+    });
+    peer.cmd(&format!(
+        "udp-pace {} {} {count} 1000",
+        sender[0], receiver[1]
+    ));
+    stopper.join().unwrap();
+    peer.cmd(&format!("close {}", sender[0]));
+    let (bytes, _) = stream.wait_eof(WAIT);
+    let packets = read_pcap(&bytes).1;
+    let expected: Vec<String> = (0..count).map(|i| format!("pace-{i}")).collect();
+    assert_eq!(
+        payloads(&packets),
+        expected,
+        "every datagram, once, in order"
+    );
+    wait_until(WAIT, "the stream's closing line", || {
+        mount.log().contains("trickle/udp_")
+            && mount.log().contains(&format!(
+                "stream closed: {count} packets delivered, 0 dropped by the kernel, 0 dropped by the queue"
+            ))
+    });
+}

@@ -439,6 +439,27 @@ impl PeerState {
                 });
                 Ok(vec![])
             }
+            "udp-pace" => {
+                // Sends `count` datagrams ("pace-<i>") to `to` at `rate` a
+                // second, and answers when the last is sent.
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                let to: SocketAddr = arg(1)?.parse().map_err(err)?;
+                let count: usize = arg(2)?.parse().map_err(err)?;
+                let rate: f64 = arg(3)?.parse().map_err(err)?;
+                let started = std::time::Instant::now();
+                for i in 0..count {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    socket
+                        .send_to(format!("pace-{i}").as_bytes(), to)
+                        .map_err(err)?;
+                }
+                Ok(vec![])
+            }
             "drain" => {
                 // Reads exactly `bytes` bytes.
                 let bytes: usize = arg(1)?.parse().map_err(err)?;
