@@ -42,19 +42,57 @@ pub struct Table {
 /// counts as absent only while the IPv4 TCP table, which every namespace
 /// has, is still there.
 pub fn read_table(proc_pid: &Path, proto: Proto) -> io::Result<Table> {
-    let path = proc_pid.join("net").join(proto.as_str());
-    let text = match std::fs::read(&path) {
-        Ok(text) => text,
+    Ok(read_text(proc_pid, proto)?
+        .map(|text| parse_table(&text, proto))
+        .unwrap_or_default())
+}
+
+/// A table's text; None for a table the kernel does not have.
+fn read_text(proc_pid: &Path, proto: Proto) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(proc_pid.join("net").join(proto.as_str())) {
+        Ok(text) => Ok(Some(text)),
         Err(err)
             if err.kind() == io::ErrorKind::NotFound
                 && proto != Proto::Tcp
                 && proc_pid.join("net/tcp").exists() =>
         {
-            return Ok(Table::default());
+            Ok(None)
         }
-        Err(err) => return Err(err),
-    };
-    Ok(parse_table(&text, proto))
+        Err(err) => Err(err),
+    }
+}
+
+/// Reads `<proc_pid>/net/<proto>` keeping only the rows in state `state`
+/// (the kernel's number), which are picked from the text before anything
+/// is parsed: a namespace's listeners cost the same with or without
+/// thousands of TIME_WAIT rows beside them.
+pub fn read_table_in_state(proc_pid: &Path, proto: Proto, state: u8) -> io::Result<Table> {
+    Ok(read_text(proc_pid, proto)?
+        .map(|text| parse_table(&lines_in_state(&text, state), proto))
+        .unwrap_or_default())
+}
+
+/// The header and the lines of a table whose state field (the fourth,
+/// two hex digits) is `state` (pure).
+pub fn lines_in_state(text: &[u8], state: u8) -> Vec<u8> {
+    let wanted = format!("{state:02X}");
+    let mut lines = text.split(|&b| b == b'\n');
+    let mut out = Vec::with_capacity(text.len().min(64 * 1024));
+    if let Some(header) = lines.next() {
+        out.extend_from_slice(header);
+        out.push(b'\n');
+    }
+    for line in lines {
+        let state_field = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|field| !field.is_empty())
+            .nth(3);
+        if state_field == Some(wanted.as_bytes()) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 /// Parses a whole table's text (header line included).
@@ -152,6 +190,22 @@ mod tests {
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
    1: 0100007F:A0D2 0100007F:1F90 01 00000010:00000002 00:00000000 00000000  1000        0 4243 1 0000000000000000 20 4 30 10 -1
 ";
+
+    #[test]
+    fn picks_the_rows_of_one_state_before_parsing() {
+        let listeners = parse_table(&lines_in_state(TCP.as_bytes(), 10), Proto::Tcp);
+        assert_eq!(listeners.rows.len(), 1);
+        assert_eq!(listeners.rows[0].inode, 4242);
+        assert!(listeners.bad_lines.is_empty());
+        let established = parse_table(&lines_in_state(TCP.as_bytes(), 1), Proto::Tcp);
+        assert_eq!(established.rows.len(), 1);
+        assert_eq!(established.rows[0].inode, 4243);
+        assert!(
+            parse_table(&lines_in_state(TCP.as_bytes(), 6), Proto::Tcp)
+                .rows
+                .is_empty()
+        );
+    }
 
     #[test]
     fn parses_a_tcp_table() {

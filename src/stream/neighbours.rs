@@ -15,7 +15,7 @@ use super::lock;
 use crate::capture::filter::{
     FilterTarget, LocalNetwork, Taken, bpf_filter_for, taken_from, without_taken,
 };
-use crate::inventory::tables::read_table;
+use crate::inventory::tables::{read_table, read_table_in_state};
 use crate::names::Proto;
 
 /// How often the namespace's table is read again.
@@ -106,7 +106,14 @@ impl Neighbours {
         }
         let mut rows: Vec<(SocketAddr, SocketAddr, bool, u64)> = Vec::new();
         for proto in protos {
-            let table = read_table(&self.proc_pid, proto).ok()?;
+            // Of TCP sockets only listeners take flows from a wildcard one:
+            // the rest of the table (thousands of TIME_WAIT rows after a
+            // burst) is never parsed.
+            let table = match proto {
+                Proto::Tcp | Proto::Tcp6 => read_table_in_state(&self.proc_pid, proto, TCP_LISTEN),
+                _ => read_table(&self.proc_pid, proto),
+            }
+            .ok()?;
             rows.extend(table.rows.into_iter().map(|row| {
                 let listening =
                     matches!(proto, Proto::Tcp | Proto::Tcp6) && row.state == TCP_LISTEN;

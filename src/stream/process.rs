@@ -56,7 +56,7 @@ use crate::capture::source::{
 };
 use crate::events::Subscription;
 use crate::inventory::live::{LiveSocket, ProcessWatch, children_of};
-use crate::inventory::tables::read_table;
+use crate::inventory::tables::{read_table, read_table_in_state};
 use crate::inventory::{Netns, NetnsId};
 use crate::names::{self, Proto};
 
@@ -81,8 +81,9 @@ const TCP_LISTEN: u8 = 10;
 
 /// A row of a namespace's socket table: local, remote, listening, inode.
 type NeighbourRow = (std::net::SocketAddr, std::net::SocketAddr, bool, u64);
-/// A namespace's table rows, and when they were read.
-type TableRead = (Instant, Arc<Vec<NeighbourRow>>);
+/// A namespace's table rows, when they were read, and whether a fresher
+/// read has been asked of the table reader.
+type TableRead = (Instant, Arc<Vec<NeighbourRow>>, bool);
 
 /// How long a packet of an unknown flow waits for its owner to show up.
 pub const CANDIDATE_TTL: Duration = Duration::from_millis(200);
@@ -174,6 +175,10 @@ pub struct ProcessSink {
     candidates: Mutex<Waiting>,
     /// Members' namespace socket tables, by member pid, with when read.
     neighbour_rows: Mutex<HashMap<i32, TableRead>>,
+    /// Asks the table reader thread to read a member's table again: the
+    /// tracker never waits for a read (thousands of TIME_WAIT rows take
+    /// milliseconds to parse, long enough to miss a 10 ms flow in /proc).
+    table_requests: Mutex<Option<Sender<i32>>>,
     /// How many flows more specific sockets take from the members', as
     /// last counted (logged when it changes).
     taken_count: AtomicUsize,
@@ -268,6 +273,7 @@ impl ProcessSink {
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
             neighbour_rows: Mutex::new(HashMap::new()),
+            table_requests: Mutex::new(None),
             taken_count: AtomicUsize::new(0),
             sorted_until_ns: AtomicU64::new(0),
             candidate_bytes: AtomicUsize::new(0),
@@ -310,6 +316,12 @@ impl ProcessSink {
         }
         tracker.rescan();
         self.update(&tracker);
+        let (requests, asked) = crossbeam_channel::unbounded();
+        *lock(&self.table_requests) = Some(requests);
+        let sink = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tables".into())
+            .spawn(move || read_tables_when_asked(&sink, &asked))?;
         let sink = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("tracker".into())
@@ -385,43 +397,29 @@ impl ProcessSink {
 
     /// The socket table of member `pid`'s namespace, re-read at most every
     /// [`NEIGHBOURS_RECHECK`], for members holding an unconnected socket
-    /// (what more specific sockets take from it is not its own).
+    /// (what more specific sockets take from it is not its own). Read here
+    /// the first time; after that the table reader thread reads it again
+    /// and this answers with the last rows meanwhile.
     fn neighbour_rows(&self, pid: i32, sockets: &[&LiveSocket]) -> Option<Arc<Vec<NeighbourRow>>> {
         if !sockets.iter().any(|socket| socket.remote.is_none()) {
             return None;
         }
-        let mut cache = lock(&self.neighbour_rows);
-        if let Some((read_at, rows)) = cache.get(&pid)
-            && read_at.elapsed() < NEIGHBOURS_RECHECK
-        {
+        if let Some((read_at, rows, asked)) = lock(&self.neighbour_rows).get_mut(&pid) {
+            if read_at.elapsed() >= NEIGHBOURS_RECHECK && !*asked {
+                let requests = lock(&self.table_requests);
+                *asked = requests.as_ref().is_some_and(|r| r.send(pid).is_ok());
+            }
             return Some(Arc::clone(rows));
         }
-        let proc_pid = std::path::PathBuf::from(format!("/proc/{pid}"));
-        let mut rows = Vec::new();
-        for proto in [Proto::Tcp, Proto::Tcp6, Proto::Udp, Proto::Udp6] {
-            let Ok(table) = read_table(&proc_pid, proto) else {
-                continue;
-            };
-            let tcp = matches!(proto, Proto::Tcp | Proto::Tcp6);
-            rows.extend(
-                table
-                    .rows
-                    .into_iter()
-                    .filter(|row| !tcp || row.state == TCP_LISTEN || row.remote.port() != 0)
-                    .map(|row| {
-                        (
-                            row.local,
-                            row.remote,
-                            tcp && row.state == TCP_LISTEN,
-                            row.inode,
-                        )
-                    }),
-            );
-        }
-        let rows = Arc::new(rows);
-        cache.retain(|_, (read_at, _)| read_at.elapsed() < NEIGHBOURS_RECHECK * 10);
-        cache.insert(pid, (Instant::now(), Arc::clone(&rows)));
+        let rows = Arc::new(read_neighbour_rows(pid));
+        self.keep_neighbour_rows(pid, Arc::clone(&rows));
         Some(rows)
+    }
+
+    fn keep_neighbour_rows(&self, pid: i32, rows: Arc<Vec<NeighbourRow>>) {
+        let mut cache = lock(&self.neighbour_rows);
+        cache.retain(|_, (read_at, _, _)| read_at.elapsed() < NEIGHBOURS_RECHECK * 10);
+        cache.insert(pid, (Instant::now(), rows, false));
     }
 
     /// Starts one more capture, in another namespace a member holds a
@@ -893,6 +891,49 @@ impl Tracker {
             }
         }
         adopted
+    }
+}
+
+/// Member `pid`'s namespace socket tables, as neighbour rows: what may
+/// take flows from an unconnected socket, that is TCP listeners (of TCP
+/// only they do: see `taken_from`; the established and TIME_WAIT rows,
+/// thousands after a burst of short connections, are never parsed) and
+/// every UDP socket.
+fn read_neighbour_rows(pid: i32) -> Vec<NeighbourRow> {
+    let proc_pid = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let mut rows = Vec::new();
+    for proto in [Proto::Tcp, Proto::Tcp6, Proto::Udp, Proto::Udp6] {
+        let tcp = matches!(proto, Proto::Tcp | Proto::Tcp6);
+        let table = if tcp {
+            read_table_in_state(&proc_pid, proto, TCP_LISTEN)
+        } else {
+            read_table(&proc_pid, proto)
+        };
+        let Ok(table) = table else {
+            continue;
+        };
+        rows.extend(table.rows.into_iter().map(|row| {
+            (
+                row.local,
+                row.remote,
+                tcp && row.state == TCP_LISTEN,
+                row.inode,
+            )
+        }));
+    }
+    rows
+}
+
+/// The table reader thread: reads a member's namespace tables when the
+/// tracker asks. It ends with its stream: the sink holds the only sender,
+/// so the channel closes when the sink goes.
+fn read_tables_when_asked(sink: &Weak<ProcessSink>, asked: &Receiver<i32>) {
+    for pid in asked {
+        let rows = Arc::new(read_neighbour_rows(pid));
+        let Some(sink) = sink.upgrade() else {
+            return;
+        };
+        sink.keep_neighbour_rows(pid, rows);
     }
 }
 
