@@ -32,8 +32,8 @@ use crate::inventory::Netns;
 /// trickle every timeout hands over a nearly empty block, so a ring of N
 /// blocks covers N timeouts of stall: the timeout is this span divided by
 /// the ring's blocks ([`block_timeout`]). That is also how late a packet of
-/// a trickle may reach a socket file's reader; a bigger `--kernel-buffer`
-/// makes it sooner. (Not for `all` and `tree`, see [`open`].)
+/// a trickle may reach the reader; a bigger `--kernel-buffer` makes it
+/// sooner. (Not for a capture that asks to be [`CaptureRequest::prompt`].)
 pub const STALL_SPAN: Duration = Duration::from_millis(1500);
 /// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
 const BLOCK_BYTES: usize = 256 << 10;
@@ -105,6 +105,10 @@ pub struct CaptureRequest {
     pub filter: CaptureFilter,
     /// For log lines: which file this capture feeds.
     pub label: String,
+    /// Hand every block over within 2 ms, giving up riding out a stall
+    /// (see [`STALL_SPAN`]): for a sorter that must see a flow's packets
+    /// while its socket is still in /proc.
+    pub prompt: bool,
 }
 
 /// Which packets a capture keeps.
@@ -303,13 +307,10 @@ fn open(
         CaptureFilter::Socket(..) => settings.kernel_buffer,
         CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
     };
-    // A process's stream sorts packets to processes as they come, and
-    // following /proc it must see a flow's packets while the socket is
-    // still in /proc: its blocks come at once (measured: 10 ms flows kept
-    // fell from 0.996 to 0.81 with its ring's stall-proof timeout).
-    let timeout = match request.filter {
-        CaptureFilter::Socket(..) => block_timeout(ring),
-        CaptureFilter::TcpAndUdp => BLOCK_TIMEOUT_BOUNDS.0,
+    let timeout = if request.prompt {
+        BLOCK_TIMEOUT_BOUNDS.0
+    } else {
+        block_timeout(ring)
     };
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let inactive = || {

@@ -65,8 +65,12 @@ use crate::names::{self, Proto};
 const EXIT_GRACE: Duration = super::CLOSE_GRACE;
 
 /// How long a stream whose process stopped being the reader's goes on
-/// taking what the kernel captured before that (a few capture blocks).
-const REVOKE_DRAIN: Duration = Duration::from_millis(50);
+/// taking what the kernel captured before that (packets stamped later are
+/// cut off): until the block filling then has been handed over.
+fn revoke_drain() -> Duration {
+    crate::capture::source::block_timeout(crate::capture::source::PROCESS_RING)
+        + Duration::from_millis(50)
+}
 
 /// A capture that delivered nothing for this long has drained its ring.
 const DRAIN_QUIET: Duration = Duration::from_millis(30);
@@ -422,6 +426,12 @@ impl ProcessSink {
         cache.insert(pid, (Instant::now(), rows, false));
     }
 
+    /// Whether flows are attributed from kernel events (not by following
+    /// /proc).
+    pub fn follows_events(&self) -> bool {
+        self.events.is_some()
+    }
+
     /// Starts one more capture, in another namespace a member holds a
     /// socket in, feeding this same sorter.
     fn capture_in(self: &Arc<Self>, netns: Netns) {
@@ -430,6 +440,7 @@ impl ProcessSink {
             netns,
             filter: CaptureFilter::TcpAndUdp,
             label: label.clone(),
+            prompt: !self.follows_events(),
         };
         let sorter = Arc::clone(self);
         let sink: Arc<dyn PacketSink> = sorter.clone();
@@ -992,7 +1003,7 @@ fn track(sink: &Weak<ProcessSink>, mut tracker: Tracker, pokes: &Receiver<()>) {
                 sink.stream.label()
             );
             *lock(&sink.cutoff) = Some(SystemTime::now());
-            drain_then_stop(&sink, pokes, REVOKE_DRAIN);
+            drain_then_stop(&sink, pokes, revoke_drain());
             return;
         }
         let started = Instant::now();

@@ -911,8 +911,9 @@ fn await_line(
 
 /// The daemon stopped for a second (SIGSTOP, as a starved or swapping
 /// machine would stall it) while a socket sends 1,000 datagrams a second:
-/// the kernel's ring holds what came meanwhile, and the stream has every
-/// datagram, once, in order, with none dropped by the kernel.
+/// the kernel's rings hold what came meanwhile, and both the socket's
+/// stream and its process's `all` (kernel events) have every datagram,
+/// once, in order, with none dropped by the kernel.
 #[test]
 fn a_stalled_daemon_loses_nothing_of_a_trickle() {
     let mount = Mount::start(&[]);
@@ -921,6 +922,16 @@ fn a_stalled_daemon_loses_nothing_of_a_trickle() {
     let receiver = peer.cmd("udp-bind 127.0.0.1:0");
     let (sender, file) = udp_socket(&mount, &mut peer, "trickle");
     let stream = Reader::open(&file);
+    let all = mount.dir(peer.pid, "trickle").join("all");
+    let (all_bytes, all_reader) = crate::common::read_to_eof(&all);
+    wait_until(WAIT, "the all stream's capture", || {
+        mount.log().contains("trickle/all: capture running")
+    });
+    assert!(
+        mount
+            .log()
+            .contains("trickle/all: flows attributed from kernel events")
+    );
 
     let count = 3000;
     let daemon = Pid::from_raw(mount.pid() as i32);
@@ -938,17 +949,29 @@ fn a_stalled_daemon_loses_nothing_of_a_trickle() {
     stopper.join().unwrap();
     peer.cmd(&format!("close {}", sender[0]));
     let (bytes, _) = stream.wait_eof(WAIT);
-    let packets = read_pcap(&bytes).1;
     let expected: Vec<String> = (0..count).map(|i| format!("pace-{i}")).collect();
+    let packets = read_pcap(&bytes).1;
     assert_eq!(
         payloads(&packets),
         expected,
-        "every datagram, once, in order"
+        "the socket file: every datagram, once, in order"
     );
-    wait_until(WAIT, "the stream's closing line", || {
-        mount.log().contains("trickle/udp_")
-            && mount.log().contains(&format!(
-                "stream closed: {count} packets delivered, 0 dropped by the kernel, 0 dropped by the queue"
-            ))
-    });
+    peer.kill();
+    wait_until(WAIT, "the all stream's end", || all_reader.is_finished());
+    let all_packets = read_pcap(&all_bytes.lock().unwrap()).1;
+    assert_eq!(
+        payloads(&all_packets),
+        expected,
+        "all: every datagram, once, in order"
+    );
+    for stream in ["udp_", "all"] {
+        wait_until(WAIT, &format!("{stream}'s closing line"), || {
+            mount.log().lines().any(|line| {
+                line.contains(&format!("trickle/{stream}"))
+                    && line.contains(&format!(
+                        "stream closed: {count} packets delivered, 0 dropped by the kernel, 0 dropped by the queue"
+                    ))
+            })
+        });
+    }
 }
