@@ -39,7 +39,8 @@ pub struct Cli {
 
     /// Mount options, comma-separated, as mount(8) passes them:
     /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
-    /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng,
+    /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, max_delay=DURATION,
+    /// format=pcap|pcapng,
     /// no_kernel_events, unix
     /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
@@ -88,6 +89,13 @@ pub struct Cli {
     /// before the daemon picks it up), e.g. 2MiB, 8MiB.
     #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_size)]
     pub kernel_buffer: usize,
+
+    /// The longest the kernel holds a packet before handing it to a stream
+    /// (its block timeout), e.g. 2ms for a live view. By default the ring
+    /// rides out 1.5 s of a stalled daemon at a trickle (187 ms for a 2 MiB
+    /// ring, less for a bigger one); a shorter delay gives that up.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_delay: Option<Duration>,
 
     /// The streams' file format: pcap, or pcapng with a comment on each
     /// packet naming its process and socket.
@@ -217,6 +225,7 @@ impl Cli {
                 }
                 "max_streams" => self.max_streams = parse_count(needs()?).map_err(bad)?,
                 "kernel_buffer" => self.kernel_buffer = parse_size(needs()?).map_err(bad)?,
+                "max_delay" => self.max_delay = Some(parse_duration(needs()?).map_err(bad)?),
                 "format" => {
                     self.format = match needs()? {
                         "pcap" => StreamFormat::Pcap,
@@ -229,7 +238,7 @@ impl Cli {
                 unknown => {
                     return Err(format!(
                         "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
-                         interface, snaplen, buffer, kernel_buffer, format, no_kernel_events, unix, \
+                         interface, snaplen, buffer, kernel_buffer, max_delay, format, no_kernel_events, unix, \
                          max_streams_per_user, max_streams)"
                     ));
                 }
@@ -335,11 +344,13 @@ mod tests {
             "-o",
             "snaplen=1500,all_processes,format=pcapng,x-systemd.automount",
             "-o",
-            "max_streams_per_user=8,max_streams=100",
+            "max_streams_per_user=8,max_streams=100,max_delay=20ms,unix",
         ])
         .unwrap();
         cli.apply_mount_options().unwrap();
         assert_eq!((cli.max_streams_per_user, cli.max_streams), (8, 100));
+        assert_eq!(cli.max_delay, Some(Duration::from_millis(20)));
+        assert!(cli.unix);
         assert_eq!(cli.mountpoint(), PathBuf::from("/mnt/net"));
         assert!(cli.background());
         assert!(cli.allow_other && cli.all_processes);

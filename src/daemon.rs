@@ -57,6 +57,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
             interface: cli.interface.clone(),
             snaplen: cli.snaplen,
             kernel_buffer: cli.kernel_buffer,
+            max_delay: cli.max_delay,
         },
         stream_buffer: cli.buffer,
         format: cli.format.into(),

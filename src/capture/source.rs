@@ -43,6 +43,22 @@ const BLOCK_BYTES: usize = 256 << 10;
 const BLOCK_TIMEOUT_BOUNDS: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(200));
 
+/// A capture's ring size and block timeout.
+fn geometry(request: &CaptureRequest, settings: &CaptureSettings) -> (usize, Duration) {
+    // A process's stream takes every TCP and UDP packet of the namespace,
+    // far more than one socket's: its ring absorbs a longer stall.
+    let ring = match request.filter {
+        CaptureFilter::Socket(..) => settings.kernel_buffer,
+        CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
+    };
+    let timeout = match (request.prompt, settings.max_delay) {
+        (true, _) => BLOCK_TIMEOUT_BOUNDS.0,
+        (false, Some(asked)) => asked.max(Duration::from_millis(1)),
+        (false, None) => block_timeout(ring),
+    };
+    (ring, timeout)
+}
+
 /// The block timeout of a ring of `ring` bytes (pure): [`STALL_SPAN`] over
 /// its blocks, within [`BLOCK_TIMEOUT_BOUNDS`].
 pub fn block_timeout(ring: usize) -> Duration {
@@ -62,6 +78,9 @@ pub struct CaptureSettings {
     pub snaplen: u32,
     /// Bytes of the kernel's packet ring per capture.
     pub kernel_buffer: usize,
+    /// The block timeout asked for (`--max-delay`), instead of the ring's
+    /// stall-proof one.
+    pub max_delay: Option<Duration>,
 }
 
 impl CaptureSettings {
@@ -156,6 +175,8 @@ pub struct Opened {
     pub control: CaptureControl,
     /// The namespace's own addresses, as the capture found them there.
     pub local_networks: Vec<LocalNetwork>,
+    /// The longest the kernel holds a packet before handing it over.
+    pub block_timeout: Duration,
 }
 
 /// Why a capture did not open.
@@ -264,6 +285,7 @@ pub fn start(
         .name("capture".into())
         .spawn(move || {
             let label = request.label.clone();
+            let (_, block_timeout) = geometry(&request, &settings);
             let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
             match open(request, &settings) {
                 Ok((mut capture, linktype, nanosecond_timestamps, local_networks)) => {
@@ -277,6 +299,7 @@ pub fn start(
                         nanosecond_timestamps,
                         control,
                         local_networks,
+                        block_timeout,
                     }));
                     let stats = run(&mut capture, &commands_rx, sink.as_ref(), &label);
                     sink.ended(stats);
@@ -301,17 +324,7 @@ fn open(
         ))
     })?;
     let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
-    // A process's stream takes every TCP and UDP packet of the namespace,
-    // far more than one socket's: its ring absorbs a longer stall.
-    let ring = match request.filter {
-        CaptureFilter::Socket(..) => settings.kernel_buffer,
-        CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
-    };
-    let timeout = if request.prompt {
-        BLOCK_TIMEOUT_BOUNDS.0
-    } else {
-        block_timeout(ring)
-    };
+    let (ring, timeout) = geometry(&request, settings);
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let inactive = || {
         Capture::from_device(settings.interface.as_str())

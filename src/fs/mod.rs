@@ -614,7 +614,10 @@ impl NetstatFs {
                 sink,
                 move |outcome| match outcome {
                     Ok(opened) => {
-                        debug!("{label}: capture running");
+                        debug!(
+                            "{label}: capture running, packets handed over within {:?}",
+                            opened.block_timeout
+                        );
                         let control = opened.control.clone();
                         if let Err(err) = on_opened(opened) {
                             warn!("{label}: cannot start a thread: {err}");

@@ -451,7 +451,10 @@ impl ProcessSink {
             sink,
             move |outcome| match outcome {
                 Ok(opened) => {
-                    debug!("{label}: capture running");
+                    debug!(
+                        "{label}: capture running, packets handed over within {:?}",
+                        opened.block_timeout
+                    );
                     sorter.running.fetch_add(1, Ordering::SeqCst);
                     if opened.linktype != sorter.linktype.load(Ordering::SeqCst) {
                         warn!(

@@ -933,6 +933,19 @@ fn a_stalled_daemon_loses_nothing_of_a_trickle() {
             .contains("trickle/all: flows attributed from kernel events")
     );
 
+    // The rings' geometry: 8 blocks of 256 KiB for the socket file, 32 for
+    // `all`, each handed over after 1.5 s over its ring's blocks.
+    assert!(
+        mount
+            .log()
+            .contains("capture running, packets handed over within 187.5ms")
+    );
+    assert!(
+        mount
+            .log()
+            .contains("trickle/all: capture running, packets handed over within 46.875ms")
+    );
+
     let count = 3000;
     let daemon = Pid::from_raw(mount.pid() as i32);
     let stopper = std::thread::spawn(move || {
@@ -974,4 +987,25 @@ fn a_stalled_daemon_loses_nothing_of_a_trickle() {
             })
         });
     }
+}
+
+/// `--max-delay` trades the stall span for a live view: the capture hands
+/// its blocks over within the asked delay.
+#[test]
+fn max_delay_sets_how_long_the_kernel_holds_a_packet() {
+    let mount = Mount::start(&["--max-delay", "2ms"]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm live-view");
+    let (sender, file) = udp_socket(&mount, &mut peer, "live-view");
+    let receiver = peer.cmd("udp-bind 127.0.0.1:0");
+    let stream = Reader::open(&file);
+    wait_until(WAIT, "the capture's geometry in the log", || {
+        mount.log().lines().any(|line| {
+            line.contains("live-view/udp_127.0.0.1:")
+                && line.contains("capture running, packets handed over within 2ms")
+        })
+    });
+    peer.cmd(&format!("sendto {} {} live", sender[0], receiver[1]));
+    let packets = stream.wait_packets("the datagram", |packets| !packets.is_empty());
+    assert_eq!(payloads(&packets), ["live"]);
 }

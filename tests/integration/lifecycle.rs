@@ -157,6 +157,8 @@ fn help_explains_every_option() {
         "--snaplen",
         "--buffer",
         "--kernel-buffer",
+        "--max-delay",
+        "--unix",
         "--format",
         "--verbose",
         "--quiet",
