@@ -599,16 +599,32 @@ fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
 /// (the close's FIN and ACK come after the client's report).
 const FLOW_SLACK_NS: u128 = 100_000_000;
 
+/// How far apart two captures may stamp one packet.
+const SAME_PACKET_NS: u128 = 50_000;
+
+/// One packet of a flow, as the missed-flow report describes it: its time,
+/// whether it went to the server, whether it was a SYN.
+type FlowPacket = (u128, bool, bool);
+
+/// What [`count_flows`] found: packets per flow, each flow's packets, and
+/// the records seen twice (same time, same bytes).
+struct FlowCounts {
+    counts: HashMap<usize, u64>,
+    packets: HashMap<usize, Vec<FlowPacket>>,
+    twice: u64,
+}
+
 /// Packets per flow of a capture; each packet goes to the flow that had
 /// its ports at its time (ports are reused over a run, by one process or
-/// another). Also the number of records seen twice (same time, same bytes).
+/// another).
 fn count_flows(
     (linktype, packets): &Packets,
     records: &[FlowRecord],
     index: &FlowIndex,
     server_ports: &HashSet<(bool, u16)>,
-) -> (HashMap<usize, u64>, u64) {
+) -> FlowCounts {
     let mut counts = HashMap::new();
+    let mut flow_packets: HashMap<usize, Vec<FlowPacket>> = HashMap::new();
     let mut seen = HashSet::new();
     let mut twice = 0;
     for (at, data) in packets {
@@ -620,10 +636,10 @@ fn count_flows(
             continue;
         };
         let udp = flow.transport == netstatfs::capture::classify::Transport::Udp;
-        let (server, client) = if server_ports.contains(&(udp, flow.dst.port())) {
-            (flow.dst.port(), flow.src.port())
+        let (server, client, to_server) = if server_ports.contains(&(udp, flow.dst.port())) {
+            (flow.dst.port(), flow.src.port(), true)
         } else if server_ports.contains(&(udp, flow.src.port())) {
-            (flow.src.port(), flow.dst.port())
+            (flow.src.port(), flow.dst.port(), false)
         } else {
             continue;
         };
@@ -640,9 +656,54 @@ fn count_flows(
             .min_by_key(|i| records[**i].start.abs_diff(*at));
         if let Some(i) = owner {
             *counts.entry(*i).or_insert(0) += 1;
+            flow_packets
+                .entry(*i)
+                .or_default()
+                .push((*at, to_server, flow.opening));
         }
     }
-    (counts, twice)
+    FlowCounts {
+        counts,
+        packets: flow_packets,
+        twice,
+    }
+}
+
+/// The packets of `truth` that `seen` lacks, as "+<µs from the flow's
+/// start> c>s|s>c[ SYN]". Two captures stamp one packet a little apart, so
+/// a truth packet is matched by the nearest unmatched packet of the same
+/// direction and kind within [`SAME_PACKET_NS`].
+fn describe_missing(truth: &[FlowPacket], seen: &[FlowPacket], start: u128) -> String {
+    let mut unmatched: Vec<FlowPacket> = seen.to_vec();
+    truth
+        .iter()
+        .filter(|(at, to_server, opening)| {
+            let nearest = unmatched
+                .iter()
+                .enumerate()
+                .filter(|(_, (t, d, o))| {
+                    d == to_server && o == opening && t.abs_diff(*at) < SAME_PACKET_NS
+                })
+                .min_by_key(|(_, (t, _, _))| t.abs_diff(*at))
+                .map(|(index, _)| index);
+            match nearest {
+                Some(index) => {
+                    unmatched.swap_remove(index);
+                    false
+                }
+                None => true,
+            }
+        })
+        .map(|(at, to_server, opening)| {
+            format!(
+                "+{}us {}{}",
+                at.saturating_sub(start) as i128 / 1000,
+                if *to_server { "c>s" } else { "s>c" },
+                if *opening { " SYN" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A capture: its link type, and each packet with its time (nanoseconds).
@@ -724,8 +785,11 @@ impl StreamCopy {
 /// Runs the measurement with `count` flows of each lifetime, protocol and
 /// side for the target (and as many for its child; the neighbour makes a
 /// quarter as many).
+/// Runs the accuracy workload against `daemon` (`method`: how it
+/// attributes flows, for the missed-flow lines on stderr).
 pub fn measure(
     daemon: &Mount,
+    method: &str,
     scratch: &std::path::Path,
     count: usize,
 ) -> Result<AccuracyReport, Error> {
@@ -759,6 +823,15 @@ pub fn measure(
     neighbour.read_line()?;
     let mut dialer = Helper::spawn(&["accuracy-dialer", &count_text, &worker_tcp, &worker_udp])?;
     dialer.read_line()?;
+    eprintln!(
+        "{method}: pids: harness {}, daemon {}, echo server {}, target {}, neighbour {}, dialer {}",
+        std::process::id(),
+        daemon.pid(),
+        server.child.id(),
+        target.child.id(),
+        neighbour.child.id(),
+        dialer.child.id()
+    );
 
     // The ground truth: this harness's own capture of every port involved.
     let truth_path = scratch.join("truth.pcap");
@@ -803,12 +876,14 @@ pub fn measure(
     let described = flow_records(&reports);
     let mut index: FlowIndex = HashMap::new();
     let mut records = Vec::new();
+    let mut ports = Vec::new();
     for (i, (server, client, record)) in described.into_iter().enumerate() {
         index
             .entry((record.udp, server, client))
             .or_default()
             .push(i);
         records.push(record);
+        ports.push((server, client));
     }
     let server_ports: HashSet<(bool, u16)> = [
         (false, echo[0]),
@@ -818,20 +893,32 @@ pub fn measure(
     ]
     .into_iter()
     .collect();
-    let (truth_counts, _) =
-        count_flows(&read_packets(&truth_path)?, &records, &index, &server_ports);
-    let (all_counts, all_twice) = count_flows(&all, &records, &index, &server_ports);
-    let (tree_counts, tree_twice) = count_flows(&tree, &records, &index, &server_ports);
+    let truth_found = count_flows(&read_packets(&truth_path)?, &records, &index, &server_ports);
+    let all_found = count_flows(&all, &records, &index, &server_ports);
+    let tree_found = count_flows(&tree, &records, &index, &server_ports);
+    let truth_counts = &truth_found.counts;
+    let (all_counts, all_twice) = (&all_found.counts, all_found.twice);
+    let (tree_counts, tree_twice) = (&tree_found.counts, tree_found.twice);
     // What the streams missed, on stderr, to look into.
+    let none = Vec::new();
     for (i, record) in records.iter().enumerate() {
         let truth = truth_counts.get(&i).copied().unwrap_or(0);
-        for (stream, counts, owners) in [
-            ("all", &all_counts, &[Role::Target][..]),
-            ("tree", &tree_counts, &[Role::Target, Role::Child][..]),
+        for (stream, found, owners) in [
+            ("all", &all_found, &[Role::Target][..]),
+            ("tree", &tree_found, &[Role::Target, Role::Child][..]),
         ] {
-            let seen = counts.get(&i).copied().unwrap_or(0);
+            let seen = found.counts.get(&i).copied().unwrap_or(0);
             if owners.contains(&record.owner) && seen < truth {
-                eprintln!("missed in {stream}: {seen} of {truth} packets of {record:?}");
+                let missing = describe_missing(
+                    truth_found.packets.get(&i).unwrap_or(&none),
+                    found.packets.get(&i).unwrap_or(&none),
+                    record.start,
+                );
+                let (server, client) = ports[i];
+                eprintln!(
+                    "{method}: missed in {stream}: {seen} of {truth} packets of the flow from port \
+                     {client} to {server}, {record:?}: {missing}"
+                );
             }
         }
     }

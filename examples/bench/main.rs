@@ -1027,6 +1027,11 @@ struct Args {
     /// Fail the run where the accuracy of `all` and `tree` falls short.
     #[arg(long)]
     check: bool,
+    /// Keep the daemons' debug logs in this directory (`daemon.log`, and
+    /// `following-proc.log` for the accuracy section's second daemon), to
+    /// look into what a run missed.
+    #[arg(long, value_name = "DIR")]
+    keep_logs: Option<PathBuf>,
     /// What a child of the harness runs (the harness starts them itself).
     #[command(subcommand)]
     helper: Option<HelperRole>,
@@ -1116,7 +1121,17 @@ fn main() -> Result<(), Error> {
         args.quick,
         &args.only,
         args.check,
+        args.keep_logs.as_deref(),
     )
+}
+
+/// Copies a daemon's log to `dir/name`, where logs are kept.
+fn keep_log(daemon: &Mount, dir: Option<&Path>, name: &str) -> Result<(), Error> {
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(name), daemon.log())?;
+    }
+    Ok(())
 }
 
 fn raise_fd_limit() {
@@ -1133,6 +1148,7 @@ fn run(
     quick: bool,
     only: &[Section],
     check: bool,
+    keep_logs: Option<&Path>,
 ) -> Result<(), Error> {
     let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let ttl = Duration::from_millis(500);
@@ -1406,7 +1422,7 @@ fn run(
     if wanted(Section::Accuracy) {
         // Enough flows in the quick run that one flow is under 1% of a row.
         let count = if quick { 150 } else { 250 };
-        let report = accuracy::measure(&daemon, scratch, count)?;
+        let report = accuracy::measure(&daemon, "kernel events", scratch, count)?;
         // The same run against a daemon that follows /proc only: what a
         // host without tracefs or CAP_PERFMON gets.
         let fallback_scratch = scratch.join("fallback");
@@ -1415,8 +1431,16 @@ fn run(
         fallback_options.push("--no-kernel-events".to_owned());
         let fallback = {
             let fallback_daemon = mount(binary, &fallback_options);
-            accuracy::measure(&fallback_daemon, &fallback_scratch, count)?
+            let measured = accuracy::measure(
+                &fallback_daemon,
+                "following /proc",
+                &fallback_scratch,
+                count,
+            )?;
+            keep_log(&fallback_daemon, keep_logs, "following-proc.log")?;
+            measured
         };
+        keep_log(&daemon, keep_logs, "daemon.log")?;
         println!("## Accuracy of a process's `all` and `tree` streams\n");
         println!(
             "The target makes {count} flows of each kind to an echo server (active) and, with a \

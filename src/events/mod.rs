@@ -107,7 +107,7 @@ impl Running {
                 _ => format!("perf_event_open failed: {err}"),
             })?;
         let shared = Arc::new(Shared {
-            owners: RwLock::new(FlowOwners::default()),
+            owners: RwLock::new(FlowOwners::ignoring(std::process::id())),
             stop: AtomicBool::new(false),
             lost: AtomicU64::new(0),
             applied_until_ns: AtomicU64::new(0),

@@ -522,11 +522,17 @@ impl ProcessSink {
                     !claimants.iter().any(|claimant| claimant.local == end)
                         && self.is_local(end.ip())
                 });
-                return if unclaimed_local_end {
-                    Verdict::Unknown
-                } else {
-                    Verdict::Foreign
-                };
+                if unclaimed_local_end {
+                    return Verdict::Unknown;
+                }
+                log::trace!(
+                    "{}: {:?} {} > {} at {at:?} claimed by {claimants:?}",
+                    self.stream.label(),
+                    flow.transport,
+                    flow.src,
+                    flow.dst
+                );
+                return Verdict::Foreign;
             }
             if flow.transport == Transport::Tcp {
                 // Not claimed yet: a listener's port says nothing of which
@@ -696,7 +702,21 @@ impl ProcessSink {
                     blocked.insert(key);
                     kept.push(candidate);
                 }
-                Verdict::Foreign | Verdict::Unknown => {
+                verdict @ (Verdict::Foreign | Verdict::Unknown) => {
+                    log::trace!(
+                        "{}: {:?} {} > {} (syn {}) at {at:?}: {} after waiting {:?}",
+                        self.stream.label(),
+                        candidate.flow.transport,
+                        candidate.flow.src,
+                        candidate.flow.dst,
+                        candidate.flow.opening,
+                        if matches!(verdict, Verdict::Foreign) {
+                            "another process's"
+                        } else {
+                            "unclaimed"
+                        },
+                        candidate.seen.elapsed()
+                    );
                     self.candidate_bytes
                         .fetch_sub(candidate.data.len(), Ordering::Relaxed);
                     self.foreign_packet(&candidate.flow);
@@ -785,7 +805,17 @@ impl PacketSink for ProcessSink {
         };
         match verdict {
             Verdict::Ours(owner) => self.emit(&owner, timestamp, original_length, data),
-            Verdict::Foreign => self.foreign_packet(&flow),
+            Verdict::Foreign => {
+                log::trace!(
+                    "{}: {:?} {} > {} (syn {}) at {at:?}: another process's at once",
+                    self.stream.label(),
+                    flow.transport,
+                    flow.src,
+                    flow.dst,
+                    flow.opening
+                );
+                self.foreign_packet(&flow)
+            }
             Verdict::Unknown => {
                 if self.candidate_bytes.load(Ordering::Relaxed) + data.len() > CANDIDATE_BYTES {
                     self.unclaimed.fetch_add(1, Ordering::Relaxed);
