@@ -967,8 +967,8 @@ pub fn measure(
                         },
                         lifetime.label()
                     ),
-                    all: recall(&all_counts, &[Role::Target], &pick),
-                    tree: recall(&tree_counts, &[Role::Target, Role::Child], &pick),
+                    all: recall(all_counts, &[Role::Target], &pick),
+                    tree: recall(tree_counts, &[Role::Target, Role::Child], &pick),
                     long: lifetime == Lifetime::Ten,
                 });
             }
@@ -976,9 +976,9 @@ pub fn measure(
     }
     Ok(AccuracyReport {
         rows,
-        neighbour_in_all: packets_of(&all_counts, &[Role::Neighbour, Role::Dialer]),
-        neighbour_in_tree: packets_of(&tree_counts, &[Role::Neighbour, Role::Dialer]),
-        child_in_all: packets_of(&all_counts, &[Role::Child]),
+        neighbour_in_all: packets_of(all_counts, &[Role::Neighbour, Role::Dialer]),
+        neighbour_in_tree: packets_of(tree_counts, &[Role::Neighbour, Role::Dialer]),
+        child_in_all: packets_of(all_counts, &[Role::Child]),
         duplicates: all_twice + tree_twice,
         cpu,
         seconds,
