@@ -407,37 +407,36 @@ mod tests {
     const FIN_WAIT1: i32 = 4;
     const SOFTIRQ: u8 = 0x90;
 
-    #[test]
-    fn a_sub_millisecond_connection_is_its_connectors() {
-        // connect() routes in the client's context with the chosen port; the
-        // whole connection lives 300 µs, long before /proc could be read.
-        let mut owners = FlowOwners::default();
-        replay(
-            &mut owners,
-            &[
-                (
-                    0,
-                    100,
-                    set_state_record(0, 0xa, SYN_SENT, (LO, 0), (LO, 8080)),
-                ),
-                (5, 100, fib_record(0, 6, 40000, LO, 8080)),
-                (
-                    60,
-                    100,
-                    set_state_record(0, 0xa, ESTABLISHED, (LO, 40000), (LO, 8080)),
-                ),
-                (
-                    290,
-                    100,
-                    set_state_record(0, 0xa, FIN_WAIT1, (LO, 40000), (LO, 8080)),
-                ),
-                (
-                    300,
-                    100,
-                    set_state_record(SOFTIRQ, 0xa, TCP_CLOSE, (LO, 40000), (LO, 8080)),
-                ),
-            ],
-        );
+    /// A connection from 127.0.0.1:40000 to :8080 by pid 100 that lives
+    /// 300 µs; its close (FIN_WAIT1) runs in the context of `closer`.
+    fn short_connection(closer: u32) -> Vec<(u64, u32, Vec<u8>)> {
+        vec![
+            (
+                0,
+                100,
+                set_state_record(0, 0xa, SYN_SENT, (LO, 0), (LO, 8080)),
+            ),
+            (5, 100, fib_record(0, 6, 40000, LO, 8080)),
+            (
+                60,
+                100,
+                set_state_record(0, 0xa, ESTABLISHED, (LO, 40000), (LO, 8080)),
+            ),
+            (
+                290,
+                closer,
+                set_state_record(0, 0xa, FIN_WAIT1, (LO, 40000), (LO, 8080)),
+            ),
+            (
+                300,
+                closer,
+                set_state_record(SOFTIRQ, 0xa, TCP_CLOSE, (LO, 40000), (LO, 8080)),
+            ),
+        ]
+    }
+
+    /// Every packet of [`short_connection`] is pid 100's.
+    fn assert_short_connection_is_100s(owners: &FlowOwners) {
         let mut openings = Openings::default();
         let syn = tcp("127.0.0.1:40000", "127.0.0.1:8080", true);
         openings.record(&syn, at(10));
@@ -455,47 +454,23 @@ mod tests {
     }
 
     #[test]
+    fn a_sub_millisecond_connection_is_its_connectors() {
+        // connect() routes in the client's context with the chosen port; the
+        // whole connection lives 300 µs, long before /proc could be read.
+        let mut owners = FlowOwners::default();
+        replay(&mut owners, &short_connection(100));
+        assert_short_connection_is_100s(&owners);
+    }
+
+    #[test]
     fn a_close_run_in_the_daemons_context_claims_nothing() {
         // The daemon (pid 7) asked the connection what it is through a copy
         // of its fd; the client (100) closed its own fd meanwhile, so the
         // daemon's copy was the last and the close ran in the daemon's
         // context. Seen in the accuracy harness: whole connections lost.
         let mut owners = FlowOwners::ignoring(7);
-        replay(
-            &mut owners,
-            &[
-                (
-                    0,
-                    100,
-                    set_state_record(0, 0xa, SYN_SENT, (LO, 0), (LO, 8080)),
-                ),
-                (5, 100, fib_record(0, 6, 40000, LO, 8080)),
-                (
-                    60,
-                    100,
-                    set_state_record(0, 0xa, ESTABLISHED, (LO, 40000), (LO, 8080)),
-                ),
-                (
-                    290,
-                    7,
-                    set_state_record(0, 0xa, FIN_WAIT1, (LO, 40000), (LO, 8080)),
-                ),
-            ],
-        );
-        let mut openings = Openings::default();
-        let syn = tcp("127.0.0.1:40000", "127.0.0.1:8080", true);
-        openings.record(&syn, at(10));
-        for (flow, micros) in [
-            (syn, 10),
-            (tcp("127.0.0.1:8080", "127.0.0.1:40000", false), 40),
-            (tcp("127.0.0.1:40000", "127.0.0.1:8080", false), 295),
-        ] {
-            assert_eq!(
-                owners.owners(&flow, at(micros), &openings),
-                [100],
-                "{flow:?}"
-            );
-        }
+        replay(&mut owners, &short_connection(7));
+        assert_short_connection_is_100s(&owners);
     }
 
     #[test]

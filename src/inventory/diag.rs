@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use crate::names::Proto;
 
 pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
-pub(crate) const NLM_F_REQUEST: u16 = 1;
+const NLM_F_REQUEST: u16 = 1;
 pub(crate) const NLMSG_ERROR: u16 = 2;
 pub(crate) const NLMSG_HEADER_LEN: usize = 16;
 const INET_DIAG_REQ_LEN: usize = 56;
@@ -159,12 +159,7 @@ pub fn request(proto: Proto, local: SocketAddr, remote: SocketAddr, sequence: u3
         Proto::Udp => (nix::libc::AF_INET, nix::libc::IPPROTO_UDP),
         _ => (nix::libc::AF_INET6, nix::libc::IPPROTO_UDP),
     };
-    let mut out = Vec::with_capacity(NLMSG_HEADER_LEN + INET_DIAG_REQ_LEN);
-    out.extend_from_slice(&((NLMSG_HEADER_LEN + INET_DIAG_REQ_LEN) as u32).to_ne_bytes());
-    out.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    out.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    out.extend_from_slice(&sequence.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
+    let mut out = request_header(INET_DIAG_REQ_LEN, sequence);
     out.push(family as u8);
     out.push(protocol as u8);
     // Extensions: tcp_info, the congestion control, the memory counters.
@@ -183,6 +178,53 @@ pub fn request(proto: Proto, local: SocketAddr, remote: SocketAddr, sequence: u3
     out
 }
 
+/// The netlink header of a socket diagnostics request whose body is
+/// `body_len` bytes, with room for the body.
+pub(crate) fn request_header(body_len: usize, sequence: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NLMSG_HEADER_LEN + body_len);
+    out.extend_from_slice(&((NLMSG_HEADER_LEN + body_len) as u32).to_ne_bytes());
+    out.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    out.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    out.extend_from_slice(&sequence.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out
+}
+
+/// A reply message's body (what follows the netlink header, as long as
+/// the header says); None for an error reply, another kind of message or
+/// a message shorter than it says.
+pub(crate) fn reply_body(message: &[u8]) -> Option<&[u8]> {
+    let length = u32::from_ne_bytes(message.get(0..4)?.try_into().ok()?) as usize;
+    let kind = u16::from_ne_bytes(message.get(4..6)?.try_into().ok()?);
+    // No such socket is an NLMSG_ERROR message; anything else is not ours.
+    if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    message.get(..length)?.get(NLMSG_HEADER_LEN..)
+}
+
+/// The netlink attributes of `body` from byte `from` on, as (type,
+/// payload), up to the first that does not fit.
+pub(crate) fn attributes(body: &[u8], from: usize) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = from;
+    std::iter::from_fn(move || {
+        let header = body.get(at..at + 4)?;
+        let length = usize::from(u16::from_ne_bytes([header[0], header[1]]));
+        let kind = u16::from_ne_bytes([header[2], header[3]]);
+        let payload = body.get(at + 4..at.checked_add(length)?)?;
+        if length < 4 {
+            return None;
+        }
+        at += length.div_ceil(4) * 4;
+        Some((kind, payload))
+    })
+}
+
+/// The native-endian u32 at byte `at` of `bytes`.
+pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
 /// An address as the socket id holds it: 16 bytes, IPv4 in the first 4.
 fn address_bytes(ip: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -196,30 +238,14 @@ fn address_bytes(ip: IpAddr) -> [u8; 16] {
 /// Parses one reply message; None for an error reply (no such socket) or
 /// anything malformed.
 pub fn parse_reply(message: &[u8]) -> Option<DiagReply> {
-    let length = u32::from_ne_bytes(message.get(0..4)?.try_into().ok()?) as usize;
-    let kind = u16::from_ne_bytes(message.get(4..6)?.try_into().ok()?);
-    if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
-        return None;
-    }
-    let message = message.get(..length)?;
-    let body = message.get(NLMSG_HEADER_LEN..)?;
+    let body = reply_body(message)?;
     let head = body.get(..INET_DIAG_MSG_LEN)?;
-    let u32_at = |bytes: &[u8], at: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-    };
     let mut reply = DiagReply {
         timer: (head[2], u32_at(head, 52)?, head[3]),
         inode: u64::from(u32_at(head, 68)?),
         ..DiagReply::default()
     };
-    let mut at = INET_DIAG_MSG_LEN;
-    while let Some(header) = body.get(at..at + 4) {
-        let attribute_length = usize::from(u16::from_ne_bytes([header[0], header[1]]));
-        let attribute_type = u16::from_ne_bytes([header[2], header[3]]);
-        if attribute_length < 4 {
-            break;
-        }
-        let payload = body.get(at + 4..at + attribute_length)?;
+    for (attribute_type, payload) in attributes(body, INET_DIAG_MSG_LEN) {
         match attribute_type {
             INET_DIAG_INFO => reply.tcp_info = Some(payload.to_vec()),
             INET_DIAG_CONG => {
@@ -236,7 +262,6 @@ pub fn parse_reply(message: &[u8]) -> Option<DiagReply> {
             }
             _ => {}
         }
-        at += attribute_length.div_ceil(4) * 4;
     }
     Some(reply)
 }
@@ -298,8 +323,25 @@ pub fn query(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A reply message: `head`, then each attribute (type, payload).
+    pub(crate) fn reply_message(head: Vec<u8>, attributes: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = head;
+        for (kind, payload) in attributes {
+            body.extend_from_slice(&((payload.len() + 4) as u16).to_ne_bytes());
+            body.extend_from_slice(&kind.to_ne_bytes());
+            body.extend_from_slice(payload);
+            body.resize(body.len().div_ceil(4) * 4, 0);
+        }
+        let mut message = Vec::new();
+        message.extend_from_slice(&((NLMSG_HEADER_LEN + body.len()) as u32).to_ne_bytes());
+        message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        message.extend_from_slice(&[0; 10]);
+        message.extend_from_slice(&body);
+        message
+    }
 
     fn reply_bytes(tcp_info: &[u8], congestion: &str, memory: &[u32]) -> Vec<u8> {
         let mut body = vec![0u8; INET_DIAG_MSG_LEN];
@@ -309,22 +351,16 @@ mod tests {
         body[3] = 0;
         body[52..56].copy_from_slice(&7_140_000u32.to_ne_bytes());
         body[68..72].copy_from_slice(&4242u32.to_ne_bytes());
-        let mut attribute = |kind: u16, payload: &[u8]| {
-            body.extend_from_slice(&((payload.len() + 4) as u16).to_ne_bytes());
-            body.extend_from_slice(&kind.to_ne_bytes());
-            body.extend_from_slice(payload);
-            body.resize(body.len().div_ceil(4) * 4, 0);
-        };
-        attribute(INET_DIAG_INFO, tcp_info);
-        attribute(INET_DIAG_CONG, format!("{congestion}\0").as_bytes());
+        let congestion = format!("{congestion}\0");
         let memory: Vec<u8> = memory.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        attribute(INET_DIAG_SKMEMINFO, &memory);
-        let mut message = Vec::new();
-        message.extend_from_slice(&((NLMSG_HEADER_LEN + body.len()) as u32).to_ne_bytes());
-        message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        message.extend_from_slice(&[0; 10]);
-        message.extend_from_slice(&body);
-        message
+        reply_message(
+            body,
+            &[
+                (INET_DIAG_INFO, tcp_info),
+                (INET_DIAG_CONG, congestion.as_bytes()),
+                (INET_DIAG_SKMEMINFO, &memory),
+            ],
+        )
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::diag::{NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HEADER_LEN, SOCK_DIAG_BY_FAMILY};
+use super::diag::{attributes, reply_body, request_header, u32_at};
 
 /// `__SO_ACCEPTCON`: the socket listens.
 const ACCEPTING: u32 = 1 << 16;
@@ -212,12 +212,7 @@ impl UnixDiag {
 /// The request for the unix socket `inode` (the kernel finds it by inode
 /// and a cookie; no cookie is given).
 pub fn request(inode: u32, sequence: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(NLMSG_HEADER_LEN + UNIX_DIAG_REQ_LEN);
-    out.extend_from_slice(&((NLMSG_HEADER_LEN + UNIX_DIAG_REQ_LEN) as u32).to_ne_bytes());
-    out.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    out.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    out.extend_from_slice(&sequence.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
+    let mut out = request_header(UNIX_DIAG_REQ_LEN, sequence);
     out.push(AF_UNIX);
     out.push(0); // protocol
     out.extend_from_slice(&[0, 0]); // pad
@@ -233,33 +228,16 @@ pub fn request(inode: u32, sequence: u32) -> Vec<u8> {
 /// Parses one reply message; None for an error reply (no such socket) or
 /// anything malformed. An attribute too short for its type is left out.
 pub fn parse_reply(message: &[u8]) -> Option<UnixDiag> {
-    let length = u32::from_ne_bytes(message.get(0..4)?.try_into().ok()?) as usize;
-    let kind = u16::from_ne_bytes(message.get(4..6)?.try_into().ok()?);
-    if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
-        return None;
-    }
-    let body = message.get(..length)?.get(NLMSG_HEADER_LEN..)?;
+    let body = reply_body(message)?;
     let head = body.get(..UNIX_DIAG_MSG_LEN)?;
     if head[0] != AF_UNIX {
         return None;
     }
-    let u32_at = |bytes: &[u8], at: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-    };
     let mut reply = UnixDiag {
         inode: u64::from(u32_at(head, 4)?),
         ..UnixDiag::default()
     };
-    let mut at = UNIX_DIAG_MSG_LEN;
-    while let Some(header) = body.get(at..at + 4) {
-        let attribute_length = usize::from(u16::from_ne_bytes([header[0], header[1]]));
-        let attribute_type = u16::from_ne_bytes([header[2], header[3]]);
-        if attribute_length < 4 {
-            break;
-        }
-        let Some(payload) = body.get(at + 4..at + attribute_length) else {
-            break;
-        };
+    for (attribute_type, payload) in attributes(body, UNIX_DIAG_MSG_LEN) {
         match attribute_type {
             UNIX_DIAG_NAME => reply.name = Some(payload.to_vec()),
             UNIX_DIAG_VFS => reply.vfs = u32_at(payload, 0).zip(u32_at(payload, 4)),
@@ -268,7 +246,6 @@ pub fn parse_reply(message: &[u8]) -> Option<UnixDiag> {
             UNIX_DIAG_UID => reply.uid = u32_at(payload, 0),
             _ => {}
         }
-        at += attribute_length.div_ceil(4) * 4;
     }
     Some(reply)
 }
@@ -312,6 +289,8 @@ pub fn query(fd: &OwnedFd, inode: u64) -> io::Result<Option<UnixDiag>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::diag::tests::reply_message;
+    use crate::inventory::diag::{NLMSG_ERROR, NLMSG_HEADER_LEN};
 
     const TABLE: &str = "\
 Num       RefCount Protocol Flags    Type St Inode Path
@@ -351,23 +330,16 @@ garbage line
     }
 
     fn reply_bytes(inode: u32, attributes: &[(u16, Vec<u8>)]) -> Vec<u8> {
-        let mut body = vec![0u8; UNIX_DIAG_MSG_LEN];
-        body[0] = AF_UNIX;
-        body[1] = 1; // stream
-        body[2] = 1; // established
-        body[4..8].copy_from_slice(&inode.to_ne_bytes());
-        for (kind, payload) in attributes {
-            body.extend_from_slice(&((payload.len() + 4) as u16).to_ne_bytes());
-            body.extend_from_slice(&kind.to_ne_bytes());
-            body.extend_from_slice(payload);
-            body.resize(body.len().div_ceil(4) * 4, 0);
-        }
-        let mut message = Vec::new();
-        message.extend_from_slice(&((NLMSG_HEADER_LEN + body.len()) as u32).to_ne_bytes());
-        message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        message.extend_from_slice(&[0; 10]);
-        message.extend_from_slice(&body);
-        message
+        let mut head = vec![0u8; UNIX_DIAG_MSG_LEN];
+        head[0] = AF_UNIX;
+        head[1] = 1; // stream
+        head[2] = 1; // established
+        head[4..8].copy_from_slice(&inode.to_ne_bytes());
+        let attributes: Vec<(u16, &[u8])> = attributes
+            .iter()
+            .map(|(kind, payload)| (*kind, payload.as_slice()))
+            .collect();
+        reply_message(head, &attributes)
     }
 
     fn words(values: &[u32]) -> Vec<u8> {
