@@ -11,7 +11,8 @@
 //!
 //! The mount is read-only: everything that would modify it is EROFS.
 //! Streams (open/read/release) are handed to `crate::stream`; this module
-//! only maps them to file handles and errors to errno.
+//! only maps them to file handles and errors to errno. A unix socket's file
+//! (`--unix`) has attributes but no stream: opening it is EOPNOTSUPP.
 
 pub mod attrs;
 pub mod diagnostics;

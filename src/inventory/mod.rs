@@ -1,5 +1,6 @@
-//! /proc → [`Snapshot`]: the live processes, the inet sockets each holds, and
-//! those sockets' table rows, read once per network namespace.
+//! /proc → [`Snapshot`]: the live processes, the inet sockets each holds
+//! (and, with [`Inventory::with_unix`], the unix sockets), and those
+//! sockets' table rows, read once per network namespace.
 //!
 //! This module owns every read of /proc for the listing. It knows nothing of
 //! FUSE: the file system turns a snapshot into a tree (`crate::fs::tree`).
