@@ -343,6 +343,16 @@ pub(crate) mod tests {
         message
     }
 
+    /// `message` cut after `cut` bytes, its length field then saying
+    /// `length_field` (for fuzzing what a short or lying reply does).
+    pub(crate) fn cut_message(mut message: Vec<u8>, cut: usize, length_field: u32) -> Vec<u8> {
+        message.truncate(cut.min(message.len()));
+        if message.len() >= 4 {
+            message[0..4].copy_from_slice(&length_field.to_ne_bytes());
+        }
+        message
+    }
+
     fn reply_bytes(tcp_info: &[u8], congestion: &str, memory: &[u32]) -> Vec<u8> {
         let mut body = vec![0u8; INET_DIAG_MSG_LEN];
         body[0] = 2; // AF_INET
@@ -433,11 +443,11 @@ pub(crate) mod tests {
 
         #[test]
         fn a_truncated_reply_never_panics(cut in 0usize..400, length_field in 0u32..1000) {
-            let mut message = reply_bytes(&[7u8; 232], "cubic", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
-            message.truncate(cut.min(message.len()));
-            if message.len() >= 4 {
-                message[0..4].copy_from_slice(&length_field.to_ne_bytes());
-            }
+            let message = cut_message(
+                reply_bytes(&[7u8; 232], "cubic", &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+                cut,
+                length_field,
+            );
             if let Some(reply) = parse_reply(&message) {
                 let _ = reply.attributes();
             }

@@ -289,7 +289,7 @@ pub fn query(fd: &OwnedFd, inode: u64) -> io::Result<Option<UnixDiag>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::diag::tests::reply_message;
+    use crate::inventory::diag::tests::{cut_message, reply_message};
     use crate::inventory::diag::{NLMSG_ERROR, NLMSG_HEADER_LEN};
 
     const TABLE: &str = "\
@@ -403,11 +403,11 @@ garbage line
 
         #[test]
         fn a_truncated_reply_never_panics(cut in 0usize..120, length_field in 0u32..400) {
-            let mut message = reply_bytes(5, &[(UNIX_DIAG_PEER, words(&[6])), (UNIX_DIAG_NAME, b"@x".to_vec())]);
-            message.truncate(cut.min(message.len()));
-            if message.len() >= 4 {
-                message[0..4].copy_from_slice(&length_field.to_ne_bytes());
-            }
+            let message = cut_message(
+                reply_bytes(5, &[(UNIX_DIAG_PEER, words(&[6])), (UNIX_DIAG_NAME, b"@x".to_vec())]),
+                cut,
+                length_field,
+            );
             if let Some(reply) = parse_reply(&message) {
                 let _ = reply.attributes();
             }
