@@ -92,8 +92,10 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let watchdog = streams
         .spawn_watchdog()
         .map_err(|err| format!("cannot start a thread: {err}"))?;
-    let waker = crate::capture::source::Waker::start()
+    let captures = crate::capture::service::Service::start()
         .map_err(|err| format!("cannot start a thread: {err}"))?;
+    let servers =
+        crate::stream::Servers::start().map_err(|err| format!("cannot start a thread: {err}"))?;
 
     let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
     std::thread::Builder::new()
@@ -151,7 +153,8 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     }
     signals_handle.close();
     let _ = watchdog.join();
-    waker.stop();
+    captures.stop();
+    servers.stop();
     if let Some(watch) = mount_watch {
         watch.stop();
     }

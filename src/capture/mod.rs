@@ -1,9 +1,11 @@
 //! Capturing packets: which ([`filter`], pure: socket → BPF text), whose
 //! ([`classify`], pure: packet → the process's socket it belongs to) and how
-//! ([`source`]: a libpcap handle on its own thread, in the socket's network
-//! namespace). Knows nothing of FUSE or of the stream format.
+//! ([`source`]: a libpcap handle opened in the socket's network namespace;
+//! [`service`]: the few daemon threads that open, read and close every
+//! capture). Knows nothing of FUSE or of the stream format.
 
 pub mod attribution;
 pub mod classify;
 pub mod filter;
+pub mod service;
 pub mod source;

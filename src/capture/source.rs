@@ -1,23 +1,18 @@
-//! A live capture: one libpcap handle on its own thread, opened in the
-//! socket's network namespace, handing each packet to a [`PacketSink`].
-//!
-//! The thread owns the handle (`pcap::Capture` is `Send`, not `Sync`); other
-//! threads talk to it only through a [`CaptureControl`], which wakes a
-//! blocked `next_packet` with `pcap_breakloop` and then stops the loop or
-//! swaps the filter. Setup happens on the thread too (a thread, not the
-//! process, enters the namespace with setns), and its outcome is handed to
-//! the caller's `on_ready` callback, so the caller never blocks on it.
+//! Opening a live capture: one libpcap handle in the socket's network
+//! namespace, its ring sized and timed for the stream, its kernel filter
+//! made there (where the namespace's own addresses are known). The handle
+//! is then served by the daemon's capture threads ([`super::service`]),
+//! which hand each packet to a [`PacketSink`]; other threads talk to a
+//! running capture only through its [`CaptureControl`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
-use log::{debug, warn};
+use log::debug;
 use pcap::{Active, Capture, Precision};
 
 use super::filter::{FilterTarget, LocalNetwork, Taken, bpf_filter_for, without_taken};
+pub use super::service::{CaptureControl, start};
 use crate::inventory::Netns;
 
 /// How long a stalled capture (a daemon stopped, starved or swapping) may
@@ -148,7 +143,8 @@ pub struct Timestamp {
     pub fraction: u32,
 }
 
-/// Where packets go. Called on the capture thread.
+/// Where packets go. Called on a capture poller thread, one capture's
+/// calls never at once.
 pub trait PacketSink: Send + Sync + 'static {
     fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]);
     /// A batch of packets (one kernel block) has been handed over: the
@@ -190,133 +186,35 @@ pub enum CaptureError {
     Failed(String),
 }
 
-enum Command {
-    Stop,
-    SetFilter(String),
+/// What an opened capture is, before a poller takes it.
+pub(super) struct Details {
+    linktype: i32,
+    snaplen: u32,
+    nanosecond_timestamps: bool,
+    local_networks: Vec<LocalNetwork>,
+    block_timeout: Duration,
 }
 
-/// Stops a running capture or changes its filter, from any thread.
-#[derive(Clone)]
-pub struct CaptureControl {
-    commands: Sender<Command>,
-    wake: Arc<pcap::BreakLoop>,
-}
-
-impl CaptureControl {
-    /// Ends the capture; the thread exits within tens of milliseconds and
-    /// calls [`PacketSink::ended`]. Idempotent.
-    pub fn stop(&self) {
-        let _ = self.commands.send(Command::Stop);
-        wake(&self.wake);
-    }
-
-    /// Replaces the kernel filter of the running capture.
-    pub fn set_filter(&self, filter: String) {
-        let _ = self.commands.send(Command::SetFilter(filter));
-        wake(&self.wake);
-    }
-}
-
-/// Wakes a capture thread blocked in libpcap, from the one waker thread.
-///
-/// `BreakLoop::breakloop` holds the pcap handle for a moment: if the woken
-/// capture thread exits meanwhile, the last reference is the caller's, and
-/// the caller closes the packet socket, which waits for an RCU grace period
-/// (seconds on a loaded machine). Called on the FUSE session thread (a
-/// release), that stalled every request of the mount; on the waker thread
-/// it stalls nothing that matters. Before [`Waker::start`] (and in unit
-/// tests) the caller wakes the capture itself.
-fn wake(handle: &Arc<pcap::BreakLoop>) {
-    let waker = WAKER
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match waker.as_ref() {
-        Some(wakes) => {
-            let _ = wakes.send(Arc::clone(handle));
+impl Details {
+    pub(super) fn with_control(self, control: CaptureControl) -> Opened {
+        Opened {
+            linktype: self.linktype,
+            snaplen: self.snaplen,
+            nanosecond_timestamps: self.nanosecond_timestamps,
+            control,
+            local_networks: self.local_networks,
+            block_timeout: self.block_timeout,
         }
-        None => handle.breakloop(),
     }
 }
 
-static WAKER: Mutex<Option<Sender<Arc<pcap::BreakLoop>>>> = Mutex::new(None);
-
-/// The daemon's capture waker thread: started with the daemon, joined at
-/// its end.
-pub struct Waker {
-    thread: thread::JoinHandle<()>,
-}
-
-impl Waker {
-    pub fn start() -> std::io::Result<Waker> {
-        let (wakes, woken) = crossbeam_channel::unbounded::<Arc<pcap::BreakLoop>>();
-        let thread = thread::Builder::new()
-            .name("capture-waker".into())
-            .spawn(move || {
-                for handle in woken {
-                    handle.breakloop();
-                }
-            })?;
-        *WAKER
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(wakes);
-        Ok(Waker { thread })
-    }
-
-    /// Wakes what is still queued, then ends the thread.
-    pub fn stop(self) {
-        WAKER
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let _ = self.thread.join();
-    }
-}
-
-/// Starts a capture thread. `on_ready` gets the outcome of opening it; the
-/// sink gets the packets from then on.
-pub fn start(
+/// Opens the handle in the request's namespace, which the calling thread
+/// enters (and stays in): the capture, with its link type, whether
+/// timestamps are in nanoseconds, and the namespace's own addresses.
+pub(super) fn open(
     request: CaptureRequest,
     settings: &CaptureSettings,
-    sink: Arc<dyn PacketSink>,
-    on_ready: impl FnOnce(Result<Opened, CaptureError>) + Send + 'static,
-) -> std::io::Result<()> {
-    let settings = settings.clone();
-    thread::Builder::new()
-        .name("capture".into())
-        .spawn(move || {
-            let label = request.label.clone();
-            let (_, block_timeout) = geometry(&request, &settings);
-            let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-            match open(request, &settings) {
-                Ok((mut capture, linktype, nanosecond_timestamps, local_networks)) => {
-                    let control = CaptureControl {
-                        commands: commands_tx,
-                        wake: Arc::new(capture.breakloop_handle()),
-                    };
-                    on_ready(Ok(Opened {
-                        linktype,
-                        snaplen: settings.snaplen,
-                        nanosecond_timestamps,
-                        control,
-                        local_networks,
-                        block_timeout,
-                    }));
-                    let stats = run(&mut capture, &commands_rx, sink.as_ref(), &label);
-                    sink.ended(stats);
-                }
-                Err(err) => on_ready(Err(err)),
-            }
-        })
-        .map(|_| ())
-}
-
-/// Opens the handle in the request's namespace: the capture, its link
-/// type, whether timestamps are in nanoseconds, and the namespace's own
-/// addresses.
-fn open(
-    request: CaptureRequest,
-    settings: &CaptureSettings,
-) -> Result<(Capture<Active>, i32, bool, Vec<LocalNetwork>), CaptureError> {
+) -> Result<(Capture<Active>, Details), CaptureError> {
     request.netns.enter().map_err(|err| {
         CaptureError::Namespace(format!(
             "cannot enter network namespace {}: {err}",
@@ -360,7 +258,14 @@ fn open(
         .filter(&filter, true)
         .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
     let linktype = capture.get_datalink().0;
-    Ok((capture, linktype, nanos, local_networks))
+    let details = Details {
+        linktype,
+        snaplen: settings.snaplen,
+        nanosecond_timestamps: nanos,
+        local_networks,
+        block_timeout: timeout,
+    };
+    Ok((capture, details))
 }
 
 /// The current namespace's own addresses: each interface address, and a
@@ -429,82 +334,6 @@ fn classify(err: pcap::Error) -> CaptureError {
     } else {
         CaptureError::Failed(text)
     }
-}
-
-fn run(
-    capture: &mut Capture<Active>,
-    commands: &Receiver<Command>,
-    sink: &dyn PacketSink,
-    label: &str,
-) -> CaptureStats {
-    loop {
-        // One kernel block per call: every packet in it, then one wake-up.
-        let handed = capture.dispatch(None, |packet| {
-            let timestamp = Timestamp {
-                seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
-                fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
-            };
-            sink.packet(timestamp, packet.header.len, packet.data);
-        });
-        match handed {
-            Ok(0) => {}
-            Ok(_) => sink.batch_end(),
-            // pcap_breakloop (only a command calls it) makes dispatch fail
-            // with PCAP_ERROR_BREAK, which carries no message; a wake-up whose
-            // command an earlier wake-up already applied carries none either.
-            Err(err) if is_break(&err) => {
-                sink.batch_end();
-                if !apply_commands(capture, commands, label) {
-                    break;
-                }
-            }
-            Err(err) => {
-                sink.batch_end();
-                warn!("{label}: capture failed: {err}");
-                break;
-            }
-        }
-    }
-    let stats = capture.stats().ok();
-    stats
-        .map(|stat| CaptureStats {
-            received: stat.received,
-            dropped_by_kernel: stat.dropped,
-            dropped_by_interface: stat.if_dropped,
-        })
-        .unwrap_or_default()
-}
-
-/// Whether dispatch failed only because pcap_breakloop woke it: libpcap
-/// reports that as an error with an empty message.
-fn is_break(err: &pcap::Error) -> bool {
-    matches!(err, pcap::Error::PcapError(message) if message.trim().is_empty())
-}
-
-/// Applies queued commands; false when the capture must stop.
-fn apply_commands(
-    capture: &mut Capture<Active>,
-    commands: &Receiver<Command>,
-    label: &str,
-) -> bool {
-    let mut keep_running = true;
-    for command in commands.try_iter() {
-        match command {
-            Command::Stop => keep_running = false,
-            Command::SetFilter(filter) => {
-                debug!("{label}: filter now {filter}");
-                if let Err(err) = capture.filter(&filter, true) {
-                    warn!("{label}: filter {filter:?} refused: {err}");
-                }
-            }
-        }
-    }
-    // A disconnected command channel means every control was dropped.
-    keep_running
-        && !matches!(
-            commands.try_recv(),
-            Err(crossbeam_channel::TryRecvError::Disconnected)
-        )
 }
 
 #[cfg(test)]

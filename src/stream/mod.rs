@@ -5,11 +5,12 @@
 //! bounded in bytes (`--buffer`): beyond it packets are dropped and counted.
 //! A read takes as many whole or partial records as are queued, up to the
 //! size asked for (a whole chunk is handed over without a copy); with
-//! nothing queued it waits, and is answered later from another thread: the
-//! stream's server thread, woken once per kernel block of packets, or the
-//! watchdog (`table.rs`) when the reader is signalled, the socket has
-//! closed, or the daemon shuts down. Neither the FUSE session loop nor the
-//! capture thread ever waits on a reader.
+//! nothing queued it waits, and is answered later from another thread: one
+//! of the daemon's stream servers ([`Servers`], shared by every stream),
+//! called once per kernel block of packets, or the watchdog (`table.rs`)
+//! when the reader is signalled, the socket has closed, or the daemon shuts
+//! down. Neither the FUSE session loop nor a capture poller ever waits on a
+//! reader, and no stream has a thread of its own.
 //!
 //! End of stream: once the capture has ended (the socket closed and a short
 //! grace period passed for its last packets, or shutdown), reads drain the
@@ -118,8 +119,10 @@ pub struct Stream {
     /// The chunk the capture thread is filling. Full chunks are sent while
     /// this lock is held, so a reader that holds it sees them in order.
     building: Mutex<Chunk>,
-    /// Wakes the server thread to answer waiting reads.
-    doorbell: Sender<()>,
+    /// The stream itself, for the servers' queue.
+    me: Weak<Stream>,
+    /// Queued for a server to answer its waiting reads (at most once).
+    rung: AtomicBool,
     /// Chunk buffers handed back by readers, so a busy stream does not
     /// allocate (and fault in) a fresh megabyte per chunk.
     spare_in: Sender<Vec<u8>>,
@@ -149,8 +152,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stream {
-    /// A stream and its server thread, which answers waiting reads when
-    /// the capture hands over packets and exits when the stream is dropped.
+    /// A stream, its reads answered by the daemon's [`Servers`].
     pub fn start(
         label: String,
         owner: SocketOwner,
@@ -159,9 +161,8 @@ impl Stream {
         comment: Option<String>,
     ) -> std::io::Result<Arc<Stream>> {
         let (chunks_in, chunks_out) = crossbeam_channel::unbounded();
-        let (doorbell, rings) = crossbeam_channel::bounded(1);
         let (spare_in, spare_out) = crossbeam_channel::bounded(SPARE_CHUNKS);
-        let stream = Arc::new(Stream {
+        Ok(Arc::new_cyclic(|me| Stream {
             label,
             owner,
             queue_limit,
@@ -171,7 +172,8 @@ impl Stream {
             chunks_in,
             chunks_out,
             building: Mutex::new(Chunk::default()),
-            doorbell,
+            me: me.clone(),
+            rung: AtomicBool::new(false),
             spare_in,
             spare_out,
             queued_bytes: AtomicUsize::new(0),
@@ -192,20 +194,7 @@ impl Stream {
             neighbours: Mutex::new(None),
             stopping: AtomicBool::new(false),
             closing_report: Mutex::new((false, None)),
-        });
-        let weak: Weak<Stream> = Arc::downgrade(&stream);
-        std::thread::Builder::new()
-            .name("stream".into())
-            .spawn(move || {
-                // Ends when the stream (and with it the doorbell) is dropped.
-                while rings.recv().is_ok() {
-                    match weak.upgrade() {
-                        Some(stream) => stream.serve_pending(),
-                        None => break,
-                    }
-                }
-            })?;
-        Ok(stream)
+        }))
     }
 
     pub fn label(&self) -> &str {
@@ -482,6 +471,49 @@ impl Stream {
     }
 }
 
+/// What [`PacketSink::batch_end`] reaches: the running servers, if any.
+static SERVERS: Mutex<Option<Sender<Weak<Stream>>>> = Mutex::new(None);
+
+/// The daemon's stream servers: a few threads that answer the waiting
+/// reads of every stream when its capture has handed over packets. Off the
+/// capture pollers, so a reader's copy of a megabyte runs beside the
+/// capture (on another core) rather than in its way.
+pub struct Servers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start() -> std::io::Result<Servers> {
+        let (queue, queued) = crossbeam_channel::unbounded::<Weak<Stream>>();
+        let mut threads = Vec::new();
+        for index in 0..crate::capture::service::threads_per_kind() {
+            let queued = queued.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("stream-server-{index}"))
+                    .spawn(move || {
+                        for stream in queued {
+                            if let Some(stream) = stream.upgrade() {
+                                stream.rung.store(false, Ordering::SeqCst);
+                                stream.serve_pending();
+                            }
+                        }
+                    })?,
+            );
+        }
+        *lock(&SERVERS) = Some(queue);
+        Ok(Servers { threads })
+    }
+
+    /// Answers what is queued, then ends the threads.
+    pub fn stop(self) {
+        lock(&SERVERS).take();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Stream {
     /// Queues one packet as a record of the stream's format, with a pcapng
     /// comment where given (pcap has no place for one).
@@ -556,8 +588,17 @@ impl PacketSink for Stream {
     }
 
     fn batch_end(&self) {
-        if self.has_pending.load(Ordering::SeqCst) {
-            let _ = self.doorbell.try_send(());
+        if self.has_pending.load(Ordering::SeqCst) && !self.rung.swap(true, Ordering::SeqCst) {
+            let servers = lock(&SERVERS);
+            let queued = servers
+                .as_ref()
+                .is_some_and(|queue| queue.send(self.me.clone()).is_ok());
+            drop(servers);
+            if !queued {
+                // No servers (unit tests, or the daemon's very end).
+                self.rung.store(false, Ordering::SeqCst);
+                self.serve_pending();
+            }
         }
     }
 
