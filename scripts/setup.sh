@@ -18,6 +18,9 @@ if [ "$profile" = test ]; then
     # Real programs the attribution tests watch: a prefork nginx under ab,
     # a shell's curls, dig against dnsmasq.
     packages+=(nginx-light apache2-utils curl dnsmasq-base bind9-dnsutils)
+    # A local user's reader of many streams at once (Debian's, which any
+    # user may run, not a toolchain's under /root).
+    packages+=(python3)
 fi
 
 if [ "$profile" = bench ]; then

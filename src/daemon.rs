@@ -96,6 +96,8 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         .map_err(|err| format!("cannot start a thread: {err}"))?;
     let servers =
         crate::stream::Servers::start().map_err(|err| format!("cannot start a thread: {err}"))?;
+    let trackers = crate::stream::tracking::Trackers::start()
+        .map_err(|err| format!("cannot start a thread: {err}"))?;
 
     let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
     std::thread::Builder::new()
@@ -154,6 +156,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     signals_handle.close();
     let _ = watchdog.join();
     captures.stop();
+    trackers.stop();
     servers.stop();
     if let Some(watch) = mount_watch {
         watch.stop();

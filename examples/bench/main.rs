@@ -952,12 +952,7 @@ struct Cost {
 }
 
 fn cost_now(daemon: &Mount, runs: usize, ttl: Duration, window: Duration) -> Result<Cost, Error> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?;
-    let threads = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Threads:"))
-        .and_then(|count| count.trim().parse().ok())
-        .unwrap_or(0);
+    let threads = testkit::process::threads(daemon.pid());
     let before = daemon.cpu_seconds();
     std::thread::sleep(window);
     let cpu_per_second = (daemon.cpu_seconds() - before) / window.as_secs_f64();

@@ -22,6 +22,7 @@ pub mod pcapng;
 pub mod process;
 pub mod quota;
 pub mod table;
+pub mod tracking;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

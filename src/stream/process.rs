@@ -11,7 +11,7 @@
 //! comes from, in order:
 //!
 //! 1. a connected socket of the exact flow that a member holds, as its
-//!    /proc/<pid>/fd shows (followed by the tracker thread, [`ProcessWatch`]);
+//!    /proc/<pid>/fd shows (followed by the stream's tracker, [`ProcessWatch`]);
 //! 2. kernel events ([`crate::events`]), where they can be had: the process
 //!    that routed, connected, read, wrote or closed the flow, as the kernel
 //!    saw it happen, however short the flow ([`FlowOwners`]). A flow that an
@@ -38,12 +38,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 
+use super::tracking::{self, Poke};
 use super::{Format, Stream, lock};
 use crate::capture::attribution::{self, Claimant};
 use crate::capture::classify::{
@@ -179,10 +179,6 @@ pub struct ProcessSink {
     candidates: Mutex<Waiting>,
     /// Members' namespace socket tables, by member pid, with when read.
     neighbour_rows: Mutex<HashMap<i32, TableRead>>,
-    /// Asks the table reader thread to read a member's table again: the
-    /// tracker never waits for a read (thousands of TIME_WAIT rows take
-    /// milliseconds to parse, long enough to miss a 10 ms flow in /proc).
-    table_requests: Mutex<Option<Sender<i32>>>,
     /// How many flows more specific sockets take from the members', as
     /// last counted (logged when it changes).
     taken_count: AtomicUsize,
@@ -201,10 +197,10 @@ pub struct ProcessSink {
     /// when it was handed over: how far behind the captures are.
     newest_packet_ns: AtomicU64,
     last_packet: Mutex<Instant>,
-    poke: Sender<()>,
-    /// The tracker's end of the pokes and its first watch, until the
-    /// capture opens and the tracker starts.
-    tracker_start: Mutex<Option<(Receiver<()>, ProcessWatch)>>,
+    /// Makes the tracker look now: a packet waits for its owner.
+    poke: OnceLock<Poke>,
+    /// The process's watch, until the capture opens and the tracker starts.
+    first_watch: Mutex<Option<ProcessWatch>>,
     /// How captures are opened, for those started in other namespaces.
     settings: CaptureSettings,
     /// The namespaces with a capture: one capture per namespace, however
@@ -258,7 +254,6 @@ impl ProcessSink {
         watch: ProcessWatch,
         spec: ProcessStreamSpec,
     ) -> Arc<ProcessSink> {
-        let (poke, pokes) = crossbeam_channel::bounded(1);
         let root = watch.pid() as u32;
         let member = Member {
             comm: watch.comm(),
@@ -277,7 +272,6 @@ impl ProcessSink {
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
             neighbour_rows: Mutex::new(HashMap::new()),
-            table_requests: Mutex::new(None),
             taken_count: AtomicUsize::new(0),
             sorted_until_ns: AtomicU64::new(0),
             candidate_bytes: AtomicUsize::new(0),
@@ -286,8 +280,8 @@ impl ProcessSink {
             cutoff: Mutex::new(None),
             newest_packet_ns: AtomicU64::new(0),
             last_packet: Mutex::new(Instant::now()),
-            poke,
-            tracker_start: Mutex::new(Some((pokes, watch))),
+            poke: OnceLock::new(),
+            first_watch: Mutex::new(Some(watch)),
             settings: spec.settings,
             capturing: Mutex::new(HashSet::from([spec.first])),
             running: AtomicUsize::new(0),
@@ -308,7 +302,7 @@ impl ProcessSink {
         self.linktype.store(opened.linktype, Ordering::SeqCst);
         *lock(&self.local_networks) = opened.local_networks.clone();
         self.stream.opened(opened);
-        let (pokes, first) = lock(&self.tracker_start)
+        let first = lock(&self.first_watch)
             .take()
             .ok_or(std::io::ErrorKind::AlreadyExists)?;
         let mut tracker = Tracker {
@@ -320,16 +314,15 @@ impl ProcessSink {
         }
         tracker.rescan();
         self.update(&tracker);
-        let (requests, asked) = crossbeam_channel::unbounded();
-        *lock(&self.table_requests) = Some(requests);
-        let sink = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("tables".into())
-            .spawn(move || read_tables_when_asked(&sink, &asked))?;
-        let sink = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("tracker".into())
-            .spawn(move || track(&sink, tracker, &pokes))?;
+        let poke = tracking::follow(Box::new(Following {
+            sink: Arc::downgrade(self),
+            tracker,
+            phase: Phase::Tracking,
+            last_change: Instant::now(),
+            interval: BUSY_INTERVAL,
+            last_adoption: Instant::now(),
+        }))?;
+        let _ = self.poke.set(poke);
         Ok(())
     }
 
@@ -402,16 +395,28 @@ impl ProcessSink {
     /// The socket table of member `pid`'s namespace, re-read at most every
     /// [`NEIGHBOURS_RECHECK`], for members holding an unconnected socket
     /// (what more specific sockets take from it is not its own). Read here
-    /// the first time; after that the table reader thread reads it again
-    /// and this answers with the last rows meanwhile.
-    fn neighbour_rows(&self, pid: i32, sockets: &[&LiveSocket]) -> Option<Arc<Vec<NeighbourRow>>> {
+    /// the first time; after that the background thread reads it again
+    /// (the tracker never waits for a read: thousands of TIME_WAIT rows
+    /// take milliseconds to parse, long enough to miss a 10 ms flow in
+    /// /proc) and this answers with the last rows meanwhile.
+    fn neighbour_rows(
+        self: &Arc<Self>,
+        pid: i32,
+        sockets: &[&LiveSocket],
+    ) -> Option<Arc<Vec<NeighbourRow>>> {
         if !sockets.iter().any(|socket| socket.remote.is_none()) {
             return None;
         }
         if let Some((read_at, rows, asked)) = lock(&self.neighbour_rows).get_mut(&pid) {
             if read_at.elapsed() >= NEIGHBOURS_RECHECK && !*asked {
-                let requests = lock(&self.table_requests);
-                *asked = requests.as_ref().is_some_and(|r| r.send(pid).is_ok());
+                let sink = Arc::downgrade(self);
+                *asked = tracking::in_background(Box::new(move || {
+                    let rows = Arc::new(read_neighbour_rows(pid));
+                    if let Some(sink) = sink.upgrade() {
+                        sink.keep_neighbour_rows(pid, rows);
+                    }
+                }))
+                .is_ok();
             }
             return Some(Arc::clone(rows));
         }
@@ -830,7 +835,9 @@ impl PacketSink for ProcessSink {
                     data: data.to_vec(),
                     flow,
                 });
-                let _ = self.poke.try_send(());
+                if let Some(poke) = self.poke.get() {
+                    poke.poke();
+                }
             }
         }
     }
@@ -968,63 +975,69 @@ fn read_neighbour_rows(pid: i32) -> Vec<NeighbourRow> {
     rows
 }
 
-/// The table reader thread: reads a member's namespace tables when the
-/// tracker asks. It ends with its stream: the sink holds the only sender,
-/// so the channel closes when the sink goes.
-fn read_tables_when_asked(sink: &Weak<ProcessSink>, asked: &Receiver<i32>) {
-    for pid in asked {
-        let rows = Arc::new(read_neighbour_rows(pid));
-        let Some(sink) = sink.upgrade() else {
-            return;
-        };
-        sink.keep_neighbour_rows(pid, rows);
-    }
+/// A stream's tracker, stepped by a tracker thread ([`tracking`]): it
+/// looks at the members' fds when a packet of an unknown flow comes, and
+/// on its own every few milliseconds while they open sockets (so that
+/// short-lived ones are seen too), less often when they are quiet. It
+/// ends the stream when the members have exited (after [`EXIT_GRACE`]) or
+/// the process is no longer the reader's, and itself when the capture is
+/// gone.
+struct Following {
+    sink: Weak<ProcessSink>,
+    tracker: Tracker,
+    phase: Phase,
+    last_change: Instant,
+    interval: Duration,
+    last_adoption: Instant,
 }
 
-/// Goes on sorting for `grace` (the flows' last packets), then until the
-/// capture has caught up with the moment the stream was to end (a packet
-/// stamped after it came, or none came for [`DRAIN_QUIET`]: what the
-/// kernel's ring held is drained), at most [`DRAIN_LIMIT`] more; then ends
-/// the stream.
-fn drain_then_stop(sink: &ProcessSink, pokes: &Receiver<()>, grace: Duration) {
-    let decided = SystemTime::now();
-    let started = Instant::now();
-    loop {
-        let _ = pokes.recv_timeout(DRAIN_QUIET / 2);
-        sink.sort_candidates();
-        sink.stream.batch_end();
-        let elapsed = started.elapsed();
-        let caught_up = sink.newest_packet() >= decided || sink.quiet_for() >= DRAIN_QUIET;
-        if (elapsed >= grace && caught_up) || elapsed >= grace + DRAIN_LIMIT {
-            break;
+enum Phase {
+    Tracking,
+    /// Sorting on for `grace` (the flows' last packets), then until the
+    /// capture has caught up with the moment the stream was to end (a
+    /// packet stamped after `decided` came, or none came for
+    /// [`DRAIN_QUIET`]: what the kernel's ring held is drained), at most
+    /// [`DRAIN_LIMIT`] more; then the stream ends.
+    Draining {
+        decided: SystemTime,
+        started: Instant,
+        grace: Duration,
+    },
+}
+
+impl Phase {
+    fn draining(grace: Duration) -> Phase {
+        Phase::Draining {
+            decided: SystemTime::now(),
+            started: Instant::now(),
+            grace,
         }
     }
-    sink.sort_candidates();
-    sink.stream.stop_capture();
 }
 
-/// The tracker thread: looks at the members' fds when a packet of an
-/// unknown flow comes, and on its own every few milliseconds while they
-/// open sockets (so that short-lived ones are seen too), less often when
-/// they are quiet. It ends the stream when the members have exited (after
-/// [`EXIT_GRACE`]) or the process is no longer the reader's, and itself
-/// when the capture is gone.
-fn track(sink: &Weak<ProcessSink>, mut tracker: Tracker, pokes: &Receiver<()>) {
-    let mut last_change = Instant::now();
-    let mut interval = BUSY_INTERVAL;
-    let mut last_adoption = Instant::now();
-    loop {
-        let wait = if last_change.elapsed() < BUSY_FOR {
-            interval
-        } else {
-            RESCAN_INTERVAL
-        };
-        let _ = pokes.recv_timeout(wait);
-        let Some(sink) = sink.upgrade() else {
-            return;
-        };
+impl tracking::Followed for Following {
+    fn step(&mut self, _now: Instant) -> Option<Duration> {
+        let sink = self.sink.upgrade()?;
+        match self.phase {
+            Phase::Tracking => Some(self.track(&sink)),
+            Phase::Draining {
+                decided,
+                started,
+                grace,
+            } => drain(&sink, decided, started, grace),
+        }
+    }
+}
+
+impl Following {
+    /// One look at the members; how long until the next.
+    fn track(&mut self, sink: &Arc<ProcessSink>) -> Duration {
         if let Some(reader) = sink.reader
-            && let Some(root) = tracker.watches.iter().find(|w| w.pid() as u32 == sink.root)
+            && let Some(root) = self
+                .tracker
+                .watches
+                .iter()
+                .find(|w| w.pid() as u32 == sink.root)
             && root.owner() != Some(reader)
         {
             // It changed credentials, or execs a setuid, setgid or
@@ -1036,36 +1049,61 @@ fn track(sink: &Weak<ProcessSink>, mut tracker: Tracker, pokes: &Receiver<()>) {
                 sink.stream.label()
             );
             *lock(&sink.cutoff) = Some(SystemTime::now());
-            drain_then_stop(&sink, pokes, revoke_drain());
-            return;
+            self.phase = Phase::draining(revoke_drain());
+            return DRAIN_QUIET / 2;
         }
         let started = Instant::now();
-        let mut changed = tracker.reap();
-        if sink.scope == Scope::Tree && last_adoption.elapsed() >= RESCAN_INTERVAL {
-            changed |= tracker.adopt_descendants(&sink);
-            last_adoption = Instant::now();
+        let mut changed = self.tracker.reap();
+        if sink.scope == Scope::Tree && self.last_adoption.elapsed() >= RESCAN_INTERVAL {
+            changed |= self.tracker.adopt_descendants(sink);
+            self.last_adoption = Instant::now();
         }
-        if tracker.watches.is_empty() {
+        if self.tracker.watches.is_empty() {
             debug!(
                 "{}: the process exited; the stream ends in {EXIT_GRACE:?}",
                 sink.stream.label()
             );
-            sink.update(&tracker);
+            sink.update(&self.tracker);
             // Its flows' last packets (the peer's FIN, the last ACKs) come
             // after the exit, as they do after a socket file's close.
-            drain_then_stop(&sink, pokes, EXIT_GRACE);
-            return;
+            self.phase = Phase::draining(EXIT_GRACE);
+            return DRAIN_QUIET / 2;
         }
-        changed |= tracker.rescan();
+        changed |= self.tracker.rescan();
         if changed {
-            sink.update(&tracker);
-            last_change = Instant::now();
+            sink.update(&self.tracker);
+            self.last_change = Instant::now();
         } else if !lock(&sink.candidates).queue.is_empty() {
             sink.sort_candidates();
             sink.stream.batch_end();
         }
         sink.narrow();
         // Never spend more than about a fifth of a core looking.
-        interval = BUSY_INTERVAL.max(started.elapsed() * 4);
+        self.interval = BUSY_INTERVAL.max(started.elapsed() * 4);
+        if self.last_change.elapsed() < BUSY_FOR {
+            self.interval
+        } else {
+            RESCAN_INTERVAL
+        }
     }
+}
+
+/// One step of [`Phase::Draining`]: how long until the next, or `None`
+/// once the stream has been told to end.
+fn drain(
+    sink: &ProcessSink,
+    decided: SystemTime,
+    started: Instant,
+    grace: Duration,
+) -> Option<Duration> {
+    sink.sort_candidates();
+    sink.stream.batch_end();
+    let elapsed = started.elapsed();
+    let caught_up = sink.newest_packet() >= decided || sink.quiet_for() >= DRAIN_QUIET;
+    if (elapsed >= grace && caught_up) || elapsed >= grace + DRAIN_LIMIT {
+        sink.sort_candidates();
+        sink.stream.stop_capture();
+        return None;
+    }
+    Some(DRAIN_QUIET / 2)
 }

@@ -1,4 +1,5 @@
-//! What /proc says of a process's cost: its CPU time and resident memory.
+//! What /proc says of a process's cost: its CPU time, resident memory and
+//! threads.
 
 /// User plus system CPU seconds `pid` has used so far (0 if it is gone).
 pub fn cpu_seconds(pid: u32) -> f64 {
@@ -30,4 +31,14 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// How many threads `pid` runs (0 if it is gone).
+pub fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -620,6 +620,102 @@ fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile()
     );
 }
 
+/// A user holding the default limit of streams (32: socket files, `all`
+/// and `tree`) on a busy socket of theirs, none of them read for a while:
+/// the daemon runs no more threads than with one stream open, and every
+/// stream then has every datagram.
+#[test]
+fn a_users_streams_cost_the_daemon_no_threads() {
+    const STREAMS: usize = 32;
+    const DATAGRAMS: usize = 200;
+    let user = TestUser::new("thr");
+    let mount = Mount::start(&["--allow-other"]);
+    let mut peer = user.peer();
+    peer.cmd("comm thr-peer");
+    let udp = peer.cmd("udp-bind 127.0.0.1:0");
+    let file = mount
+        .dir(peer.pid, "thr-peer")
+        .join(format!("udp_{}_0.0.0.0:0", udp[1]));
+    wait_until(WAIT, "the user's socket file", || file.exists());
+    // One stream open first (root's): the daemon-wide kernel events reader
+    // starts with the first `all` or `tree`.
+    let dir = mount.dir(peer.pid, "thr-peer");
+    let roots = File::open(dir.join("tree")).unwrap();
+    let idle = testkit::process::threads(mount.pid());
+    let paths: Vec<String> = (0..STREAMS)
+        .map(|index| match index % 4 {
+            0 => dir.join("all"),
+            1 => dir.join("tree"),
+            _ => file.clone(),
+        })
+        .map(|path| path.to_str().unwrap().to_owned())
+        .collect();
+
+    // Opens the streams, says so, waits for a line, then reads each until
+    // it holds every datagram (counted by record) and prints the count;
+    // then tries one stream past the limit.
+    let script = r#"
+import errno, signal, struct, sys
+signal.alarm(30)
+datagrams, paths = int(sys.argv[1]), sys.argv[2:]
+files = [open(path, "rb", buffering=0) for path in paths]
+print("held", flush=True)
+sys.stdin.readline()
+for f in files:
+    data, records = b"", 0
+    while records < datagrams:
+        data += f.read(1 << 20)
+        offset, records = 24, 0
+        while offset + 16 <= len(data):
+            length = struct.unpack_from("<I", data, offset + 8)[0]
+            if offset + 16 + length > len(data):
+                break
+            offset, records = offset + 16 + length, records + 1
+    print(records, flush=True)
+try:
+    open(paths[-1], "rb")
+    print("opened past the limit", flush=True)
+except OSError as err:
+    print(errno.errorcode[err.errno], flush=True)
+"#;
+    let datagrams = DATAGRAMS.to_string();
+    let mut command = vec!["/usr/bin/python3", "-c", script, &datagrams];
+    command.extend(paths.iter().map(String::as_str));
+    let mut reader = user
+        .command(&command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(reader.stdout.take().unwrap()));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in lines.by_ref().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the reader goes on")
+    };
+    assert_eq!(next(), "held");
+    // Every datagram goes to the socket itself, so each is its traffic once.
+    peer.cmd(&format!("udp-pace {} {} {DATAGRAMS} 2000", udp[0], udp[1]));
+    let busy = testkit::process::threads(mount.pid());
+    assert_eq!(
+        busy, idle,
+        "the daemon ran {idle} threads before the first open and {busy} with {STREAMS} streams"
+    );
+    use std::io::Write;
+    writeln!(reader.stdin.as_mut().unwrap(), "go").unwrap();
+    for path in &paths {
+        assert_eq!(next(), DATAGRAMS.to_string(), "{path}");
+    }
+    assert_eq!(next(), "EMFILE");
+    assert!(reader.wait().unwrap().success());
+    drop(roots);
+}
+
 #[test]
 fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
     wildcard_socket_demux(&["--allow-other"]);
