@@ -33,9 +33,9 @@ fn main() -> ExitCode {
 }
 
 /// glibc gives every thread that allocates an arena of its own, and each
-/// keeps what its thread freed: with a capture and a server thread per
-/// stream that doubled the daemon's resident memory (measured with 10
-/// streams: 74 MiB against 41 MiB with one arena). The daemon allocates
+/// keeps what its thread freed: when each stream had a capture and a
+/// server thread of its own, that doubled the daemon's resident memory
+/// (measured with 10 streams: 74 MiB against 41 MiB with one arena). The daemon allocates
 /// little per packet (a chunk per megabyte, a buffer per read), so one
 /// arena's lock costs nothing measurable.
 fn limit_malloc_arenas() {

@@ -424,7 +424,7 @@ impl NetstatFs {
             dual_stack: Self::dual_stack(tree, socket),
         };
         // Whether a filter can be made at all does not depend on the
-        // namespace's addresses; the capture thread makes the real one there.
+        // namespace's addresses; the capture opener makes the real one there.
         if let Err(unsupported) = bpf_filter_for(&target, &[]) {
             warn!("{label}: cannot be captured: {}", unsupported.0);
             reply.error(Errno::EOPNOTSUPP);
@@ -454,19 +454,13 @@ impl NetstatFs {
             .as_ref()
             .map(|neighbours| neighbours.taken())
             .unwrap_or_default();
-        let stream = match Stream::start(
+        let stream = Stream::start(
             label.clone(),
             owner,
             self.options.stream_buffer,
             self.options.format,
             comment,
-        ) {
-            Ok(stream) => stream,
-            Err(err) => {
-                warn!("{label}: cannot start a thread: {err}");
-                return reply.error(Errno::EAGAIN);
-            }
-        };
+        );
         if let Some(neighbours) = neighbours {
             stream.follow_neighbours(neighbours);
         }
@@ -527,19 +521,13 @@ impl NetstatFs {
             fds: Vec::new(),
             reader,
         };
-        let stream = match Stream::start(
+        let stream = Stream::start(
             label.clone(),
             owner,
             self.options.stream_buffer,
             self.options.format,
             None,
-        ) {
-            Ok(stream) => stream,
-            Err(err) => {
-                warn!("{label}: cannot start a thread: {err}");
-                return reply.error(Errno::EAGAIN);
-            }
-        };
+        );
         // Who owns which flow, from kernel events where they can be had;
         // said once per stream, with why not where they cannot.
         let subscribed = if self.options.kernel_events {
@@ -594,7 +582,7 @@ impl NetstatFs {
     }
 
     /// Starts the capture; once it runs, the stream gets a file handle and
-    /// the open is answered (from the capture thread: the session loop does
+    /// the open is answered (from the capture opener: the session loop does
     /// not wait for libpcap).
     fn launch(
         &self,
@@ -621,7 +609,7 @@ impl NetstatFs {
                         );
                         let control = opened.control.clone();
                         if let Err(err) = on_opened(opened) {
-                            warn!("{label}: cannot start a thread: {err}");
+                            warn!("{label}: cannot start the stream: {err}");
                             control.stop();
                             return reply.error(Errno::EAGAIN);
                         }
@@ -635,7 +623,7 @@ impl NetstatFs {
                 },
             );
         if let Err(err) = started {
-            warn!("cannot start a capture thread: {err}");
+            warn!("cannot start a capture: {err}");
         }
     }
 }

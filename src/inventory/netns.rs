@@ -6,11 +6,11 @@
 //! socket's SIOCGSKNS, the daemon's own) names it by the same [`NetnsId`],
 //! so two paths to one namespace can never start two captures there.
 //!
-//! A thread that captures must be in the socket's namespace. It never relies
-//! on what it inherited from the thread that spawned it (a tracker started
-//! from a capture thread that had entered a container would otherwise
-//! capture there): [`Netns::enter`] is called on every capture thread,
-//! including for the daemon's own namespace.
+//! A capture must be opened in the socket's namespace. The thread that
+//! opens it never relies on where it already is (the capture opener has
+//! entered whichever namespace it opened the last capture in): it calls
+//! [`Netns::enter`] for every capture, including for the daemon's own
+//! namespace.
 
 use std::fmt;
 use std::fs::File;

@@ -1,6 +1,6 @@
 //! An open socket file: the capture's packets as a pcap byte stream.
 //!
-//! The capture thread encodes each packet as a pcap record into a chunk of
+//! The capture's poller encodes each packet as a pcap record into a chunk of
 //! up to 1 MiB; full chunks go through a crossbeam channel. The queue is
 //! bounded in bytes (`--buffer`): beyond it packets are dropped and counted.
 //! A read takes as many whole or partial records as are queued, up to the
@@ -117,7 +117,7 @@ pub struct Stream {
     nanoseconds: AtomicBool,
     chunks_in: Sender<Chunk>,
     chunks_out: Receiver<Chunk>,
-    /// The chunk the capture thread is filling. Full chunks are sent while
+    /// The chunk the capture's poller is filling. Full chunks are sent while
     /// this lock is held, so a reader that holds it sees them in order.
     building: Mutex<Chunk>,
     /// The stream itself, for the servers' queue.
@@ -160,10 +160,10 @@ impl Stream {
         queue_limit: usize,
         format: Format,
         comment: Option<String>,
-    ) -> std::io::Result<Arc<Stream>> {
+    ) -> Arc<Stream> {
         let (chunks_in, chunks_out) = crossbeam_channel::unbounded();
         let (spare_in, spare_out) = crossbeam_channel::bounded(SPARE_CHUNKS);
-        Ok(Arc::new_cyclic(|me| Stream {
+        Arc::new_cyclic(|me| Stream {
             label,
             owner,
             queue_limit,
@@ -195,7 +195,7 @@ impl Stream {
             neighbours: Mutex::new(None),
             stopping: AtomicBool::new(false),
             closing_report: Mutex::new((false, None)),
-        }))
+        })
     }
 
     pub fn label(&self) -> &str {
@@ -313,7 +313,7 @@ impl Stream {
         out
     }
 
-    /// Keeps a spent chunk-sized buffer for the capture thread to refill.
+    /// Keeps a spent chunk-sized buffer for the capture's poller to refill.
     fn recycle(&self, mut bytes: Vec<u8>) {
         if bytes.capacity() >= CHUNK_BYTES {
             bytes.clear();
@@ -629,7 +629,7 @@ mod tests {
             fds: Vec::new(),
             reader: None,
         };
-        let stream = Stream::start("test".into(), owner, queue_limit, Format::Pcap, None).unwrap();
+        let stream = Stream::start("test".into(), owner, queue_limit, Format::Pcap, None);
         lock(&stream.state).carry = pcap::global_header(113, 65535, true);
         stream
     }

@@ -476,7 +476,7 @@ impl ProcessSink {
             },
         );
         if let Err(err) = started {
-            warn!("{failed_label}: cannot start a capture thread: {err}");
+            warn!("{failed_label}: cannot start a capture: {err}");
         }
     }
 
