@@ -24,8 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// One stream's tracker, stepped by a tracker thread.
 pub trait Followed: Send {
-    /// Looks once; how long until the next look (sooner if poked), or
-    /// `None` when done (the tracker is then dropped).
+    /// Looks once; how long after this look to look again (sooner if
+    /// poked), or `None` when done (the tracker is then dropped).
     fn step(&mut self, now: Instant) -> Option<Duration>;
 }
 
@@ -206,10 +206,11 @@ fn run(messages: &Receiver<Message>, load: &AtomicUsize) {
                 continue;
             };
             entry.queued.store(false, Ordering::SeqCst);
-            let now = Instant::now();
-            match entry.followed.step(now) {
+            match entry.followed.step(Instant::now()) {
                 Some(wait) => {
-                    entry.due = now + wait;
+                    // The wait runs from the end of the look, so a look that
+                    // takes long is not followed at once by the next.
+                    entry.due = Instant::now() + wait;
                     schedule.push(Reverse((entry.due, id)));
                 }
                 None => {
