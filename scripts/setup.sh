@@ -16,8 +16,8 @@ if [ "$profile" = test ]; then
     packages+=(tcpdump tshark attr iproute2 util-linux mount libcap2-bin coreutils procps passwd
                man-db systemd init-system-helpers)
     # Real programs the attribution tests watch: a prefork nginx under ab,
-    # a shell's curls, dig against dnsmasq.
-    packages+=(nginx-light apache2-utils curl dnsmasq-base bind9-dnsutils)
+    # a shell's curls, dig against dnsmasq, a shell that execs redis-cli.
+    packages+=(nginx-light apache2-utils curl dnsmasq-base bind9-dnsutils redis-server redis-tools)
     # A local user's reader of many streams at once (Debian's, which any
     # user may run, not a toolchain's under /root).
     packages+=(python3)

@@ -370,6 +370,109 @@ fn two_hundred_dns_lookups_of_one_process_are_all_in_its_all() {
     );
 }
 
+/// The churning target: a shell that execs `redis-cli -r 100 -i
+/// 0.02 ping` while its `all` is read, beside another redis-cli doing the
+/// same to the same server. The stream has the target's one connection,
+/// whole, each packet once and in order, and nothing of the neighbour's.
+#[test]
+fn a_shell_that_execs_redis_cli_has_its_one_connection_once_and_nothing_else() {
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&["--all-processes"]);
+    let scratch = ScratchDir::new("redis");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--port", &port.to_string()])
+        .arg("--dir")
+        .arg(&scratch.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts (apt-get install redis-server)");
+    /// A child killed and reaped however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Killed(server);
+    let cli = |args: &str| format!("redis-cli -h 127.0.0.1 -p {port} {args}");
+    wait_until(WAIT, "redis to answer", || {
+        Command::new("sh")
+            .args(["-c", &cli("ping")])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
+    });
+    let go = scratch.0.join("go");
+    let pings = cli("-r 100 -i 0.02 ping");
+    let mut target = Killed(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while [ ! -e {go} ]; do sleep 0.02; done; exec {pings}",
+                go = go.display()
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (bytes, reader) = open_stream(&mount, target.0.id(), "sh", "all");
+    let neighbour = Killed(
+        Command::new("sh")
+            .args(["-c", &format!("exec {pings}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(&go, b"").unwrap();
+    let status = wait_for(Duration::from_secs(30), "the target's 100 pings", || {
+        target.0.try_wait().unwrap()
+    });
+    assert!(status.success());
+    wait_until(WAIT, "EOF after the target exited", || reader.is_finished());
+    reader.join().unwrap();
+    drop(neighbour);
+    drop(server);
+    // read_pcap fails on a record that comes twice.
+    let packets = read_pcap(&bytes.lock().unwrap()).1;
+    let by_client = connections(&packets, port);
+    assert_eq!(by_client.len(), 1, "one connection: {by_client:?}");
+    assert_whole(&by_client, "the target's");
+    let client = *by_client.keys().next().unwrap();
+    assert!(
+        packets
+            .iter()
+            .all(|p| (p.src.port(), p.dst.port()) == (client, port)
+                || (p.src.port(), p.dst.port()) == (port, client)),
+        "nothing but the target's connection"
+    );
+    let sent: Vec<&Seen> = packets
+        .iter()
+        .filter(|p| p.src.port() == client && !p.payload.is_empty())
+        .collect();
+    let answered: usize = packets
+        .iter()
+        .filter(|p| p.src.port() == port)
+        .map(|p| p.payload_text().matches("+PONG").count())
+        .sum();
+    let asked: usize = sent
+        .iter()
+        .map(|p| p.payload_text().matches("ping").count())
+        .sum();
+    assert_eq!((asked, answered), (100, 100));
+    // In the order they were sent.
+    assert!(
+        sent.windows(2).all(|pair| pair[0].seq < pair[1].seq),
+        "out of order"
+    );
+}
+
 #[test]
 fn no_tracepoint_stays_enabled_once_the_last_stream_closes() {
     let mount = Mount::start(&[]);
