@@ -543,6 +543,18 @@ fn a_users_stream_ends_when_its_process_execs_a_setuid_program() {
     target.kill();
 }
 
+/// The lines `child` writes on its piped stdout, as they come.
+fn lines_of(child: &mut std::process::Child) -> crossbeam_channel::Receiver<String> {
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 #[test]
 fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile() {
     let user = TestUser::new("lim");
@@ -578,13 +590,7 @@ fn a_user_past_the_stream_limit_gets_emfile_and_everyone_past_the_total_enfile()
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(shell.stdout.take().unwrap()));
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in lines.by_ref().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(&mut shell);
     let next = || rx.recv_timeout(WAIT).expect("the shell goes on");
     assert_eq!(next(), "held");
     // The fourth: refused, nothing read.
@@ -687,13 +693,7 @@ except OSError as err:
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(reader.stdout.take().unwrap()));
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in lines.by_ref().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(&mut reader);
     let next = || {
         rx.recv_timeout(Duration::from_secs(30))
             .expect("the reader goes on")
