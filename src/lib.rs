@@ -12,6 +12,7 @@
 //! nothing of FUSE, /proc or pcap handles; the edges are tested through a
 //! real mount.
 
+pub mod attribution;
 pub mod capture;
 pub mod cli;
 pub mod daemon;

@@ -4,7 +4,6 @@
 //! [`service`]: the few daemon threads that open, read and close every
 //! capture). Knows nothing of FUSE or of the stream format.
 
-pub mod attribution;
 pub mod classify;
 pub mod filter;
 pub mod service;

@@ -7,7 +7,8 @@
 //! | `fib:fib_table_lookup`, `fib6:fib6_table_lookup` | an outgoing flow's protocol, local port and destination (the source address may still be unset) | the sender's, for a `connect` and every unconnected `sendto`; softirq for received packets; for a SYN-ACK, whichever process held the listener |
 //! | `sock:inet_sock_set_state` | a TCP socket (by its kernel address) and its 4-tuple | the process's for connect and close; softirq for the passive handshake |
 //! | `tcp:tcp_rcv_space_adjust` | a TCP 4-tuple | the reader's (recvmsg) |
-//! | `sock:sock_send_length`, `sock:sock_recv_length` | a socket by its kernel address | the sender's or reader's |
+//! | `sock:sock_send_length`, `sock:sock_recv_length` | a socket by its kernel address, the bytes or error, the flags | the sender's or reader's |
+//! | `sock:sk_data_ready` | a socket by its kernel address: something was queued to it (for UDP, one datagram) | whichever context received it (softirq) |
 //! | `sched:sched_process_fork` | a new process or thread and its parent | the parent's |
 //!
 //! An event names its process only when it ran in the process's context:
@@ -30,19 +31,31 @@ pub enum Tracepoint {
     RcvSpaceAdjust,
     SendLength,
     RecvLength,
+    DataReady,
     ProcessFork,
 }
 
 impl Tracepoint {
-    pub const ALL: [Tracepoint; 7] = [
+    pub const ALL: [Tracepoint; 8] = [
         Tracepoint::FibLookup,
         Tracepoint::Fib6Lookup,
         Tracepoint::SetState,
         Tracepoint::RcvSpaceAdjust,
         Tracepoint::SendLength,
         Tracepoint::RecvLength,
+        Tracepoint::DataReady,
         Tracepoint::ProcessFork,
     ];
+
+    /// What the kernel lets into the ring of this tracepoint's events
+    /// (an ftrace filter), where not all of them are wanted: every TCP
+    /// segment queued to a socket would wake the data-ready event too.
+    pub fn kernel_filter(self) -> Option<&'static str> {
+        match self {
+            Tracepoint::DataReady => Some("protocol == 17"),
+            _ => None,
+        }
+    }
 
     /// `events/<system>/<name>` under tracefs.
     pub fn path(self) -> &'static str {
@@ -53,6 +66,7 @@ impl Tracepoint {
             Tracepoint::RcvSpaceAdjust => "tcp/tcp_rcv_space_adjust",
             Tracepoint::SendLength => "sock/sock_send_length",
             Tracepoint::RecvLength => "sock/sock_recv_length",
+            Tracepoint::DataReady => "sock/sk_data_ready",
             Tracepoint::ProcessFork => "sched/sched_process_fork",
         }
     }
@@ -81,10 +95,27 @@ pub enum Event {
         local: SocketAddr,
         remote: SocketAddr,
     },
-    /// A socket sent or received.
-    SocketIo { sock: u64, transport: Transport },
+    /// A socket sent or received (a send or recv system call returned
+    /// `result`: bytes, or a negative errno; `flags`: the recv flags).
+    SocketIo {
+        sock: u64,
+        transport: Transport,
+        direction: Direction,
+        result: i32,
+        flags: i32,
+    },
+    /// Something was queued to a socket for its reader: for UDP, one
+    /// datagram delivered to it.
+    Queued { sock: u64, transport: Transport },
     /// A process or thread was forked.
     Fork { child: u32 },
+}
+
+/// Which way a [`Event::SocketIo`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Send,
+    Receive,
 }
 
 /// An event with its context.
@@ -129,6 +160,14 @@ enum Reader {
         daddr_v6: Field,
     },
     SocketIo {
+        direction: Direction,
+        sk: Field,
+        protocol: Field,
+        /// Absent on kernels before 6.3 (then 0).
+        ret: Option<Field>,
+        flags: Option<Field>,
+    },
+    Queued {
         sk: Field,
         protocol: Field,
     },
@@ -180,7 +219,18 @@ impl Decoder {
                 daddr_v6: layout.field("daddr_v6", 16)?,
             },
             Tracepoint::SendLength | Tracepoint::RecvLength => Reader::SocketIo {
+                direction: if point == Tracepoint::SendLength {
+                    Direction::Send
+                } else {
+                    Direction::Receive
+                },
                 sk: layout.field("sk", 8)?,
+                protocol: layout.field("protocol", 2)?,
+                ret: layout.field("ret", 4).ok(),
+                flags: layout.field("flags", 4).ok(),
+            },
+            Tracepoint::DataReady => Reader::Queued {
+                sk: layout.field("skaddr", 8)?,
                 protocol: layout.field("protocol", 2)?,
             },
             Tracepoint::ProcessFork => Reader::Fork {
@@ -255,13 +305,30 @@ impl Decoder {
                     None => Event::TcpReceive { local, remote },
                 }
             }
-            Reader::SocketIo { sk, protocol } => {
+            Reader::SocketIo {
+                direction,
+                sk,
+                protocol,
+                ret,
+                flags,
+            } => {
                 let protocol = u16_at(raw, *protocol)?;
+                let int = |field: &Option<Field>| match field {
+                    Some(field) => bytes(raw, *field).map(i32::from_ne_bytes),
+                    None => Some(0),
+                };
                 Event::SocketIo {
                     sock: u64::from_ne_bytes(bytes(raw, *sk)?),
                     transport: transport_of(u8::try_from(protocol).ok()?)?,
+                    direction: *direction,
+                    result: int(ret)?,
+                    flags: int(flags)?,
                 }
             }
+            Reader::Queued { sk, protocol } => Event::Queued {
+                sock: u64::from_ne_bytes(bytes(raw, *sk)?),
+                transport: transport_of(u8::try_from(u16_at(raw, *protocol)?).ok()?)?,
+            },
             Reader::Fork { child_pid } => Event::Fork {
                 child: u32::from_ne_bytes(bytes(raw, *child_pid)?),
             },

@@ -4,30 +4,31 @@
 //! - [`format`] (pure): a tracepoint's `format` file → field offsets.
 //! - [`decode`] (pure): a raw record → an [`decode::Event`].
 //! - [`perf`]: the rings (the only unsafe, system-call side).
-//! - [`KernelEvents`]: one reader thread that feeds a shared
-//!   [`FlowOwners`], running only while some `all` or `tree` stream holds
-//!   a [`Subscription`]; when the last one is dropped the thread is joined
-//!   and the perf descriptors closed, which disables the tracepoints.
+//! - [`Reader`]: one thread that drains the rings and hands every
+//!   [`Sample`], in time order, to a [`Consumer`]; dropping the reader joins
+//!   the thread and closes the perf descriptors, which disables the
+//!   tracepoints.
+//!
+//! What the events mean for flows is not decided here: that is
+//! [`crate::attribution`], the consumer.
 //!
 //! Needs tracefs (mounted here at /sys/kernel/tracing when it is not, which
 //! takes CAP_SYS_ADMIN) and CAP_PERFMON or CAP_SYS_ADMIN for system-wide
-//! tracepoints. Where either is missing, [`KernelEvents::subscribe`] says
-//! why and the streams fall back to following /proc.
+//! tracepoints. Where either is missing, [`Reader::start`] says why.
 
 pub mod decode;
 pub mod format;
 pub mod perf;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 
-use crate::capture::attribution::{FlowOwners, Sample};
-use decode::{Decoder, Tracepoint};
+use decode::{Decoded, Decoder, Tracepoint};
 use format::Layout;
 use perf::{Record, Ring};
 
@@ -36,51 +37,39 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// How long the reader sleeps between looks when the rings are quiet
 /// (about a capture block's timeout: packets wait no longer for events).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
-/// How often old claims are forgotten.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Tracepoints a subscription cannot do without; the others add recall.
+/// Tracepoints a reader cannot do without; the others add recall.
 const REQUIRED: [Tracepoint; 2] = [Tracepoint::FibLookup, Tracepoint::SetState];
 
-/// The daemon's one source of kernel events.
-#[derive(Default)]
-pub struct KernelEvents {
-    running: Mutex<Weak<Running>>,
+/// One event with its time and the process (thread group) and thread it
+/// ran in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub at: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub decoded: Decoded,
 }
 
-/// What a stream holds while it uses the events.
-pub type Subscription = Arc<Running>;
-
-impl KernelEvents {
-    /// The running reader, started if none runs. Err: why events cannot be
-    /// had here (the caller falls back to /proc and says so).
-    pub fn subscribe(&self) -> Result<Subscription, String> {
-        let mut slot = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(running) = slot.upgrade() {
-            return Ok(running);
-        }
-        let running = Arc::new(Running::start()?);
-        *slot = Arc::downgrade(&running);
-        Ok(running)
-    }
+/// What the reader hands its events to.
+pub trait Consumer: Send + Sync + 'static {
+    /// Events, in time order; every event that happened before `until` has
+    /// now been handed over (called every round, with or without events).
+    fn apply(&self, samples: &[Sample], until: SystemTime);
+    /// Some events were lost: a ring overflowed.
+    fn lost(&self, count: u64);
 }
 
-/// The reader thread and what it learns.
-pub struct Running {
-    shared: Arc<Shared>,
+/// The reader thread; the tracepoints are enabled while it lives.
+pub struct Reader {
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-struct Shared {
-    owners: RwLock<FlowOwners>,
-    stop: AtomicBool,
-    lost: AtomicU64,
-    /// Wall-clock nanoseconds before which every event has been applied.
-    applied_until_ns: AtomicU64,
-}
-
-impl Running {
-    fn start() -> Result<Running, String> {
+impl Reader {
+    /// Opens the tracepoints on every CPU and starts reading them into
+    /// `consumer`. Err: why events cannot be had here.
+    pub fn start(consumer: Arc<dyn Consumer>) -> Result<Reader, String> {
         let tracefs = tracefs()?;
         let mut decoder = Decoder::default();
         let mut ids = Vec::new();
@@ -88,7 +77,7 @@ impl Running {
             match read_tracepoint(&tracefs, point)
                 .and_then(|(id, layout)| decoder.learn(point, id, &layout).map(|()| id))
             {
-                Ok(id) => ids.push(u64::from(id)),
+                Ok(id) => ids.push((u64::from(id), point.kernel_filter())),
                 Err(err) if REQUIRED.contains(&point) => {
                     return Err(format!("tracepoint {} cannot be read: {err}", point.path()));
                 }
@@ -106,16 +95,11 @@ impl Running {
                 ),
                 _ => format!("perf_event_open failed: {err}"),
             })?;
-        let shared = Arc::new(Shared {
-            owners: RwLock::new(FlowOwners::ignoring(std::process::id())),
-            stop: AtomicBool::new(false),
-            lost: AtomicU64::new(0),
-            applied_until_ns: AtomicU64::new(0),
-        });
-        let reader_shared = Arc::clone(&shared);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("kernel-events".into())
-            .spawn(move || read(rings, &decoder, &reader_shared))
+            .spawn(move || read(rings, &decoder, &*consumer, &reader_stop))
             .map_err(|err| format!("cannot start a thread: {err}"))?;
         info!(
             "kernel events: {} tracepoints on {} CPUs from {}",
@@ -123,59 +107,39 @@ impl Running {
             cpus.len(),
             tracefs.display()
         );
-        Ok(Running {
-            shared,
+        Ok(Reader {
+            stop,
             thread: Some(thread),
         })
     }
-
-    /// The time before which every event has been applied to
-    /// [`Running::owners`]: what they do not say of a packet older than
-    /// this, no event yet to be read will say.
-    pub fn applied_until(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH
-            + Duration::from_nanos(self.shared.applied_until_ns.load(Ordering::Acquire))
-    }
-
-    /// What the events have told so far.
-    pub fn owners(&self) -> RwLockReadGuard<'_, FlowOwners> {
-        self.shared
-            .owners
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
-impl Drop for Running {
+impl Drop for Reader {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
-        }
-        let lost = self.shared.lost.load(Ordering::Relaxed);
-        if lost > 0 {
-            warn!("kernel events: {lost} events were lost (the rings overflowed)");
         }
         debug!("kernel events: stopped, tracepoints disabled");
     }
 }
 
-/// The reader: drains every ring, applies what it decodes in time order,
-/// sleeps on poll.
+/// The reader: drains every ring, hands over what it decodes in time
+/// order, sleeps on poll.
 ///
 /// Each CPU has its ring, so one drain sees each CPU's events in order but
 /// not the CPUs' interleaving; and the kernel reuses a closed socket's
 /// address at once. Applied ring by ring, an old connection's last state
 /// change from one CPU could land after a new socket's events from the
 /// other at the same address, and be credited to the new socket's process.
-/// So the events of every ring are merged and applied by time, up to the
-/// moment the drain began: any event older than that was already in its
-/// ring; newer ones wait for the next round.
-fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
-    // (monotonic ns, pid, event), not yet applied.
-    let mut pending: Vec<(u64, u32, decode::Decoded)> = Vec::new();
-    let mut pruned = Instant::now();
-    while !shared.stop.load(Ordering::SeqCst) {
+/// So the events of every ring are merged and handed over by time, up to
+/// the moment the drain began: any event older than that was already in
+/// its ring; newer ones wait for the next round.
+fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: &AtomicBool) {
+    // (monotonic ns, pid, tid, event), not yet handed over.
+    let mut pending: Vec<(u64, u32, u32, Decoded)> = Vec::new();
+    let mut ready: Vec<Sample> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
         {
             use rustix::event::{PollFd, PollFlags, Timespec, poll};
             let mut fds: Vec<PollFd<'_>> = rings
@@ -192,9 +156,14 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
         let mut lost = 0;
         for ring in &mut rings {
             ring.drain(|record| match perf::parse_record(record) {
-                Some(Record::Sample { pid, time, raw }) => {
+                Some(Record::Sample {
+                    pid,
+                    tid,
+                    time,
+                    raw,
+                }) => {
                     if let Some(decoded) = decoder.decode(raw) {
-                        pending.push((time, pid, decoded));
+                        pending.push((time, pid, tid, decoded));
                     }
                 }
                 Some(Record::Lost(count)) => lost += count,
@@ -202,40 +171,23 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, shared: &Shared) {
             });
         }
         if lost > 0 {
-            shared.lost.fetch_add(lost, Ordering::Relaxed);
-            shared
-                .owners
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .forget_sockets();
+            consumer.lost(lost);
         }
-        pending.sort_by_key(|(time, _, _)| *time);
-        let ready = pending.partition_point(|(time, _, _)| *time <= clock.monotonic_ns);
-        if ready > 0 || pruned.elapsed() >= PRUNE_INTERVAL {
-            let mut owners = shared
-                .owners
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            for (time, pid, decoded) in pending.drain(..ready) {
-                owners.apply(&Sample {
+        pending.sort_by_key(|(time, _, _, _)| *time);
+        let count = pending.partition_point(|(time, _, _, _)| *time <= clock.monotonic_ns);
+        ready.clear();
+        ready.extend(
+            pending
+                .drain(..count)
+                .map(|(time, pid, tid, decoded)| Sample {
                     at: clock.wall(time),
                     pid,
+                    tid,
                     decoded,
-                });
-            }
-            if pruned.elapsed() >= PRUNE_INTERVAL {
-                owners.prune();
-                pruned = Instant::now();
-            }
-        }
+                }),
+        );
         // Every event before the drain began was in its ring by then.
-        let until = clock
-            .wall
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
-            });
-        shared.applied_until_ns.store(until, Ordering::Release);
+        consumer.apply(&ready, clock.wall);
     }
 }
 

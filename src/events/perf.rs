@@ -36,12 +36,18 @@ unsafe impl Send for Ring {}
 
 impl Ring {
     /// Opens every tracepoint in `ids` on `cpu`, system-wide, into one
-    /// ring, and enables them.
-    pub fn open(cpu: i32, ids: &[u64]) -> io::Result<Ring> {
+    /// ring, each with its kernel filter if it has one (an ftrace filter
+    /// expression: events it rejects never reach the ring), and enables
+    /// them.
+    pub fn open(cpu: i32, ids: &[(u64, Option<&str>)]) -> io::Result<Ring> {
         let page = rustix::param::page_size();
         let mut fds: Vec<OwnedFd> = Vec::with_capacity(ids.len());
-        for &id in ids {
-            fds.push(open_event(id, cpu)?);
+        for &(id, filter) in ids {
+            let fd = open_event(id, cpu)?;
+            if let Some(filter) = filter {
+                set_filter(&fd, filter)?;
+            }
+            fds.push(fd);
         }
         let first = fds.first().ok_or(io::ErrorKind::InvalidInput)?;
         let mapped = (1 + RING_PAGES) * page;
@@ -145,6 +151,16 @@ fn copy_wrapped(ring: &[u8], start: usize, out: &mut [u8]) {
     }
 }
 
+/// Lets only the events matching `filter` into the ring.
+fn set_filter(fd: &OwnedFd, filter: &str) -> io::Result<()> {
+    let text = std::ffi::CString::new(filter).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: a perf fd and a NUL-terminated string the kernel only reads.
+    if unsafe { sys::ioctls::SET_FILTER(fd.as_raw_fd(), text.as_ptr().cast_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn open_event(id: u64, cpu: i32) -> io::Result<OwnedFd> {
     let mut attr = sys::bindings::perf_event_attr {
         type_: sys::bindings::PERF_TYPE_TRACEPOINT,
@@ -187,6 +203,7 @@ pub enum Record<'a> {
     /// the tracepoint's raw record.
     Sample {
         pid: u32,
+        tid: u32,
         time: u64,
         raw: &'a [u8],
     },
@@ -204,10 +221,16 @@ pub fn parse_record(record: &[u8]) -> Option<Record<'_>> {
     match kind {
         sys::bindings::PERF_RECORD_SAMPLE => {
             let pid = u32_at(8)?;
+            let tid = u32_at(12)?;
             let time = u64_at(16)?;
             let size = u32_at(24)? as usize;
             let raw = record.get(28..28usize.checked_add(size)?)?;
-            Some(Record::Sample { pid, time, raw })
+            Some(Record::Sample {
+                pid,
+                tid,
+                time,
+                raw,
+            })
         }
         sys::bindings::PERF_RECORD_LOST => Some(Record::Lost(u64_at(16)?)),
         _ => Some(Record::Other),
@@ -258,6 +281,7 @@ mod tests {
             parse_record(&record),
             Some(Record::Sample {
                 pid: 42,
+                tid: 43,
                 time: 123_456,
                 raw: b"raw bytes"
             })

@@ -34,11 +34,11 @@ use fuser::{
 };
 use log::{debug, info, warn};
 
+use crate::attribution::KernelEvents;
 use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
 use crate::capture::source::{
     self, CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink,
 };
-use crate::events::KernelEvents;
 use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
 use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo, UnixSocketInfo};

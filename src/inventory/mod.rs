@@ -478,6 +478,28 @@ fn socket_fds(proc_pid: &Path) -> std::io::Result<Vec<(u64, i32)>> {
     Ok(sockets)
 }
 
+/// A process holding socket `inode` and its fd there (looked for in every
+/// process's fds: for the few sockets whose holder nothing else names).
+pub fn holder_of(inode: u64) -> Option<(i32, i32)> {
+    let processes = std::fs::read_dir("/proc").ok()?;
+    for entry in processes.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = socket_fds(&entry.path()) else {
+            continue;
+        };
+        if let Some(&(_, fd)) = fds.iter().find(|(held, _)| *held == inode) {
+            return Some((pid, fd));
+        }
+    }
+    None
+}
+
 /// The daemon's own network namespace.
 pub fn own_netns() -> Option<NetnsId> {
     read_netns(Path::new("/proc/self"))

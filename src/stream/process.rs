@@ -45,7 +45,8 @@ use log::{debug, warn};
 
 use super::tracking::{self, Poke};
 use super::{Format, Stream, lock};
-use crate::capture::attribution::{self, Claimant};
+use crate::attribution::Subscription;
+use crate::attribution::{self, Claimant};
 use crate::capture::classify::{
     Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, flow_of,
 };
@@ -54,7 +55,6 @@ use crate::capture::source::{
     self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
     Timestamp,
 };
-use crate::events::Subscription;
 use crate::inventory::live::{LiveSocket, ProcessWatch, children_of};
 use crate::inventory::tables::{read_table, read_table_in_state};
 use crate::inventory::{Netns, NetnsId};

@@ -28,16 +28,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use super::classify::{Flow, Openings, Transport};
-use crate::events::decode::{Decoded, Event, TCP_CLOSE, TCP_SYN_RECV, TCP_SYN_SENT};
-
-/// One event with its time and the process (thread group) it ran in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sample {
-    pub at: SystemTime,
-    pub pid: u32,
-    pub decoded: Decoded,
-}
+use crate::capture::classify::{Flow, Openings, Transport};
+use crate::events::Sample;
+use crate::events::decode::{Event, TCP_CLOSE, TCP_SYN_RECV, TCP_SYN_SENT};
 
 /// How far a claim reaches back to packets before it: a passive
 /// connection's handshake and first request come before the worker that
@@ -112,7 +105,9 @@ impl FlowOwners {
     /// Takes one event into account. Events may come out of order (one
     /// ring per CPU).
     pub fn apply(&mut self, sample: &Sample) {
-        let Sample { at, pid, decoded } = *sample;
+        let Sample {
+            at, pid, decoded, ..
+        } = *sample;
         let own_context = !decoded.in_interrupt && Some(pid) != self.ignored;
         self.newest = Some(self.newest.map_or(at, |newest| newest.max(at)));
         match decoded.event {
@@ -172,7 +167,9 @@ impl FlowOwners {
                     self.claim((Transport::Tcp, local.port(), remote), pid, at, false);
                 }
             }
-            Event::SocketIo { sock, transport } => {
+            Event::SocketIo {
+                sock, transport, ..
+            } => {
                 // Only TCP sockets are joined to their tuples this way (a
                 // UDP socket never reports a close that would clear it).
                 if own_context && transport == Transport::Tcp {
@@ -187,6 +184,9 @@ impl FlowOwners {
                     self.parents.insert(child, (pid, at));
                 }
             }
+            // Which socket a datagram went to is told by the deliveries
+            // (`super::deliveries`), not by claims on a port.
+            Event::Queued { .. } => {}
         }
     }
 
@@ -356,6 +356,7 @@ impl FlowOwners {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::decode::Decoded;
     use crate::events::decode::tests::{decoder, fib_record, set_state_record};
 
     const T0: Duration = Duration::from_secs(1_700_000_000);
@@ -376,6 +377,7 @@ mod tests {
                 owners.apply(&Sample {
                     at: at(*micros),
                     pid: *pid,
+                    tid: 0,
                     decoded,
                 });
             }
@@ -521,6 +523,7 @@ mod tests {
             owners.apply(&Sample {
                 at: at(*micros),
                 pid: *pid,
+                tid: 0,
                 decoded: decoder.decode(raw).unwrap(),
             });
         }
@@ -549,17 +552,25 @@ mod tests {
         // then makes an accepted TCP socket at the same address.
         let mut owners = FlowOwners::default();
         let io = |sock, transport| Decoded {
-            event: Event::SocketIo { sock, transport },
+            event: Event::SocketIo {
+                sock,
+                transport,
+                direction: crate::events::decode::Direction::Send,
+                result: 1,
+                flags: 0,
+            },
             in_interrupt: false,
         };
         owners.apply(&Sample {
             at: at(0),
             pid: 900,
+            tid: 0,
             decoded: io(0xd, Transport::Udp),
         });
         owners.apply(&Sample {
             at: at(5),
             pid: 901,
+            tid: 0,
             decoded: io(0xe, Transport::Tcp),
         });
         replay(
@@ -754,6 +765,7 @@ mod tests {
         owners.apply(&Sample {
             at: at(0),
             pid: 400,
+            tid: 0,
             decoded: Decoded {
                 event: Event::Fork { child: 401 },
                 in_interrupt: false,
@@ -762,6 +774,7 @@ mod tests {
         owners.apply(&Sample {
             at: at(1),
             pid: 401,
+            tid: 0,
             decoded: Decoded {
                 event: Event::Fork { child: 402 },
                 in_interrupt: false,

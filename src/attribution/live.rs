@@ -1,0 +1,255 @@
+//! The daemon's one kernel events reader and what it has learned, shared
+//! by every stream that subscribes: started with the first subscription,
+//! stopped (tracepoints disabled) when the last is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, warn};
+
+use super::deliveries::{Deliveries, Delivery, Io};
+use super::owners::FlowOwners;
+use super::probe;
+use crate::events::{Consumer, Reader, Sample};
+
+/// How often old claims and activity are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a socket's address is kept after a stream last asked about it.
+const INTEREST_KEPT: Duration = Duration::from_secs(60);
+/// How often lost events are told in the log, at most.
+const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The daemon's one source of kernel events.
+#[derive(Default)]
+pub struct KernelEvents {
+    running: Mutex<Weak<Live>>,
+}
+
+/// What a stream holds while it uses the events.
+pub type Subscription = Arc<Live>;
+
+impl KernelEvents {
+    /// The running reader, started if none runs. Err: why events cannot be
+    /// had here (the caller falls back to /proc and says so).
+    pub fn subscribe(&self) -> Result<Subscription, String> {
+        let mut slot = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = slot.upgrade() {
+            return Ok(running);
+        }
+        let shared = Arc::new(Shared {
+            owners: RwLock::new(FlowOwners::ignoring(std::process::id())),
+            deliveries: RwLock::new(Deliveries::new(std::process::id())),
+            applied_until_ns: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            housekeeping: Mutex::new(Housekeeping {
+                pruned: Instant::now(),
+                reported: None,
+                reported_lost: 0,
+            }),
+            interest: Mutex::new(HashMap::new()),
+        });
+        let reader = Reader::start(Arc::clone(&shared) as Arc<dyn Consumer>)?;
+        let running = Arc::new(Live {
+            shared,
+            reader: Some(reader),
+        });
+        *slot = Arc::downgrade(&running);
+        Ok(running)
+    }
+}
+
+/// The running reader and what it learned.
+pub struct Live {
+    shared: Arc<Shared>,
+    reader: Option<Reader>,
+}
+
+struct Shared {
+    owners: RwLock<FlowOwners>,
+    deliveries: RwLock<Deliveries>,
+    /// Wall-clock nanoseconds before which every event has been applied.
+    applied_until_ns: AtomicU64,
+    lost: AtomicU64,
+    housekeeping: Mutex<Housekeeping>,
+    /// Sockets streams asked about, and when they last did.
+    interest: Mutex<HashMap<u64, Instant>>,
+}
+
+struct Housekeeping {
+    pruned: Instant,
+    reported: Option<Instant>,
+    reported_lost: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn nanos(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+impl Shared {
+    fn applied_until(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.applied_until_ns.load(Ordering::Acquire))
+    }
+}
+
+impl Consumer for Shared {
+    fn apply(&self, samples: &[Sample], until: SystemTime) {
+        if !samples.is_empty() {
+            let mut owners = self.owners.write().unwrap_or_else(PoisonError::into_inner);
+            for sample in samples {
+                owners.apply(sample);
+            }
+            drop(owners);
+            let mut deliveries = self
+                .deliveries
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for sample in samples {
+                deliveries.apply(sample);
+            }
+        }
+        let mut housekeeping = lock(&self.housekeeping);
+        if housekeeping.pruned.elapsed() >= PRUNE_INTERVAL {
+            housekeeping.pruned = Instant::now();
+            self.owners
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .prune();
+            let interest = {
+                let mut interest = lock(&self.interest);
+                interest.retain(|_, asked| asked.elapsed() < INTEREST_KEPT);
+                interest.clone()
+            };
+            self.deliveries
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .prune(|inode| interest.contains_key(&inode));
+        }
+        let lost = self.lost.load(Ordering::Relaxed);
+        if lost > housekeeping.reported_lost
+            && housekeeping
+                .reported
+                .is_none_or(|at| at.elapsed() >= LOSS_REPORT_INTERVAL)
+        {
+            warn!(
+                "kernel events: {} lost since the last report ({lost} in all): the rings \
+                 overflowed while the daemon was busy; packets of `all` and `tree` streams \
+                 whose owner those events would have told are counted as missed in each \
+                 stream's closing line",
+                lost - housekeeping.reported_lost
+            );
+            housekeeping.reported = Some(Instant::now());
+            housekeeping.reported_lost = lost;
+        }
+        drop(housekeeping);
+        self.applied_until_ns.store(nanos(until), Ordering::Release);
+    }
+
+    fn lost(&self, count: u64) {
+        self.lost.fetch_add(count, Ordering::Relaxed);
+        // What is known of which kernel socket address has which tuple and
+        // user may be stale (a lost close, a lost new socket at the same
+        // address), and a stale join would give a flow to the wrong
+        // process: forget it. Claims made so far stay.
+        self.owners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_sockets();
+        // The lost events happened since the last round was applied.
+        let from = self.applied_until();
+        self.deliveries
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lost(from, SystemTime::now());
+    }
+}
+
+impl Live {
+    /// The time before which every event has been applied: what they do
+    /// not say of a packet older than this, no event yet to be read will
+    /// say.
+    pub fn applied_until(&self) -> SystemTime {
+        self.shared.applied_until()
+    }
+
+    /// Who owns which flow, as the events told so far.
+    pub fn owners(&self) -> RwLockReadGuard<'_, FlowOwners> {
+        self.shared
+            .owners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many events were lost since the reader started.
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// Learns socket `inode`'s kernel address (held by process `pid` as
+    /// fd `fd`), unless it is known or asked for already. The answer comes
+    /// with the events; Err: the socket cannot be asked.
+    pub fn probe(&self, pid: i32, fd: i32, inode: u64) -> std::io::Result<()> {
+        lock(&self.shared.interest).insert(inode, Instant::now());
+        if self.deliveries().probed(inode) {
+            return Ok(());
+        }
+        let copy = probe::copy_of(pid, fd, inode)?;
+        let tid = probe::thread_id();
+        self.shared
+            .deliveries
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .asked(tid, inode, SystemTime::now());
+        if !probe::peek(&copy) {
+            self.shared
+                .deliveries
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .withdrawn(tid);
+            return Err(std::io::Error::other("the socket cannot be peeked at"));
+        }
+        debug!("socket {inode} (pid {pid}, fd {fd}) asked for its kernel address");
+        Ok(())
+    }
+
+    /// Where a datagram of socket `ours`, stamped `at`, went (see
+    /// [`Deliveries::delivery`]).
+    pub fn delivery(&self, ours: u64, rivals: &[u64], at: SystemTime, io: Io) -> Delivery {
+        let applied_until = self.applied_until();
+        {
+            let mut interest = lock(&self.shared.interest);
+            let now = Instant::now();
+            for inode in std::iter::once(&ours).chain(rivals) {
+                interest.insert(*inode, now);
+            }
+        }
+        self.deliveries()
+            .delivery(ours, rivals, at, io, applied_until)
+    }
+
+    fn deliveries(&self) -> RwLockReadGuard<'_, Deliveries> {
+        self.shared
+            .deliveries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // Joins the reader: no more events are applied after this.
+        self.reader.take();
+        let lost = self.shared.lost.load(Ordering::Relaxed);
+        if lost > 0 {
+            debug!("kernel events: stopped; {lost} were lost while they ran");
+        }
+    }
+}
