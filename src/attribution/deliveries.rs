@@ -59,8 +59,10 @@ pub enum Delivery {
     /// To (or from) one of its rivals.
     Elsewhere,
     /// The events cannot tell: activity of both, or of neither, in the
-    /// window, or events were lost then.
+    /// window.
     Undecided,
+    /// Events were lost then: what they would have told is not known.
+    Lost,
     /// Not yet known: the socket's address is not known from before the
     /// packet, or the events up to its window are not all in.
     Pending,
@@ -85,6 +87,10 @@ pub struct Deliveries {
     inode_at: HashMap<u64, u64>,
     /// Each known socket's activity, by inode, in time order.
     activity: HashMap<u64, VecDeque<(SystemTime, Io)>>,
+    /// The processes that sent or read on each known socket, by inode,
+    /// and when they last did: a socket several processes hold (a
+    /// prefork server's) is each one's only for what it sent or read.
+    users: HashMap<u64, HashMap<u32, SystemTime>>,
     /// Spans in which events were lost: activity there is incomplete.
     lost: Vec<(SystemTime, SystemTime)>,
     /// The newest event time applied.
@@ -100,6 +106,7 @@ impl Deliveries {
             known: HashMap::new(),
             inode_at: HashMap::new(),
             activity: HashMap::new(),
+            users: HashMap::new(),
             lost: Vec::new(),
             newest: SystemTime::UNIX_EPOCH,
         }
@@ -150,11 +157,19 @@ impl Deliveries {
             Event::SocketIo {
                 sock,
                 transport: Transport::Udp,
-                direction: Direction::Send,
+                direction,
                 result,
                 ..
             } if result >= 0 && !sample.decoded.in_interrupt => {
-                self.record(sock, sample.at, Io::Sent)
+                if direction == Direction::Send {
+                    self.record(sock, sample.at, Io::Sent);
+                }
+                if let Some(&inode) = self.inode_at.get(&sock) {
+                    self.users
+                        .entry(inode)
+                        .or_default()
+                        .insert(sample.pid, sample.at);
+                }
             }
             _ => {}
         }
@@ -185,6 +200,7 @@ impl Deliveries {
         {
             self.known.remove(&previous);
             self.activity.remove(&previous);
+            self.users.remove(&previous);
         }
         if let Some(old) = self.known.get(&inode)
             && old.address != address
@@ -202,6 +218,19 @@ impl Deliveries {
         if let Some(&inode) = self.inode_at.get(&address) {
             self.activity.entry(inode).or_default().push_back((at, io));
         }
+    }
+
+    /// The processes that sent or read on socket `inode` since its address
+    /// was known: None while it is not known.
+    pub fn users(&self, inode: u64) -> Option<Vec<u32>> {
+        self.known.get(&inode)?;
+        let mut pids: Vec<u32> = self
+            .users
+            .get(&inode)
+            .map(|users| users.keys().copied().collect())
+            .unwrap_or_default();
+        pids.sort_unstable();
+        Some(pids)
     }
 
     /// Events were lost between `from` and `until`: what known sockets did
@@ -239,7 +268,7 @@ impl Deliveries {
             .iter()
             .any(|&(lost_from, lost_until)| lost_from <= until && from <= lost_until)
         {
-            return Delivery::Undecided;
+            return Delivery::Lost;
         }
         let active = |inode: u64| {
             self.activity.get(&inode).is_some_and(|activity| {
@@ -286,11 +315,21 @@ impl Deliveries {
                 self.inode_at.remove(&known.address);
             }
             self.activity.remove(&inode);
+            self.users.remove(&inode);
         }
         self.probes.retain(|_, queue| {
             queue.retain(|(_, asked)| !old(*asked));
             !queue.is_empty()
         });
+    }
+
+    /// Whether events were lost around `at` (within the window).
+    pub fn lost_around(&self, at: SystemTime) -> bool {
+        let from = at.checked_sub(SKEW).unwrap_or(at);
+        let until = at + WINDOW;
+        self.lost
+            .iter()
+            .any(|&(lost_from, lost_until)| lost_from <= until && from <= lost_until)
     }
 
     /// How many sockets' addresses are known (for tests and the log).
@@ -479,7 +518,7 @@ mod tests {
         deliveries.lost(at(19_000), at(21_000));
         assert_eq!(
             deliveries.delivery(100, &[200], at(20_000), Io::Received, at(50_000)),
-            Delivery::Undecided
+            Delivery::Lost
         );
         assert_eq!(
             deliveries.delivery(300, &[200], at(20_000), Io::Received, at(50_000)),
@@ -524,5 +563,26 @@ mod tests {
         assert_eq!(deliveries.known_count(), 1);
         assert!(!deliveries.activity.contains_key(&100));
         assert_eq!(deliveries.activity[&200].len(), 1);
+    }
+
+    #[test]
+    fn the_processes_that_use_a_socket_are_told() {
+        let mut deliveries = two_known();
+        assert_eq!(deliveries.users(100), Some(vec![]));
+        deliveries.apply(&sent(10, 301, 0xa));
+        let mut read = sent(20, 302, 0xa);
+        read.decoded.event = Event::SocketIo {
+            sock: 0xa,
+            transport: Transport::Udp,
+            direction: Direction::Receive,
+            result: 4,
+            flags: 0,
+        };
+        deliveries.apply(&read);
+        // The daemon's probes are not uses.
+        deliveries.asked(50, 100, at(30));
+        deliveries.apply(&peek(31, 50, 0xa));
+        assert_eq!(deliveries.users(100), Some(vec![301, 302]));
+        assert_eq!(deliveries.users(300), None);
     }
 }

@@ -235,6 +235,23 @@ impl Live {
             .delivery(ours, rivals, at, io, applied_until)
     }
 
+    /// The processes that sent or read on socket `inode` since its address
+    /// was learned, once the events up to `until` are in; None until then,
+    /// or while its address is not known.
+    pub fn users(&self, inode: u64, until: SystemTime) -> Option<Vec<u32>> {
+        if self.applied_until() < until {
+            return None;
+        }
+        lock(&self.shared.interest).insert(inode, Instant::now());
+        self.deliveries().users(inode)
+    }
+
+    /// Whether events were lost around `at`: what they would have told of
+    /// a packet then is not known.
+    pub fn lost_around(&self, at: SystemTime) -> bool {
+        self.shared.lost.load(Ordering::Relaxed) > 0 && self.deliveries().lost_around(at)
+    }
+
     fn deliveries(&self) -> RwLockReadGuard<'_, Deliveries> {
         self.shared
             .deliveries

@@ -127,6 +127,14 @@ pub struct KnownSocket {
     /// sockets of its namespace take from it (see
     /// [`crate::capture::filter::taken_from`]).
     pub taken: Vec<Taken>,
+    /// Its inode, and the fd its process holds it as.
+    pub inode: u64,
+    pub fd: i32,
+    /// For an unconnected UDP socket: the other sockets of its namespace
+    /// bound to the same port and address (inodes), any of which the
+    /// kernel may give a datagram to (see
+    /// [`crate::capture::filter::rivals_of`]).
+    pub rivals: Vec<u64>,
 }
 
 /// The time a socket may claim packets in: from a little before it was
@@ -186,8 +194,39 @@ pub struct Owner {
     pub pid: u32,
 }
 
-/// Sockets bound to one port: their address (None: a wildcard) and owner.
-type BoundSockets = Vec<(Option<IpAddr>, Owner, Lifetime, Vec<Taken>)>;
+/// A listener or unconnected socket of the process.
+#[derive(Debug)]
+struct BoundSocket {
+    /// None: a wildcard.
+    ip: Option<IpAddr>,
+    owner: Owner,
+    lifetime: Lifetime,
+    taken: Vec<Taken>,
+    inode: u64,
+    fd: i32,
+    rivals: Vec<u64>,
+}
+
+/// Which way a datagram went, seen from a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// To it.
+    In,
+    /// From it.
+    Out,
+}
+
+/// A listener or unconnected socket of the process that takes one end of
+/// a flow.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound<'a> {
+    pub owner: &'a Owner,
+    pub inode: u64,
+    pub fd: i32,
+    /// Sockets the kernel may have given the datagram to instead.
+    pub rivals: &'a [u64],
+    pub way: Way,
+}
 
 /// When TCP connections were opened (their SYNs), by 4-tuple: a closed
 /// connection's 4-tuple can be opened again at once by another socket
@@ -243,7 +282,7 @@ impl Openings {
 #[derive(Debug, Default)]
 pub struct ProcessSockets {
     connected: HashMap<(Transport, SocketAddr, SocketAddr), Vec<(Owner, Lifetime)>>,
-    bound: HashMap<(Transport, u16), BoundSockets>,
+    bound: HashMap<(Transport, u16), Vec<BoundSocket>>,
     locals: Vec<LocalNetwork>,
 }
 
@@ -275,7 +314,15 @@ impl ProcessSockets {
                         .bound
                         .entry((socket.transport, local.port()))
                         .or_default()
-                        .push((ip, owner, Lifetime::of(socket), socket.taken.clone()));
+                        .push(BoundSocket {
+                            ip,
+                            owner,
+                            lifetime: Lifetime::of(socket),
+                            taken: socket.taken.clone(),
+                            inode: socket.inode,
+                            fd: socket.fd,
+                            rivals: socket.rivals.clone(),
+                        });
                 }
             }
         }
@@ -290,7 +337,7 @@ impl ProcessSockets {
     /// connected socket of its exact flow, else a bound one of its port.
     pub fn owner_of(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<&Owner> {
         self.connected_owner(flow, at, openings)
-            .or_else(|| self.bound_owner(flow, at))
+            .or_else(|| self.bound_owner(flow, at).map(|bound| bound.owner))
     }
 
     /// The connected socket of this exact flow, while it could hold it.
@@ -315,27 +362,43 @@ impl ProcessSockets {
 
     /// A listener or unconnected socket bound to one of the flow's ports
     /// (and address, or a wildcard of the namespace's own addresses).
-    pub fn bound_owner(&self, flow: &Flow, at: SystemTime) -> Option<&Owner> {
-        for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
-            let Some(bound) = self.bound.get(&(flow.transport, local.port())) else {
-                continue;
-            };
-            for (ip, owner, lifetime, taken) in bound {
-                let matches = match ip {
-                    Some(ip) => *ip == local.ip(),
+    pub fn bound_owner(&self, flow: &Flow, at: SystemTime) -> Option<Bound<'_>> {
+        self.bound_at(flow.transport, flow.src, flow.dst, at, Way::Out)
+            .or_else(|| self.bound_at(flow.transport, flow.dst, flow.src, at, Way::In))
+    }
+
+    /// The listener or unconnected socket that takes end `local` of a flow
+    /// with `remote`, unless a more specific socket takes it.
+    pub fn bound_at(
+        &self,
+        transport: Transport,
+        local: SocketAddr,
+        remote: SocketAddr,
+        at: SystemTime,
+        way: Way,
+    ) -> Option<Bound<'_>> {
+        let bound = self.bound.get(&(transport, local.port()))?;
+        bound
+            .iter()
+            .find(|socket| {
+                let matches = match socket.ip {
+                    Some(ip) => ip == local.ip(),
                     None => self.is_local(local.ip()),
                 };
                 // What a more specific socket takes is not this one's.
-                let taken_away = taken.iter().any(|taken| match *taken {
+                let taken_away = socket.taken.iter().any(|taken| match *taken {
                     Taken::Address(address) => address == local,
                     Taken::Flow(a, b) => (a, b) == (local, remote),
                 });
-                if matches && !taken_away && lifetime.covers(at) {
-                    return Some(owner);
-                }
-            }
-        }
-        None
+                matches && !taken_away && socket.lifetime.covers(at)
+            })
+            .map(|socket| Bound {
+                owner: &socket.owner,
+                inode: socket.inode,
+                fd: socket.fd,
+                rivals: &socket.rivals,
+                way,
+            })
     }
 
     /// Whether an address is the namespace's own (any, if unknown).
@@ -429,6 +492,9 @@ mod tests {
             seen: SystemTime::now() - Duration::from_secs(10),
             closed,
             taken: Vec::new(),
+            inode: 1,
+            fd: 3,
+            rivals: Vec::new(),
         }
     }
 

@@ -181,6 +181,39 @@ pub fn taken_from(
     taken
 }
 
+/// The other sockets of the namespace (`rows`: local, remote, whether it
+/// listens, inode) that the kernel may give a datagram to instead of the
+/// unconnected UDP socket `target` (inode `own_inode`): unconnected
+/// sockets of the same family bound to the same port and address (both a
+/// wildcard, or the same one). The kernel's lookup scores them alike and
+/// gives each datagram to one: a SO_REUSEPORT group's member by a hash,
+/// among sockets sharing a port with SO_REUSEADDR the one bound last, or
+/// the one last woken on the receiving CPU. Sorted inodes.
+pub fn rivals_of(
+    target: &FilterTarget,
+    own_inode: u64,
+    rows: impl IntoIterator<Item = (SocketAddr, SocketAddr, bool, u64)>,
+) -> Vec<u64> {
+    if !matches!(target.proto, Proto::Udp | Proto::Udp6) || is_connected(target.remote) {
+        return Vec::new();
+    }
+    let own_ip = wire_ip(target.local.ip());
+    let mut rivals: Vec<u64> = rows
+        .into_iter()
+        .filter(|(local, remote, _, inode)| {
+            *inode != own_inode
+                && local.port() == target.local.port()
+                && local.is_ipv4() == target.local.is_ipv4()
+                && !is_connected(*remote)
+                && wire_ip(local.ip()) == own_ip
+        })
+        .map(|(_, _, _, inode)| inode)
+        .collect();
+    rivals.sort_unstable();
+    rivals.dedup();
+    rivals
+}
+
 /// `filter` without the flows in `taken`.
 pub fn without_taken(filter: String, taken: &[Taken]) -> String {
     if taken.is_empty() {
@@ -783,5 +816,43 @@ mod tests {
             specific,
             filter(Proto::Tcp, "127.0.0.1:22", "0.0.0.0:0", true)
         );
+    }
+
+    #[test]
+    fn rivals_share_the_port_the_address_and_the_family() {
+        let target = FilterTarget {
+            proto: Proto::Udp,
+            local: "0.0.0.0:5000".parse().unwrap(),
+            remote: "0.0.0.0:0".parse().unwrap(),
+            dual_stack: false,
+        };
+        let row = |local: &str, remote: &str, inode| {
+            (
+                local.parse().unwrap(),
+                remote.parse().unwrap(),
+                false,
+                inode,
+            )
+        };
+        let rows = [
+            row("0.0.0.0:5000", "0.0.0.0:0", 1),
+            row("0.0.0.0:5000", "0.0.0.0:0", 2),
+            row("0.0.0.0:5000", "0.0.0.0:0", 9),
+            row("127.0.0.1:5000", "0.0.0.0:0", 3),
+            row("0.0.0.0:5001", "0.0.0.0:0", 4),
+            row("0.0.0.0:5000", "127.0.0.1:9", 5),
+            row("[::]:5000", "[::]:0", 6),
+        ];
+        assert_eq!(rivals_of(&target, 1, rows), [2, 9]);
+        let exact = FilterTarget {
+            local: "127.0.0.1:5000".parse().unwrap(),
+            ..target
+        };
+        assert_eq!(rivals_of(&exact, 3, rows), Vec::<u64>::new());
+        let tcp = FilterTarget {
+            proto: Proto::Tcp,
+            ..target
+        };
+        assert!(rivals_of(&tcp, 1, rows).is_empty());
     }
 }

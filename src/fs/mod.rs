@@ -46,6 +46,7 @@ use crate::names::Proto;
 use crate::stream::neighbours::Neighbours;
 use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
 use crate::stream::quota::Exceeded;
+use crate::stream::shared_port::SharedPortGate;
 use crate::stream::table::StreamTable;
 use crate::stream::table::Ticket;
 use crate::stream::{Answer, Format, Stream};
@@ -95,7 +96,7 @@ pub struct NetstatFs {
     next_dir_handle: AtomicU64,
     streams: Arc<StreamTable>,
     /// Kernel events for `all` and `tree` streams, read while any is open.
-    events: KernelEvents,
+    events: Arc<KernelEvents>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,7 +142,7 @@ impl NetstatFs {
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_handle: AtomicU64::new(1),
             streams,
-            events: KernelEvents::default(),
+            events: Arc::new(KernelEvents::default()),
         }
     }
 
@@ -461,10 +462,37 @@ impl NetstatFs {
             self.options.format,
             comment,
         );
+        // An unconnected UDP socket: what sockets sharing its port got is
+        // not its (told by kernel events, where they can be had).
+        let gate = match (&neighbours, socket.fds.first()) {
+            (Some(neighbours), Some(&fd))
+                if self.options.kernel_events
+                    && matches!(target.proto, Proto::Udp | Proto::Udp6) =>
+            {
+                match SharedPortGate::start(
+                    Arc::clone(&stream),
+                    socket.row.inode,
+                    socket.local(),
+                    (process.pid, fd),
+                    Arc::clone(&self.events),
+                    neighbours.rivals(),
+                ) {
+                    Ok(gate) => Some(gate),
+                    Err(err) => {
+                        warn!("{label}: cannot start the stream: {err}");
+                        return reply.error(Errno::EAGAIN);
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Some(neighbours) = neighbours {
             stream.follow_neighbours(neighbours);
         }
-        let sink: Arc<dyn PacketSink> = stream.clone();
+        let sink: Arc<dyn PacketSink> = match &gate {
+            Some(gate) => gate.clone(),
+            None => stream.clone(),
+        };
         let opened_stream = Arc::clone(&stream);
         let request = CaptureRequest {
             netns,
@@ -477,6 +505,9 @@ impl NetstatFs {
             sink,
             stream,
             move |opened| {
+                if let Some(gate) = gate {
+                    gate.opened(opened.linktype);
+                }
                 opened_stream.opened(opened);
                 Ok(())
             },

@@ -33,6 +33,8 @@ pub struct LiveSocket {
     pub netns: Option<NetnsId>,
     /// Its owner (the socket inode's uid, as `ss -e` and /proc/net show it).
     pub uid: u32,
+    /// The fd the process held it as when it was first seen.
+    pub fd: i32,
 }
 
 /// Follows one process.
@@ -196,6 +198,7 @@ impl ProcessWatch {
             closed: None,
             netns,
             uid: stat.st_uid,
+            fd,
         };
         Some((socket, namespace))
     }

@@ -21,6 +21,7 @@ pub mod pcap;
 pub mod pcapng;
 pub mod process;
 pub mod quota;
+pub mod shared_port;
 pub mod table;
 pub mod tracking;
 
@@ -43,6 +44,39 @@ pub enum Format {
     Pcap,
     /// pcapng, with a comment on each packet naming its process and socket.
     PcapNg,
+}
+
+/// Why a packet a stream should hold is not in it, beside the kernel's
+/// ring overflowing and the queue filling (counted by the capture and the
+/// queue themselves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Miss {
+    /// Several sockets share its port, and the kernel's events did not tell
+    /// which one it went to (or came from): withheld.
+    Undecided,
+    /// It waited for its owner to be known, on a port of the stream's own
+    /// sockets, and none came.
+    Unplaced,
+    /// The kernel's events that would have told whose it was were lost.
+    EventsLost,
+}
+
+/// Counts of [`Miss`]es.
+#[derive(Debug, Default)]
+struct Misses {
+    undecided: AtomicU64,
+    unplaced: AtomicU64,
+    events_lost: AtomicU64,
+}
+
+impl Misses {
+    fn counter(&self, miss: Miss) -> &AtomicU64 {
+        match miss {
+            Miss::Undecided => &self.undecided,
+            Miss::Unplaced => &self.unplaced,
+            Miss::EventsLost => &self.events_lost,
+        }
+    }
 }
 
 /// How a waiting read is answered.
@@ -130,7 +164,16 @@ pub struct Stream {
     spare_out: Receiver<Vec<u8>>,
     queued_bytes: AtomicUsize,
     dropped_by_queue: AtomicU64,
+    /// Records queued, and records handed to the reader.
+    pushed: AtomicU64,
     delivered: AtomicU64,
+    /// What the stream should hold and does not, beside the kernel's and
+    /// the queue's drops.
+    misses: Misses,
+    /// The capture takes in more than the stream's packets (an `all` or
+    /// `tree` stream's takes its namespaces' TCP and UDP, and sorts): what
+    /// the kernel dropped may be anyone's.
+    broad: AtomicBool,
     /// The capture ended: what is queued is all there will be.
     capture_ended: AtomicBool,
     has_pending: AtomicBool,
@@ -141,6 +184,9 @@ pub struct Stream {
     /// For an unconnected socket: what more specific sockets take, kept
     /// out of its filter.
     neighbours: Mutex<Option<Arc<neighbours::Neighbours>>>,
+    /// For an unconnected UDP socket: what sorts its datagrams by the
+    /// socket the kernel gave them to (it feeds this stream).
+    gate: Mutex<Weak<shared_port::SharedPortGate>>,
     /// Set once the stream is to end: a capture added later stops at once.
     stopping: AtomicBool,
     /// Set once released and once ended; the closing log line is written by
@@ -179,7 +225,10 @@ impl Stream {
             spare_out,
             queued_bytes: AtomicUsize::new(0),
             dropped_by_queue: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            misses: Misses::default(),
+            broad: AtomicBool::new(false),
             capture_ended: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             state: Mutex::new(ReadState {
@@ -193,6 +242,7 @@ impl Stream {
             }),
             controls: Mutex::new(Vec::new()),
             neighbours: Mutex::new(None),
+            gate: Mutex::new(Weak::new()),
             stopping: AtomicBool::new(false),
             closing_report: Mutex::new((false, None)),
         })
@@ -226,6 +276,11 @@ impl Stream {
     /// open).
     pub fn follow_neighbours(&self, neighbours: Arc<neighbours::Neighbours>) {
         *lock(&self.neighbours) = Some(neighbours);
+    }
+
+    /// Tells the neighbours' changes of rivals to `gate`.
+    pub fn gated_by(&self, gate: &Arc<shared_port::SharedPortGate>) {
+        *lock(&self.gate) = Arc::downgrade(gate);
     }
 
     /// A read of up to `size` bytes by thread `caller`.
@@ -387,9 +442,15 @@ impl Stream {
         }
         self.follow_socket(now);
         let neighbours = lock(&self.neighbours).clone();
-        if let Some(filter) = neighbours.and_then(|neighbours| neighbours.refresh(&self.label)) {
-            for control in lock(&self.controls).iter() {
-                control.set_filter(filter.clone());
+        if let Some(neighbours) = neighbours {
+            let refreshed = neighbours.refresh(&self.label);
+            if let Some(filter) = refreshed.filter {
+                for control in lock(&self.controls).iter() {
+                    control.set_filter(filter.clone());
+                }
+            }
+            if let (Some(rivals), Some(gate)) = (refreshed.rivals, lock(&self.gate).upgrade()) {
+                gate.set_rivals(rivals);
             }
         }
         self.serve_pending();
@@ -461,14 +522,98 @@ impl Stream {
         }
     }
 
+    /// A packet the stream should hold is left out, for `miss`.
+    pub fn missed(&self, miss: Miss) {
+        self.misses.counter(miss).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The capture takes in more than the stream's packets (see `broad`).
+    pub fn capture_is_broad(&self) {
+        self.broad.store(true, Ordering::Relaxed);
+    }
+
+    /// What the stream missed, by reason, as `(count, what)`, nonzero ones
+    /// only; and the kernel's drops when they may be anyone's.
+    fn miss_report(&self, stats: CaptureStats) -> (Vec<(u64, &'static str)>, u64) {
+        let kernel = u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface);
+        let broad = self.broad.load(Ordering::Relaxed);
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let reasons = [
+            (if broad { 0 } else { kernel }, "dropped by the kernel"),
+            (
+                count(&self.dropped_by_queue),
+                "dropped by the queue (the reader fell behind)",
+            ),
+            (
+                count(&self.misses.undecided),
+                "withheld: several sockets share the port and the kernel did not tell which got it",
+            ),
+            (
+                count(&self.misses.unplaced),
+                "unplaced: on the stream's ports, but no owner was ever told",
+            ),
+            (
+                count(&self.misses.events_lost),
+                "unplaced while the kernel events that would have told whose were lost",
+            ),
+        ];
+        let missed = reasons.into_iter().filter(|(n, _)| *n > 0).collect();
+        (missed, if broad { kernel } else { 0 })
+    }
+
     fn log_closing(&self, stats: CaptureStats) {
-        info!(
-            "{}: stream closed: {} packets delivered, {} dropped by the kernel, {} dropped by the queue",
+        let (missed, anyones) = self.miss_report(stats);
+        let total: u64 = missed.iter().map(|(n, _)| n).sum();
+        let mut line = format!(
+            "{}: stream closed: {} packets delivered, ",
             self.label,
-            self.delivered.load(Ordering::Relaxed),
-            u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface),
-            self.dropped_by_queue.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed)
         );
+        if total == 0 {
+            line.push_str("none missed");
+        } else {
+            let parts: Vec<String> = missed
+                .iter()
+                .map(|(n, what)| format!("{n} {what}"))
+                .collect();
+            line.push_str(&format!("{total} missed ({})", parts.join("; ")));
+        }
+        if anyones > 0 {
+            line.push_str(&format!(
+                "; the capture's ring also dropped {anyones} packets of the namespace before \
+                 they could be sorted (any process's; a miss of this stream among them \
+                 would be in the count above only if seen)"
+            ));
+        }
+        info!("{line}");
+    }
+
+    /// The pcapng statistics block the stream ends with.
+    fn end_statistics(&self, stats: CaptureStats) -> pcapng::EndStatistics {
+        let (missed, anyones) = self.miss_report(stats);
+        let broad = self.broad.load(Ordering::Relaxed);
+        let kernel = u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface);
+        let ours_after_kernel: u64 = missed
+            .iter()
+            .filter(|(_, what)| !what.starts_with("dropped by the kernel"))
+            .map(|(n, _)| n)
+            .sum();
+        let mut comment: Vec<String> = missed
+            .iter()
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        if anyones > 0 {
+            comment.push(format!(
+                "the capture's ring dropped {anyones} packets of the namespace before sorting (any process's)"
+            ));
+        }
+        pcapng::EndStatistics {
+            received: Some(u64::from(stats.received)),
+            dropped_by_interface: (!broad).then_some(kernel),
+            dropped_by_us: ours_after_kernel,
+            delivered: self.pushed.load(Ordering::Relaxed),
+            comment: (!comment.is_empty()).then(|| comment.join("; ")),
+        }
     }
 }
 
@@ -579,6 +724,7 @@ impl Stream {
             ),
         }
         building.records += 1;
+        self.pushed.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(record_len, Ordering::SeqCst);
     }
 }
@@ -604,6 +750,30 @@ impl PacketSink for Stream {
     }
 
     fn ended(&self, stats: CaptureStats) {
+        if self.format == Format::PcapNg {
+            // Its drops, for Wireshark's capture file properties.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let units = if self.nanoseconds.load(Ordering::Relaxed) {
+                now.as_nanos()
+            } else {
+                now.as_micros()
+            };
+            let mut block = Vec::new();
+            pcapng::append_statistics(
+                &mut block,
+                u64::try_from(units).unwrap_or(u64::MAX),
+                &self.end_statistics(stats),
+            );
+            let mut building = lock(&self.building);
+            if building.bytes.len() + block.len() > CHUNK_BYTES && !building.bytes.is_empty() {
+                let full = std::mem::take(&mut *building);
+                let _ = self.chunks_in.send(full);
+            }
+            building.bytes.extend_from_slice(&block);
+            self.queued_bytes.fetch_add(block.len(), Ordering::SeqCst);
+        }
         self.capture_ended.store(true, Ordering::SeqCst);
         self.serve_pending();
         let mut report = lock(&self.closing_report);

@@ -1,7 +1,9 @@
 //! An unconnected socket's stream leaves out what more specific sockets of
-//! its namespace take (see [`crate::capture::filter::taken_from`]). Those
-//! sockets come and go while the stream runs, so the stream looks at its
-//! namespace's socket table again every [`RECHECK`] and changes its
+//! its namespace take (see [`crate::capture::filter::taken_from`]), and
+//! knows which sockets share its port and address (its rivals, see
+//! [`crate::capture::filter::rivals_of`], for [`super::shared_port`]).
+//! Those sockets come and go while the stream runs, so the stream looks at
+//! its namespace's socket table again every [`RECHECK`] and changes its
 //! capture's filter when what they take changed.
 
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use log::debug;
 
 use super::lock;
 use crate::capture::filter::{
-    FilterTarget, LocalNetwork, Taken, bpf_filter_for, taken_from, without_taken,
+    FilterTarget, LocalNetwork, Taken, bpf_filter_for, rivals_of, taken_from, without_taken,
 };
 use crate::inventory::tables::{read_table, read_table_in_state};
 use crate::names::Proto;
@@ -34,6 +36,7 @@ pub struct Neighbours {
 
 struct State {
     taken: Vec<Taken>,
+    rivals: Vec<u64>,
     /// The namespace's own addresses, once the capture has opened there.
     locals: Option<Vec<LocalNetwork>>,
     checked: Instant,
@@ -49,12 +52,16 @@ impl Neighbours {
             proc_pid: PathBuf::from(format!("/proc/{pid}")),
             state: Mutex::new(State {
                 taken: Vec::new(),
+                rivals: Vec::new(),
                 locals: None,
                 checked: Instant::now(),
             }),
         };
-        let taken = neighbours.read()?;
-        lock(&neighbours.state).taken = taken;
+        let (taken, rivals) = neighbours.read()?;
+        let mut state = lock(&neighbours.state);
+        state.taken = taken;
+        state.rivals = rivals;
+        drop(state);
         Some(neighbours)
     }
 
@@ -63,39 +70,55 @@ impl Neighbours {
         lock(&self.state).taken.clone()
     }
 
+    /// The sockets sharing the socket's port and address now.
+    pub fn rivals(&self) -> Vec<u64> {
+        lock(&self.state).rivals.clone()
+    }
+
     /// The capture opened, in a namespace with these addresses.
     pub fn opened(&self, locals: Vec<LocalNetwork>) {
         lock(&self.state).locals = Some(locals);
     }
 
-    /// A new filter for the capture, when what the other sockets take has
-    /// changed since the last look (at most every [`RECHECK`]).
-    pub fn refresh(&self, label: &str) -> Option<String> {
+    /// What changed since the last look (at most every [`RECHECK`]): a new
+    /// filter for the capture, when what the other sockets take changed,
+    /// and the rivals, when they changed.
+    pub fn refresh(&self, label: &str) -> Refreshed {
+        let mut refreshed = Refreshed::default();
         {
             let mut state = lock(&self.state);
             if state.checked.elapsed() < RECHECK || state.locals.is_none() {
-                return None;
+                return refreshed;
             }
             state.checked = Instant::now();
         }
-        let taken = self.read()?;
+        let Some((taken, rivals)) = self.read() else {
+            return refreshed;
+        };
         let mut state = lock(&self.state);
-        if taken == state.taken {
-            return None;
+        if rivals != state.rivals {
+            debug!("{label}: {} sockets share its port", rivals.len());
+            state.rivals = rivals.clone();
+            refreshed.rivals = Some(rivals);
         }
-        state.taken = taken;
-        let base =
-            bpf_filter_for(&self.target, state.locals.as_deref().unwrap_or_default()).ok()?;
-        debug!(
-            "{label}: {} flows of more specific sockets left out",
-            state.taken.len()
-        );
-        Some(without_taken(base, &state.taken))
+        if taken != state.taken {
+            state.taken = taken;
+            let base = bpf_filter_for(&self.target, state.locals.as_deref().unwrap_or_default());
+            if let Ok(base) = base {
+                debug!(
+                    "{label}: {} flows of more specific sockets left out",
+                    state.taken.len()
+                );
+                refreshed.filter = Some(without_taken(base, &state.taken));
+            }
+        }
+        refreshed
     }
 
-    /// The namespace's sockets of the target's transport, both families;
-    /// None where the socket needs no exclusions or the table is gone.
-    fn read(&self) -> Option<Vec<Taken>> {
+    /// The namespace's sockets of the target's transport, both families:
+    /// what they take, and which share the socket's port; None where the
+    /// socket needs no such care or the table is gone.
+    fn read(&self) -> Option<(Vec<Taken>, Vec<u64>)> {
         let protos = match self.target.proto {
             Proto::Tcp | Proto::Tcp6 => [Proto::Tcp, Proto::Tcp6],
             Proto::Udp | Proto::Udp6 => [Proto::Udp, Proto::Udp6],
@@ -120,6 +143,16 @@ impl Neighbours {
                 (row.local, row.remote, listening, row.inode)
             }));
         }
-        Some(taken_from(&self.target, self.inode, rows))
+        Some((
+            taken_from(&self.target, self.inode, rows.iter().copied()),
+            rivals_of(&self.target, self.inode, rows),
+        ))
     }
+}
+
+/// What [`Neighbours::refresh`] found changed.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    pub filter: Option<String>,
+    pub rivals: Option<Vec<u64>>,
 }

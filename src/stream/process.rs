@@ -37,20 +37,24 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
 
 use super::tracking::{self, Poke};
-use super::{Format, Stream, lock};
+use super::{Format, Miss, Stream, lock};
+use crate::attribution::Delivery;
 use crate::attribution::Subscription;
+use crate::attribution::deliveries::{self, Io};
 use crate::attribution::{self, Claimant};
 use crate::capture::classify::{
-    Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, flow_of,
+    Bound, Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, Way, flow_of,
 };
-use crate::capture::filter::{FilterTarget, ForeignFlow, LocalNetwork, process_filter, taken_from};
+use crate::capture::filter::{
+    FilterTarget, ForeignFlow, LocalNetwork, process_filter, rivals_of, taken_from,
+};
 use crate::capture::source::{
     self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
     Timestamp,
@@ -150,6 +154,9 @@ enum Verdict {
     Foreign,
     /// Not known yet.
     Unknown,
+    /// To or from a member's socket or one it shares a port with, and
+    /// which cannot be told: left out, and counted as missed.
+    Missed(Miss),
 }
 
 /// A process the stream keeps packets of.
@@ -213,6 +220,10 @@ pub struct ProcessSink {
     /// Unclaimed packets by flow, and the flows the kernel filter leaves out.
     unclaimed_flows: Mutex<HashMap<ForeignFlow, u64>>,
     excluded: Mutex<Vec<ForeignFlow>>,
+    /// Sockets sharing a port with a member's whose holder was looked for.
+    rivals_asked: Mutex<HashSet<u64>>,
+    /// The namespace tables read since the last update differ from before.
+    neighbours_changed: AtomicBool,
 }
 
 fn foreign(flow: &Flow) -> ForeignFlow {
@@ -259,6 +270,8 @@ impl ProcessSink {
             comm: watch.comm(),
             uid: watch.owner().unwrap_or(u32::MAX),
         };
+        // Its captures take in every TCP and UDP packet of the namespace.
+        stream.capture_is_broad();
         Arc::new(ProcessSink {
             stream,
             root,
@@ -288,6 +301,8 @@ impl ProcessSink {
             stats: Mutex::new(CaptureStats::default()),
             unclaimed_flows: Mutex::new(HashMap::new()),
             excluded: Mutex::new(Vec::new()),
+            rivals_asked: Mutex::new(HashSet::new()),
+            neighbours_changed: AtomicBool::new(false),
         })
     }
 
@@ -353,19 +368,22 @@ impl ProcessSink {
             let names = names::unique_socket_names(&endpoints);
             let rows = self.neighbour_rows(watch.pid(), &sockets);
             known.extend(sockets.iter().zip(names).filter_map(|(socket, name)| {
-                let taken = match (&rows, socket.remote) {
-                    (Some(rows), None) => taken_from(
-                        &FilterTarget {
-                            proto: socket.proto,
-                            local: socket.local,
-                            remote: unconnected(socket.local),
-                            dual_stack: false,
-                        },
-                        socket.inode,
-                        rows.iter().copied(),
-                    ),
-                    _ => Vec::new(),
+                let target = FilterTarget {
+                    proto: socket.proto,
+                    local: socket.local,
+                    remote: unconnected(socket.local),
+                    dual_stack: false,
                 };
+                let (taken, rivals) = match (&rows, socket.remote) {
+                    (Some(rows), None) => (
+                        taken_from(&target, socket.inode, rows.iter().copied()),
+                        rivals_of(&target, socket.inode, rows.iter().copied()),
+                    ),
+                    _ => (Vec::new(), Vec::new()),
+                };
+                if socket.remote.is_none() && Transport::of(socket.proto) == Some(Transport::Udp) {
+                    self.probe_rivals(watch.pid(), socket, &rivals);
+                }
                 Some(KnownSocket {
                     transport: Transport::of(socket.proto)?,
                     local: socket.local,
@@ -376,6 +394,9 @@ impl ProcessSink {
                     seen: socket.seen,
                     closed: socket.closed,
                     taken,
+                    inode: socket.inode,
+                    fd: socket.fd,
+                    rivals,
                 })
             }));
         }
@@ -428,7 +449,11 @@ impl ProcessSink {
     fn keep_neighbour_rows(&self, pid: i32, rows: Arc<Vec<NeighbourRow>>) {
         let mut cache = lock(&self.neighbour_rows);
         cache.retain(|_, (read_at, _, _)| read_at.elapsed() < NEIGHBOURS_RECHECK * 10);
-        cache.insert(pid, (Instant::now(), rows, false));
+        if let Some((_, before, _)) = cache.insert(pid, (Instant::now(), Arc::clone(&rows), false))
+            && *before != *rows
+        {
+            self.neighbours_changed.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Whether flows are attributed from kernel events (not by following
@@ -513,7 +538,30 @@ impl ProcessSink {
             {
                 return Verdict::Ours(owner);
             }
-            if !claimants.is_empty() {
+            // Ends of the flow on this host whose socket the kernel's
+            // deliveries named another's than the members'.
+            let mut told_elsewhere: Vec<SocketAddr> = Vec::new();
+            if flow.transport == Transport::Udp {
+                // A datagram to (or from) a member's unconnected socket on
+                // an end of this host no claim names: a receiver that
+                // never replies is claimed by nobody, and a sender's claim
+                // names only the sender's end.
+                for (local, remote, way) in [
+                    (flow.dst, flow.src, Way::In),
+                    (flow.src, flow.dst, Way::Out),
+                ] {
+                    if claimants.iter().any(|claimant| claimant.local == local) {
+                        continue;
+                    }
+                    if let Some(bound) = sockets.bound_at(flow.transport, local, remote, at, way) {
+                        match self.bound_verdict(&bound, at) {
+                            Verdict::Foreign => told_elsewhere.push(local),
+                            verdict => return verdict,
+                        }
+                    }
+                }
+            }
+            if !claimants.is_empty() || !told_elsewhere.is_empty() {
                 // Another process's once the events up to the packet are
                 // all in: until then an older claim (a port the other
                 // process used before) may be about to be superseded.
@@ -525,6 +573,7 @@ impl ProcessSink {
                 // comes before its acceptor's events): then it waits.
                 let unclaimed_local_end = [flow.src, flow.dst].into_iter().any(|end| {
                     !claimants.iter().any(|claimant| claimant.local == end)
+                        && !told_elsewhere.contains(&end)
                         && self.is_local(end.ip())
                 });
                 if unclaimed_local_end {
@@ -545,10 +594,89 @@ impl ProcessSink {
                 return Verdict::Unknown;
             }
         }
-        sockets
-            .bound_owner(flow, at)
-            .cloned()
-            .map_or(Verdict::Unknown, Verdict::Ours)
+        match sockets.bound_owner(flow, at) {
+            Some(bound) => self.bound_verdict(&bound, at),
+            None => Verdict::Unknown,
+        }
+    }
+
+    /// Whether a datagram a member's unconnected socket may have taken (or
+    /// sent) is its: where no other socket of the namespace shares its
+    /// port and address, the kernel had no other choice; where some do,
+    /// the kernel's events tell which one it went to (see
+    /// [`crate::attribution::deliveries`]), or nothing is decided.
+    fn bound_verdict(&self, bound: &Bound<'_>, at: SystemTime) -> Verdict {
+        let Some(events) = &self.events else {
+            return if bound.rivals.is_empty() {
+                Verdict::Ours(bound.owner.clone())
+            } else {
+                Verdict::Missed(Miss::Undecided)
+            };
+        };
+        if bound.rivals.is_empty() {
+            // A socket other processes hold too (a prefork server's) is
+            // each one's only for what it sent or read: then the claims
+            // tell, and the packet waits for them.
+            let members = read(&self.members);
+            return match events.users(bound.inode, at + deliveries::WINDOW) {
+                Some(users) if users.iter().all(|pid| members.contains_key(pid)) => {
+                    Verdict::Ours(bound.owner.clone())
+                }
+                _ => Verdict::Unknown,
+            };
+        }
+        let io = match bound.way {
+            Way::In => Io::Received,
+            Way::Out => Io::Sent,
+        };
+        match events.delivery(bound.inode, bound.rivals, at, io) {
+            Delivery::Ours => Verdict::Ours(bound.owner.clone()),
+            Delivery::Elsewhere => Verdict::Foreign,
+            Delivery::Undecided => Verdict::Missed(Miss::Undecided),
+            Delivery::Lost => Verdict::Missed(Miss::EventsLost),
+            Delivery::Pending => Verdict::Unknown,
+        }
+    }
+
+    /// Asks the kernel addresses of a member's unconnected UDP socket and of
+    /// the sockets sharing its port, so that the events can tell which of
+    /// them each datagram went to, and who else uses it: the member's
+    /// through its own fd, each rival's through a holder looked for once,
+    /// off the tracker.
+    fn probe_rivals(&self, pid: i32, socket: &LiveSocket, rivals: &[u64]) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        if let Err(err) = events.probe(pid, socket.fd, socket.inode) {
+            debug!(
+                "{}: cannot ask socket {} its kernel address: {err}",
+                self.stream.label(),
+                socket.inode
+            );
+        }
+        let missing: Vec<u64> = {
+            let mut asked = lock(&self.rivals_asked);
+            rivals
+                .iter()
+                .copied()
+                .filter(|rival| asked.insert(*rival))
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let events = Arc::clone(events);
+        let label = self.stream.label().to_owned();
+        let _ = tracking::in_background(Box::new(move || {
+            for rival in missing {
+                let asked = crate::inventory::holder_of(rival)
+                    .ok_or_else(|| std::io::Error::other("no process holds it"))
+                    .and_then(|(pid, fd)| events.probe(pid, fd, rival));
+                if let Err(err) = asked {
+                    debug!("{label}: cannot ask socket {rival} its kernel address: {err}");
+                }
+            }
+        }));
     }
 
     /// Whether a packet of no known owner yet, captured at `at` and queued
@@ -589,7 +717,55 @@ impl ProcessSink {
     fn owner(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<Owner> {
         match self.verdict(flow, at, openings) {
             Verdict::Ours(owner) => Some(owner),
-            Verdict::Foreign | Verdict::Unknown => None,
+            Verdict::Foreign | Verdict::Unknown | Verdict::Missed(_) => None,
+        }
+    }
+
+    /// The owner of a datagram that waited for a claim in vain, if a member
+    /// holds the only socket it can have gone to, and no other process was
+    /// seen using that socket: a receiver that never replies is claimed by
+    /// nobody, and its socket's address may not be known yet.
+    fn last_resort(&self, flow: &Flow, at: SystemTime) -> Option<Owner> {
+        if flow.transport != Transport::Udp {
+            return None;
+        }
+        let sockets = read(&self.sockets);
+        let bound = sockets.bound_owner(flow, at)?;
+        if !bound.rivals.is_empty() {
+            return None;
+        }
+        let members = read(&self.members);
+        let shared = self.events.as_ref().is_some_and(|events| {
+            events
+                .users(bound.inode, at + deliveries::WINDOW)
+                .is_some_and(|users| users.iter().any(|pid| !members.contains_key(pid)))
+        });
+        (!shared).then(|| bound.owner.clone())
+    }
+
+    /// A packet that waited for its owner in vain: a miss if it may have
+    /// been the stream's (an end on a member's port, or a time when kernel
+    /// events were lost).
+    fn unplaced(&self, flow: &Flow, at: SystemTime) {
+        let events_lost = self
+            .events
+            .as_ref()
+            .is_some_and(|events| events.lost_around(at));
+        let on_our_ports = {
+            let sockets = read(&self.sockets);
+            let ports = sockets.ports(flow.transport);
+            [flow.src, flow.dst]
+                .iter()
+                .any(|end| self.is_local(end.ip()) && ports.binary_search(&end.port()).is_ok())
+        };
+        if on_our_ports {
+            self.stream.missed(if events_lost {
+                Miss::EventsLost
+            } else {
+                Miss::Unplaced
+            });
+        } else if events_lost {
+            self.stream.missed(Miss::EventsLost);
         }
     }
 
@@ -707,7 +883,25 @@ impl ProcessSink {
                     blocked.insert(key);
                     kept.push(candidate);
                 }
+                Verdict::Missed(miss) => {
+                    self.candidate_bytes
+                        .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                    self.stream.missed(miss);
+                }
+                Verdict::Unknown if let Some(owner) = self.last_resort(&candidate.flow, at) => {
+                    self.candidate_bytes
+                        .fetch_sub(candidate.data.len(), Ordering::Relaxed);
+                    self.emit(
+                        &owner,
+                        candidate.timestamp,
+                        candidate.original_length,
+                        &candidate.data,
+                    );
+                }
                 verdict @ (Verdict::Foreign | Verdict::Unknown) => {
+                    if matches!(verdict, Verdict::Unknown) {
+                        self.unplaced(&candidate.flow, at);
+                    }
                     log::trace!(
                         "{}: {:?} {} > {} (syn {}) at {at:?}: {} after waiting {:?}",
                         self.stream.label(),
@@ -810,6 +1004,7 @@ impl PacketSink for ProcessSink {
         };
         match verdict {
             Verdict::Ours(owner) => self.emit(&owner, timestamp, original_length, data),
+            Verdict::Missed(miss) => self.stream.missed(miss),
             Verdict::Foreign => {
                 log::trace!(
                     "{}: {:?} {} > {} (syn {}) at {at:?}: another process's at once",
@@ -1070,6 +1265,8 @@ impl Following {
             return DRAIN_QUIET / 2;
         }
         changed |= self.tracker.rescan();
+        // What the namespace's other sockets take, or share, changed.
+        changed |= sink.neighbours_changed.swap(false, Ordering::Relaxed);
         if changed {
             sink.update(&self.tracker);
             self.last_change = Instant::now();

@@ -12,78 +12,10 @@ use std::time::Duration;
 use crate::common::mount::{BINARY, Mount};
 use crate::common::packets::read_pcap_file;
 use crate::common::peer::Peer;
+use crate::common::users::{TestUser, user_reads};
 use crate::common::{ScratchDir, wait_for, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// An unprivileged user made for one test, deleted afterwards.
-struct TestUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-impl TestUser {
-    fn new(tag: &str) -> TestUser {
-        let name = format!("nsfs{tag}{}", std::process::id() % 100_000);
-        let _ = Command::new("userdel").arg(&name).output();
-        let status = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--user-group",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(&name)
-            .status()
-            .unwrap();
-        assert!(status.success(), "useradd {name}");
-        let id = |flag: &str| -> u32 {
-            let output = Command::new("id").arg(flag).arg(&name).output().unwrap();
-            String::from_utf8(output.stdout)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        let (uid, gid) = (id("-u"), id("-g"));
-        TestUser { name, uid, gid }
-    }
-
-    /// Runs a command as this user.
-    fn run(&self, program: &[&str]) -> Output {
-        self.command(program).output().unwrap()
-    }
-
-    fn command(&self, program: &[&str]) -> Command {
-        let mut command = Command::new("setpriv");
-        command
-            .arg(format!("--reuid={}", self.uid))
-            .arg(format!("--regid={}", self.gid))
-            .arg("--clear-groups")
-            .args(program);
-        command
-    }
-
-    fn mount(&self, binary: &Path, args: &[&str]) -> Mount {
-        Mount::start_as(self.uid, self.gid, binary, args)
-    }
-
-    fn peer(&self) -> Peer {
-        Peer::spawn_as(self.uid, self.gid)
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        // Its processes first (peers are killed by their own guards).
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-u", &self.name])
-            .status();
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
-}
 
 /// A copy of the binary that users may run, with file capabilities or none.
 fn binary_copy(scratch: &ScratchDir, capabilities: Option<&str>) -> PathBuf {
@@ -724,26 +656,6 @@ fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it() {
 #[test]
 fn a_wildcard_socket_gets_only_what_the_kernel_delivers_to_it_following_proc() {
     wildcard_socket_demux(&["--allow-other", "--no-kernel-events"]);
-}
-
-/// `user`'s `cat` of a stream file, and a thread that returns what it
-/// read once the stream ends.
-fn user_reads(
-    user: &TestUser,
-    path: &Path,
-) -> (std::process::Child, std::thread::JoinHandle<Vec<u8>>) {
-    let mut reader = user
-        .command(&["sh", "-c", "exec cat \"$0\"", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = reader.stdout.take().unwrap();
-    let bytes = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut out, &mut bytes).unwrap();
-        bytes
-    });
-    (reader, bytes)
 }
 
 /// B's wildcard socket and C's exact one on the same port: B's socket

@@ -10,28 +10,9 @@ use std::time::Duration;
 use crate::common::mount::Mount;
 use crate::common::nginx::Nginx;
 use crate::common::packets::{Seen, read_pcap, read_pcap_file};
-use crate::common::{ScratchDir, read_to_eof, wait_for, wait_until};
+use crate::common::{ScratchDir, open_stream, wait_for, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Opens `<pid>_<comm>/<file>` once listed, reads it to EOF on a thread,
-/// and returns once its capture runs.
-fn open_stream(
-    mount: &Mount,
-    pid: u32,
-    comm: &str,
-    file: &str,
-) -> (
-    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    std::thread::JoinHandle<std::time::Instant>,
-) {
-    let path = mount.dir(pid, comm).join(file);
-    wait_until(WAIT, &format!("{}", path.display()), || path.exists());
-    let label = format!("{pid}_{comm}/{file}: capture running");
-    let reading = read_to_eof(&path);
-    wait_until(WAIT, &label, || mount.log().contains(&label));
-    reading
-}
 
 /// The TCP connections to `port` in a stream, by client port (a port may
 /// be used again by a later connection): each connection's flags in order,

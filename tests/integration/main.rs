@@ -10,6 +10,7 @@ mod access;
 mod attribution;
 mod capture;
 mod diagnostics;
+mod exactness;
 mod extcap;
 mod lifecycle;
 mod package;

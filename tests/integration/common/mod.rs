@@ -11,6 +11,8 @@ pub mod netns;
 pub mod nginx;
 pub mod packets;
 pub mod peer;
+pub mod tcpdump;
+pub mod users;
 
 use std::path::Path;
 use std::time::Instant;
@@ -87,4 +89,28 @@ pub fn read_to_eof(
         }
     });
     (bytes, thread)
+}
+
+/// How long a stream test waits for the daemon.
+const STREAM_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Opens `<pid>_<comm>/<file>` once listed, reads it to EOF on a thread,
+/// and returns once its capture runs.
+pub fn open_stream(
+    mount: &mount::Mount,
+    pid: u32,
+    comm: &str,
+    file: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<Instant>,
+) {
+    let path = mount.dir(pid, comm).join(file);
+    wait_until(STREAM_WAIT, &format!("{}", path.display()), || {
+        path.exists()
+    });
+    let label = format!("{pid}_{comm}/{file}: capture running");
+    let reading = read_to_eof(&path);
+    wait_until(STREAM_WAIT, &label, || mount.log().contains(&label));
+    reading
 }

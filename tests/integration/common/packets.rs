@@ -87,6 +87,11 @@ fn decode(linktype: i32, data: &[u8]) -> Seen {
             EtherType(u16::from_be_bytes([data[14], data[15]])),
             &data[16..],
         ),
+        // LINUX_SLL2 (tcpdump's own on `any`): 20 bytes, the EtherType first.
+        276 => SlicedPacket::from_ether_type(
+            EtherType(u16::from_be_bytes([data[0], data[1]])),
+            &data[20..],
+        ),
         1 => SlicedPacket::from_ethernet(data),
         other => panic!("unexpected link type {other}"),
     }

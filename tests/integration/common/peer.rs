@@ -311,6 +311,54 @@ impl PeerState {
                 let local = socket.local_addr().map_err(err)?;
                 Ok(vec![self.hold(Held::Udp(socket)), local.to_string()])
             }
+            "udp-bind-reuseport" => {
+                // SO_REUSEADDR and SO_REUSEPORT.
+                let addr: SocketAddr = arg(0)?.parse().map_err(err)?;
+                let fd = socket_for(addr, SockType::Datagram, SockProtocol::Udp)?;
+                socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
+                socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(err)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err)?;
+                let socket = UdpSocket::from(fd);
+                let local = socket.local_addr().map_err(err)?;
+                Ok(vec![self.hold(Held::Udp(socket)), local.to_string()])
+            }
+            "udp-burst" => {
+                // `count` datagrams "<prefix>-<i>" to `to`, as fast as they go.
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                let to: SocketAddr = arg(1)?.parse().map_err(err)?;
+                let count: usize = arg(2)?.parse().map_err(err)?;
+                let prefix = arg(3)?;
+                for i in 0..count {
+                    socket
+                        .send_to(format!("{prefix}-{i}").as_bytes(), to)
+                        .map_err(err)?;
+                }
+                Ok(vec![])
+            }
+            "udp-collect" => {
+                // Every datagram queued, until none came for `quiet` ms:
+                // their payloads, comma-separated ("-" for none).
+                let Held::Udp(socket) = self.get(arg(0)?)? else {
+                    return Err("not a udp socket".into());
+                };
+                let quiet: u64 = arg(1)?.parse().map_err(err)?;
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(quiet.max(1))))
+                    .map_err(err)?;
+                let mut got = Vec::new();
+                let mut buffer = [0u8; 2048];
+                while let Ok(n) = socket.recv(&mut buffer) {
+                    got.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+                }
+                socket.set_read_timeout(None).map_err(err)?;
+                Ok(vec![if got.is_empty() {
+                    "-".into()
+                } else {
+                    got.join(",")
+                }])
+            }
             "udp-many" => {
                 let count: usize = arg(0)?.parse().map_err(err)?;
                 raise_fd_limit();
