@@ -11,7 +11,11 @@
 //! - a dialer making the passive flows to the workers' sockets.
 //!
 //! Each flow lives 0.1 ms (send and close), 1 ms (one exchange), 10 ms or
-//! 1 s (two exchanges that far apart). Every process reports its flows
+//! 1 s (two exchanges that far apart). Then the target makes the patterns
+//! that once went unseen: a UDP socket that only receives (one bound to the
+//! wildcard, one to 127.0.0.1; the dialer sends to them and is never
+//! answered), a client reconnecting again and again from one local port,
+//! and bursts of datagrams to 200 destinations. Every process reports its flows
 //! (ports, start, end), the workers which connections and datagrams each
 //! served. The ground truth is this harness's own capture of all the ports
 //! involved; each packet goes to the flow that had its ports at its time.
@@ -121,6 +125,24 @@ impl Role {
         }
     }
 }
+
+/// Which kind of traffic a flow is part of.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Pattern {
+    /// The flows of each lifetime, protocol and side.
+    Standard,
+    /// A datagram to a UDP socket that only receives, bound to the
+    /// wildcard address or to 127.0.0.1.
+    ReceivedWildcard,
+    ReceivedExact,
+    /// One of many connections from one local port, each reset at its end.
+    Reconnect,
+    /// One of a burst of datagrams to 200 destinations.
+    Burst,
+}
+
+/// Destinations of one burst.
+const BURST_DESTINATIONS: u8 = 200;
 
 /// `bench --accuracy-server`: TCP and UDP echo on loopback.
 pub fn server() -> Result<(), Error> {
@@ -232,6 +254,26 @@ pub fn client(args: &[String]) -> Result<(), Error> {
     std::fs::write("/proc/self/comm", role.comm())?;
     let out: Out = Arc::default();
 
+    // Sockets that only receive, and drain what comes without answering.
+    let receivers = if role == Role::Target {
+        let wildcard = UdpSocket::bind("0.0.0.0:0")?;
+        let exact = UdpSocket::bind("127.0.0.1:0")?;
+        let ports = (wildcard.local_addr()?.port(), exact.local_addr()?.port());
+        for socket in [wildcard, exact] {
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::RcvBuf,
+                &(8 << 20),
+            );
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 2048];
+                while socket.recv(&mut buffer).is_ok() {}
+            });
+        }
+        Some(ports)
+    } else {
+        None
+    };
     // The shared sockets: made by the target, inherited by the child.
     let shared = match role {
         Role::Target => {
@@ -291,8 +333,9 @@ pub fn client(args: &[String]) -> Result<(), Error> {
                 }
             });
             child = Some((spawned, answers));
+            let (wildcard, exact) = receivers.unwrap_or_default();
             ready = format!(
-                "ready {} {}",
+                "ready {} {} {wildcard} {exact}",
                 listener.local_addr()?.port(),
                 udp.local_addr()?.port()
             );
@@ -340,6 +383,9 @@ pub fn client(args: &[String]) -> Result<(), Error> {
         input.flush()?;
     }
     make_flows(role, count, echo_tcp_at, echo_udp_at, &out)?;
+    if role == Role::Target {
+        make_patterns(count, echo_tcp_at, echo_udp_at, &out)?;
+    }
     if let Some((_, answers)) = &child {
         answers.recv_timeout(Duration::from_secs(60))?;
     }
@@ -355,8 +401,10 @@ pub fn client(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// `bench --accuracy-dialer <count> <tcp port> <udp port>`: the passive
-/// flows, to the workers' shared sockets.
+/// `bench --accuracy-dialer <count> <tcp port> <udp port> <receiver ports>...`:
+/// the passive flows, to the workers' shared sockets, then `count`
+/// datagrams to each of the target's sockets that only receive, told as
+/// `received <server port> <client port> <at>`.
 pub fn dialer(args: &[String]) -> Result<(), Error> {
     let port = |i: usize| -> Result<u16, Error> {
         Ok(args
@@ -374,6 +422,24 @@ pub fn dialer(args: &[String]) -> Result<(), Error> {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     make_flows(Role::Dialer, count, tcp, udp, &out)?;
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    let client = sender.local_addr()?.port();
+    for receiver in args
+        .iter()
+        .skip(3)
+        .filter_map(|port| port.parse::<u16>().ok())
+    {
+        let to = SocketAddr::from(([127, 0, 0, 1], receiver));
+        for i in 0..count {
+            let at = unix_nanos();
+            sender.send_to(format!("received-{i}").as_bytes(), to)?;
+            say(&out, &format!("received {receiver} {client} {at}"));
+            // Bursts of ten, as a collector gets them.
+            if i % 10 == 9 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
     print_reports(&out, "done")?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
@@ -412,6 +478,76 @@ fn make_flows(
     }
     for thread in slow {
         let _ = thread.join();
+    }
+    Ok(())
+}
+
+/// The target's patterns: `count` connections to `tcp` from one local
+/// port, each reset at its end, told as `pattern reconnect <server port>
+/// <client port> <start> <end>`; then bursts of one datagram to each of
+/// 200 destinations (127.0.0.2 and up, `udp`'s port: nobody answers),
+/// told as `pattern burst <server port> <client port> <at>`.
+fn make_patterns(count: usize, tcp: SocketAddr, udp: SocketAddr, out: &Out) -> Result<(), Error> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let local = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port);
+    let server = nix::sys::socket::SockaddrIn::from(match tcp {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => return Err("an IPv4 echo server".into()),
+    });
+    let mut made = 0;
+    let mut attempts = 0;
+    while made < count && attempts < count * 20 {
+        attempts += 1;
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        let start = unix_nanos();
+        if nix::sys::socket::bind(fd.as_raw_fd(), &local).is_err()
+            || nix::sys::socket::connect(fd.as_raw_fd(), &server).is_err()
+        {
+            // The last connection's tuple is not free yet: again.
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let mut stream = TcpStream::from(fd);
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(&[b'r'; 100])?;
+        stream.read_exact(&mut [0u8; 100])?;
+        // Reset at the close: no TIME_WAIT keeps the tuple from the next.
+        setsockopt(
+            &stream,
+            sockopt::Linger,
+            &nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )?;
+        drop(stream);
+        made += 1;
+        say(
+            out,
+            &format!(
+                "pattern reconnect {} {port} {start} {}",
+                tcp.port(),
+                unix_nanos()
+            ),
+        );
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    let client = socket.local_addr()?.port();
+    for _ in 0..count.div_ceil(BURST_DESTINATIONS as usize).max(2) {
+        for host in 0..BURST_DESTINATIONS {
+            let to = SocketAddr::from(([127, 0, 0, 2 + host], udp.port()));
+            let at = unix_nanos();
+            socket.send_to(b"burst", to)?;
+            say(out, &format!("pattern burst {} {client} {at}", udp.port()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
@@ -479,6 +615,7 @@ struct FlowRecord {
     lifetime: Lifetime,
     start: u128,
     end: u128,
+    pattern: Pattern,
 }
 
 /// Flows by (udp, server port, client port).
@@ -503,6 +640,8 @@ fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
     let mut records = Vec::new();
     let mut dialed: Vec<(bool, u16, u16, Lifetime, u128, u128)> = Vec::new();
     let mut served: Vec<(bool, u16, Role, u128, u128)> = Vec::new();
+    let mut received: Vec<(u16, u16, u128)> = Vec::new();
+    let mut patterns: Vec<(Pattern, u16, u16, u128, u128)> = Vec::new();
     for line in reports {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
@@ -531,9 +670,40 @@ fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
                             lifetime,
                             start,
                             end,
+                            pattern: Pattern::Standard,
                         },
                     ));
                 }
+            }
+            ["pattern", kind, server, client, start, rest @ ..] => {
+                let (Ok(server), Ok(client), Ok(start)) = (
+                    server.parse::<u16>(),
+                    client.parse::<u16>(),
+                    start.parse::<u128>(),
+                ) else {
+                    continue;
+                };
+                let end = rest
+                    .first()
+                    .and_then(|end| end.parse::<u128>().ok())
+                    .unwrap_or(start);
+                let pattern = match *kind {
+                    "reconnect" => Pattern::Reconnect,
+                    "burst" => Pattern::Burst,
+                    _ => continue,
+                };
+                patterns.push((pattern, server, client, start, end));
+            }
+            ["received", server, client, at] => {
+                let (Ok(server), Ok(client), Ok(at)) = (
+                    server.parse::<u16>(),
+                    client.parse::<u16>(),
+                    at.parse::<u128>(),
+                ) else {
+                    continue;
+                };
+                received.push((server, client, at));
+                patterns.push((Pattern::ReceivedWildcard, server, client, at, at));
             }
             ["served", proto, client, role, start, end] => {
                 if let (Some(role), Ok(client), Ok(start), Ok(end)) = (
@@ -568,6 +738,7 @@ fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
                 lifetime: *lifetime,
                 start: *received,
                 end: *sent,
+                pattern: Pattern::Standard,
             };
             records.push((*server, *client, record));
         }
@@ -589,6 +760,38 @@ fn flow_records(reports: &[String]) -> Vec<(u16, u16, FlowRecord)> {
             lifetime,
             start,
             end,
+            pattern: Pattern::Standard,
+        };
+        records.push((server, client, record));
+    }
+    // The patterns, each one flow per ports (one socket's many datagrams,
+    // one port's many connections, a burst's datagrams to one port): their
+    // packets come microseconds apart, too close to tell which of them a
+    // packet was, so they are counted together. A datagram to a socket
+    // that only receives is the target's; the first port told is the
+    // wildcard socket's.
+    let wildcard_port = received.first().map(|(server, _, _)| *server);
+    let mut merged: HashMap<(Pattern, u16, u16), (u128, u128)> = HashMap::new();
+    for (pattern, server, client, start, end) in patterns {
+        let pattern = match pattern {
+            Pattern::ReceivedWildcard if Some(server) != wildcard_port => Pattern::ReceivedExact,
+            other => other,
+        };
+        let span = merged
+            .entry((pattern, server, client))
+            .or_insert((start, end));
+        span.0 = span.0.min(start);
+        span.1 = span.1.max(end);
+    }
+    for ((pattern, server, client), (start, end)) in merged {
+        let record = FlowRecord {
+            owner: Role::Target,
+            udp: pattern != Pattern::Reconnect,
+            passive: matches!(pattern, Pattern::ReceivedWildcard | Pattern::ReceivedExact),
+            lifetime: Lifetime::Tenth,
+            start,
+            end,
+            pattern,
         };
         records.push((server, client, record));
     }
@@ -813,6 +1016,10 @@ pub fn measure(
     ])?;
     let workers = ports(target.read_line()?);
     let (worker_tcp, worker_udp) = (workers[0].to_string(), workers[1].to_string());
+    let (receive_wildcard, receive_exact) = (
+        workers.get(2).copied().ok_or("no receiver port")?,
+        workers.get(3).copied().ok_or("no receiver port")?,
+    );
     let mut neighbour = Helper::spawn(&[
         "accuracy-client",
         "neighbour",
@@ -821,7 +1028,14 @@ pub fn measure(
         &echo_udp,
     ])?;
     neighbour.read_line()?;
-    let mut dialer = Helper::spawn(&["accuracy-dialer", &count_text, &worker_tcp, &worker_udp])?;
+    let mut dialer = Helper::spawn(&[
+        "accuracy-dialer",
+        &count_text,
+        &worker_tcp,
+        &worker_udp,
+        &receive_wildcard.to_string(),
+        &receive_exact.to_string(),
+    ])?;
     dialer.read_line()?;
     eprintln!(
         "{method}: pids: harness {}, daemon {}, echo server {}, target {}, neighbour {}, dialer {}",
@@ -839,7 +1053,8 @@ pub fn measure(
         "accuracy-truth",
         truth_path.to_str().ok_or("path")?,
         &format!(
-            "tcp port {echo_tcp} or udp port {echo_udp} or tcp port {worker_tcp} or udp port {worker_udp}"
+            "tcp port {echo_tcp} or udp port {echo_udp} or tcp port {worker_tcp} or udp port {worker_udp} \
+             or udp port {receive_wildcard} or udp port {receive_exact}"
         ),
     ])?;
     truth.read_line()?;
@@ -890,6 +1105,8 @@ pub fn measure(
         (true, echo[1]),
         (false, workers[0]),
         (true, workers[1]),
+        (true, receive_wildcard),
+        (true, receive_exact),
     ]
     .into_iter()
     .collect();
@@ -948,7 +1165,10 @@ pub fn measure(
         for udp in [false, true] {
             for lifetime in Lifetime::ALL {
                 let pick = |record: &FlowRecord| {
-                    record.passive == passive && record.udp == udp && record.lifetime == lifetime
+                    record.pattern == Pattern::Standard
+                        && record.passive == passive
+                        && record.udp == udp
+                        && record.lifetime == lifetime
                 };
                 let flows = records
                     .iter()
@@ -973,6 +1193,32 @@ pub fn measure(
                 });
             }
         }
+    }
+    for (pattern, label) in [
+        (
+            Pattern::ReceivedWildcard,
+            "UDP received and never answered, socket bound to 0.0.0.0",
+        ),
+        (
+            Pattern::ReceivedExact,
+            "UDP received and never answered, socket bound to 127.0.0.1",
+        ),
+        (Pattern::Reconnect, "TCP reconnecting from one local port"),
+        (Pattern::Burst, "UDP bursts to 200 destinations"),
+    ] {
+        let pick = |record: &FlowRecord| record.pattern == pattern;
+        let packets: u64 = records
+            .iter()
+            .enumerate()
+            .filter(|(_, record)| pick(record))
+            .map(|(i, _)| truth_counts.get(&i).copied().unwrap_or(0))
+            .sum();
+        rows.push(Row {
+            label: format!("{label} ({packets} packets, target)"),
+            all: recall(all_counts, &[Role::Target], &pick),
+            tree: recall(tree_counts, &[Role::Target, Role::Child], &pick),
+            long: false,
+        });
     }
     Ok(AccuracyReport {
         rows,

@@ -66,9 +66,14 @@ pub struct Claimant {
 struct Claim {
     at: SystemTime,
     pid: u32,
-    /// A route lookup, which comes just before the SYN it opens the
-    /// connection with (other claims come after theirs).
+    /// Made before the packet it speaks for: a UDP route lookup, before
+    /// its datagram, or a connect's SYN_SENT, before its SYN (other claims
+    /// come after a packet of theirs).
     routed: bool,
+    /// The first claim of a socket: a connection that starts where another
+    /// on the same tuple ended (a client reconnecting from one port) is
+    /// kept apart from it.
+    fresh: bool,
 }
 
 /// The flows' owners as the events told them.
@@ -81,6 +86,8 @@ pub struct FlowOwners {
     /// TCP sockets' last user in process context, by kernel address (forgotten
     /// at the socket's close, and when a new socket starts at the address).
     users: HashMap<u64, u32>,
+    /// TCP sockets (kernel addresses) claimed since they started.
+    claimed: std::collections::HashSet<u64>,
     /// Processes and threads forked, with their parent and when.
     parents: HashMap<u32, (u32, SystemTime)>,
     newest: Option<SystemTime>,
@@ -123,7 +130,7 @@ impl FlowOwners {
                 // releases it). TCP connections are claimed by their own
                 // socket's events.
                 if own_context && transport == Transport::Udp {
-                    self.claim((transport, local_port, remote), pid, at, true);
+                    self.claim((transport, local_port, remote), pid, at, true, false);
                 }
             }
             Event::TcpState {
@@ -144,6 +151,7 @@ impl FlowOwners {
                     // earlier socket at this kernel address is not its.
                     self.tuples.remove(&sock);
                     self.users.remove(&sock);
+                    self.claimed.remove(&sock);
                 }
                 if local.port() != 0 && remote.port() != 0 {
                     self.tuples.insert(sock, (local, remote));
@@ -154,17 +162,38 @@ impl FlowOwners {
                 if let (Some(&(local, remote)), Some(&user)) =
                     (self.tuples.get(&sock), self.users.get(&sock))
                 {
-                    self.claim((Transport::Tcp, local.port(), remote), user, at, false);
+                    let fresh = self.claimed.insert(sock);
+                    // A connect's SYN_SENT comes before its SYN.
+                    let before_its_packet = new_state == TCP_SYN_SENT;
+                    self.claim(
+                        (Transport::Tcp, local.port(), remote),
+                        user,
+                        at,
+                        before_its_packet,
+                        fresh,
+                    );
                 }
                 if new_state == TCP_CLOSE {
                     // The address may be a new socket's next.
                     self.tuples.remove(&sock);
                     self.users.remove(&sock);
+                    self.claimed.remove(&sock);
                 }
             }
-            Event::TcpReceive { local, remote } => {
+            Event::TcpReceive {
+                sock,
+                local,
+                remote,
+            } => {
                 if own_context {
-                    self.claim((Transport::Tcp, local.port(), remote), pid, at, false);
+                    let fresh = self.claimed.insert(sock);
+                    self.claim(
+                        (Transport::Tcp, local.port(), remote),
+                        pid,
+                        at,
+                        false,
+                        fresh,
+                    );
                 }
             }
             Event::SocketIo {
@@ -175,7 +204,14 @@ impl FlowOwners {
                 if own_context && transport == Transport::Tcp {
                     self.users.insert(sock, pid);
                     if let Some(&(local, remote)) = self.tuples.get(&sock) {
-                        self.claim((Transport::Tcp, local.port(), remote), pid, at, false);
+                        let fresh = self.claimed.insert(sock);
+                        self.claim(
+                            (Transport::Tcp, local.port(), remote),
+                            pid,
+                            at,
+                            false,
+                            fresh,
+                        );
                     }
                 }
             }
@@ -190,22 +226,34 @@ impl FlowOwners {
         }
     }
 
-    fn claim(&mut self, endpoint: Endpoint, pid: u32, at: SystemTime, routed: bool) {
+    fn claim(&mut self, endpoint: Endpoint, pid: u32, at: SystemTime, routed: bool, fresh: bool) {
         let claims = self.claims.entry(endpoint).or_default();
         let index = claims.partition_point(|claim| claim.at <= at);
-        // A run of claims by one process is kept as its first and its
-        // latest: the latest speaks for the newest connection on the tuple
-        // (a client port is soon used again, maybe with the same server
-        // process), the first for the oldest; those between add nothing.
+        // A run of claims by one process on one socket is kept as its
+        // first and its latest: those between add nothing. A socket's
+        // first claim is never merged into, nor merged into the claims of
+        // the socket before: a client reconnecting from one port makes a
+        // connection on the same tuple again and again, and each needs a
+        // claim of its own between its SYN and the next.
         let run_end = index >= 2
             && claims[index - 1].pid == pid
             && claims[index - 2].pid == pid
             && !routed
-            && !claims[index - 1].routed;
+            && !fresh
+            && !claims[index - 1].routed
+            && !claims[index - 1].fresh;
         if run_end {
             claims[index - 1].at = at;
         } else {
-            claims.insert(index, Claim { at, pid, routed });
+            claims.insert(
+                index,
+                Claim {
+                    at,
+                    pid,
+                    routed,
+                    fresh,
+                },
+            );
         }
     }
 
@@ -231,15 +279,22 @@ impl FlowOwners {
                 continue;
             };
             // The connection a claim speaks of: the one opened last before
-            // it, or, for a connect (routed just before its own SYN), right
-            // after it.
+            // it, or, for a connect (claimed just before its own SYN), the
+            // first opened after it. (Not simply a little later: a client
+            // reconnecting from one port opens the next connection on the
+            // tuple within a millisecond.)
             let same_connection = |claim: &Claim| {
+                if flow.transport != Transport::Tcp {
+                    return true;
+                }
                 let seen = if claim.routed {
-                    claim.at + CONNECT_SLACK
+                    openings
+                        .first_from(local, remote, claim.at, CONNECT_SLACK)
+                        .unwrap_or(claim.at)
                 } else {
                     claim.at
                 };
-                flow.transport != Transport::Tcp || openings.within(local, remote, seen, at)
+                openings.within(local, remote, seen, at)
             };
             let before = claims
                 .iter()
@@ -302,6 +357,7 @@ impl FlowOwners {
     pub fn forget_sockets(&mut self) {
         self.tuples.clear();
         self.users.clear();
+        self.claimed.clear();
     }
 
     /// Whether `pid` is an ancestor (by `is_ancestor`) or descends from one
@@ -462,6 +518,72 @@ mod tests {
         let mut owners = FlowOwners::default();
         replay(&mut owners, &short_connection(100));
         assert_short_connection_is_100s(&owners);
+    }
+
+    #[test]
+    fn each_of_many_reconnects_from_one_port_is_its_clients_however_late_it_is_sorted() {
+        // A client (100) connects 300 times from port 40000 to :8080, each
+        // connection's socket at the same kernel address (the kernel reuses
+        // a freed socket's memory), each reset at its close. Its packets
+        // are sorted only after every event is in (a sorter lagging behind
+        // the events reader, as under load).
+        let mut owners = FlowOwners::default();
+        let mut openings = Openings::default();
+        let syn = tcp("127.0.0.1:40000", "127.0.0.1:8080", true);
+        for round in 0..300u64 {
+            let start = round * 1_000;
+            replay(
+                &mut owners,
+                &[
+                    (
+                        start,
+                        100,
+                        set_state_record(0, 0xa, SYN_SENT, (LO, 40000), (LO, 8080)),
+                    ),
+                    (
+                        start + 60,
+                        100,
+                        set_state_record(0, 0xa, ESTABLISHED, (LO, 40000), (LO, 8080)),
+                    ),
+                    (
+                        start + 300,
+                        100,
+                        set_state_record(0, 0xa, TCP_CLOSE, (LO, 40000), (LO, 8080)),
+                    ),
+                ],
+            );
+            openings.record(&syn, at(start + 10));
+        }
+        // Then an attempt the server resets at once: its SYN is the
+        // client's too.
+        replay(
+            &mut owners,
+            &[
+                (
+                    400_000,
+                    100,
+                    set_state_record(0, 0xa, SYN_SENT, (LO, 40000), (LO, 8080)),
+                ),
+                (
+                    400_030,
+                    100,
+                    set_state_record(SOFTIRQ, 0xa, TCP_CLOSE, (LO, 40000), (LO, 8080)),
+                ),
+            ],
+        );
+        openings.record(&syn, at(400_010));
+        assert_eq!(owners.owners(&syn, at(400_010), &openings), [100]);
+        let reply = tcp("127.0.0.1:8080", "127.0.0.1:40000", false);
+        for round in 0..300u64 {
+            let start = round * 1_000;
+            for (flow, micros) in [(syn, start + 10), (reply, start + 40), (reply, start + 200)] {
+                assert_eq!(
+                    owners.owners(&flow, at(micros), &openings),
+                    [100],
+                    "connection {round}: {flow:?} at {micros}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -265,6 +265,23 @@ impl Openings {
         }
     }
 
+    /// When the first connection on this 4-tuple opened at or after
+    /// `from`, if within `slack` of it.
+    pub fn first_from(
+        &self,
+        a: SocketAddr,
+        b: SocketAddr,
+        from: SystemTime,
+        slack: Duration,
+    ) -> Option<SystemTime> {
+        self.by_tuple
+            .get(&Self::key(a, b))?
+            .iter()
+            .filter(|t| **t >= from && t.duration_since(from).unwrap_or_default() <= slack)
+            .min()
+            .copied()
+    }
+
     /// Whether a packet at `at` of the connection on this 4-tuple that was
     /// open when first seen at `seen` belongs to it: not before the SYN that
     /// opened it, not after a later SYN that opened another.

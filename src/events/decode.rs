@@ -92,6 +92,7 @@ pub enum Event {
     },
     /// TCP data was read on this 4-tuple.
     TcpReceive {
+        sock: u64,
         local: SocketAddr,
         remote: SocketAddr,
     },
@@ -302,7 +303,11 @@ impl Decoder {
                         old_state: i32::from_ne_bytes(bytes(raw, *old_state)?),
                         new_state: i32::from_ne_bytes(bytes(raw, *new_state)?),
                     },
-                    None => Event::TcpReceive { local, remote },
+                    None => Event::TcpReceive {
+                        sock: u64::from_ne_bytes(bytes(raw, *skaddr)?),
+                        local,
+                        remote,
+                    },
                 }
             }
             Reader::SocketIo {
