@@ -99,6 +99,37 @@ pub fn flow_of(linktype: i32, frame: &[u8]) -> Option<Flow> {
     })
 }
 
+/// What one IP packet is, whichever interface it was captured on: a hash
+/// of its bytes from the IP header on, the fields routing changes (the
+/// TTL or hop limit, the IPv4 header checksum) left out. A packet crossing
+/// a bridge port and the bridge, or routed in and out of a namespace, is
+/// captured twice on `any` with one identity; a retransmission has another
+/// (a new IPv4 id, new TCP timestamps).
+pub fn packet_identity(linktype: i32, frame: &[u8]) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let ip = match linktype {
+        LINKTYPE_LINUX_SLL => frame.get(16..)?,
+        LINKTYPE_LINUX_SLL2 => frame.get(20..)?,
+        LINKTYPE_ETHERNET => frame.get(14..)?,
+        LINKTYPE_RAW | DLT_RAW => frame,
+        _ => return None,
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match ip.first()? >> 4 {
+        4 => {
+            ip.get(..8)?.hash(&mut hasher);
+            ip.get(9)?.hash(&mut hasher);
+            ip.get(12..)?.hash(&mut hasher);
+        }
+        6 => {
+            ip.get(..7)?.hash(&mut hasher);
+            ip.get(8..)?.hash(&mut hasher);
+        }
+        _ => return None,
+    }
+    Some(hasher.finish())
+}
+
 /// IPv4-mapped IPv6 addresses travel as IPv4.
 pub fn on_the_wire(ip: IpAddr) -> IpAddr {
     match ip {
@@ -469,6 +500,26 @@ mod tests {
         let mut packet = Vec::new();
         builder.write(&mut packet, b"hi").unwrap();
         packet
+    }
+
+    #[test]
+    fn a_packet_is_itself_whatever_its_ttl_and_another_is_another() {
+        let packet = tcp_v4(addr("10.0.0.1:5000"), addr("10.0.0.2:80"), false);
+        let frame = sll_frame(0x0800, &packet);
+        let mut routed = packet.clone();
+        routed[8] -= 1; // TTL
+        routed[10] ^= 0xff; // header checksum
+        let identity = packet_identity(LINKTYPE_LINUX_SLL, &frame);
+        assert!(identity.is_some());
+        assert_eq!(
+            identity,
+            packet_identity(LINKTYPE_LINUX_SLL, &sll_frame(0x0800, &routed))
+        );
+        assert_eq!(identity, packet_identity(LINKTYPE_RAW, &packet));
+        let mut other = packet.clone();
+        other[5] ^= 1; // IPv4 id
+        assert_ne!(identity, packet_identity(LINKTYPE_RAW, &other));
+        assert_eq!(packet_identity(LINKTYPE_LINUX_SLL, &[0; 10]), None);
     }
 
     #[test]

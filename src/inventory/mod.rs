@@ -500,6 +500,11 @@ pub fn holder_of(inode: u64) -> Option<(i32, i32)> {
     None
 }
 
+/// The network namespace process `pid` is in now.
+pub fn netns_of(pid: i32) -> Option<NetnsId> {
+    read_netns(&Path::new("/proc").join(pid.to_string()))
+}
+
 /// The daemon's own network namespace.
 pub fn own_netns() -> Option<NetnsId> {
     read_netns(Path::new("/proc/self"))

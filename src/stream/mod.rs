@@ -17,6 +17,7 @@
 //! queue and then return EOF.
 
 pub mod neighbours;
+pub mod ordering;
 pub mod pcap;
 pub mod pcapng;
 pub mod process;

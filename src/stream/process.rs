@@ -43,6 +43,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
 
+use super::ordering::{Copies, Reorder};
 use super::tracking::{self, Poke};
 use super::{Format, Miss, Stream, lock};
 use crate::attribution::Delivery;
@@ -51,6 +52,7 @@ use crate::attribution::deliveries::{self, Io};
 use crate::attribution::{self, Claimant};
 use crate::capture::classify::{
     Bound, Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, Way, flow_of,
+    packet_identity,
 };
 use crate::capture::filter::{
     FilterTarget, ForeignFlow, LocalNetwork, process_filter, rivals_of, taken_from,
@@ -121,12 +123,26 @@ pub enum Scope {
 }
 
 struct Candidate {
+    /// The namespace whose capture took it.
+    netns: NetnsId,
     seen: Instant,
     timestamp: Timestamp,
     original_length: u32,
     data: Vec<u8>,
     flow: Flow,
 }
+
+/// A packet of the stream held for order.
+struct Held {
+    timestamp: Timestamp,
+    original_length: u32,
+    data: Vec<u8>,
+    comment: Option<String>,
+}
+
+/// How much longer than a capture's block timeout a packet is held for
+/// order: the time a block takes from the kernel to the sorter.
+const ORDER_MARGIN: Duration = Duration::from_millis(20);
 
 /// Packets waiting for their owner. A flow with a waiting packet keeps its
 /// later packets waiting behind it, so each flow's packets reach the
@@ -165,6 +181,8 @@ struct Member {
     comm: String,
     /// Its owner as /proc/<pid>/fd shows it.
     uid: u32,
+    /// The network namespace it is in: its claims speak of packets there.
+    netns: Option<NetnsId>,
 }
 
 /// The capture's sink for an `all` or `tree` stream: sorts packets.
@@ -180,7 +198,20 @@ pub struct ProcessSink {
     members: RwLock<HashMap<u32, Member>>,
     linktype: AtomicI32,
     local_networks: Mutex<Vec<LocalNetwork>>,
-    sockets: RwLock<ProcessSockets>,
+    /// The members' sockets, by the namespace they live in.
+    sockets: RwLock<HashMap<NetnsId, ProcessSockets>>,
+    /// The namespace of the first capture (the process's own), where
+    /// sockets of no known namespace are taken to live.
+    first: NetnsId,
+    /// Packets held until every capture has handed over what came before
+    /// them (while captures run in several namespaces), and copies of one
+    /// packet in one namespace, told apart.
+    reorder: Mutex<Reorder<Held>>,
+    copies: Mutex<Copies>,
+    copies_left_out: AtomicU64,
+    /// How long a packet is held for order: longer than any capture holds
+    /// a packet before handing it over.
+    order_delay_ns: AtomicU64,
     openings: Mutex<Openings>,
     /// Packets waiting for their owner, in the order they came.
     candidates: Mutex<Waiting>,
@@ -269,6 +300,7 @@ impl ProcessSink {
         let member = Member {
             comm: watch.comm(),
             uid: watch.owner().unwrap_or(u32::MAX),
+            netns: crate::inventory::netns_of(watch.pid()),
         };
         // Its captures take in every TCP and UDP packet of the namespace.
         stream.capture_is_broad();
@@ -281,7 +313,12 @@ impl ProcessSink {
             members: RwLock::new(HashMap::from([(root, member)])),
             linktype: AtomicI32::new(-1),
             local_networks: Mutex::new(Vec::new()),
-            sockets: RwLock::new(ProcessSockets::default()),
+            sockets: RwLock::new(HashMap::new()),
+            first: spec.first,
+            reorder: Mutex::new(Reorder::default()),
+            copies: Mutex::new(Copies::default()),
+            copies_left_out: AtomicU64::new(0),
+            order_delay_ns: AtomicU64::new(0),
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
             neighbour_rows: Mutex::new(HashMap::new()),
@@ -310,11 +347,22 @@ impl ProcessSink {
         &self.stream
     }
 
+    /// A capture hands its packets over within `block_timeout`: packets
+    /// held for order wait longer than that.
+    fn hold_for(&self, block_timeout: Duration) {
+        let delay = block_timeout + ORDER_MARGIN;
+        self.order_delay_ns.fetch_max(
+            u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The capture opened: the stream starts, and the tracker follows the
     /// members (their sockets are known before the first packet is sorted).
     pub fn opened(self: &Arc<Self>, opened: Opened) -> std::io::Result<()> {
         self.running.fetch_add(1, Ordering::SeqCst);
         self.linktype.store(opened.linktype, Ordering::SeqCst);
+        self.hold_for(opened.block_timeout);
         *lock(&self.local_networks) = opened.local_networks.clone();
         self.stream.opened(opened);
         let first = lock(&self.first_watch)
@@ -351,7 +399,7 @@ impl ProcessSink {
                 }
             }
         }
-        let mut known: Vec<KnownSocket> = Vec::new();
+        let mut known: Vec<(KnownSocket, Option<NetnsId>)> = Vec::new();
         for watch in tracker.all_watches() {
             let sockets: Vec<&LiveSocket> = watch.sockets().collect();
             let endpoints: Vec<_> = sockets
@@ -384,30 +432,44 @@ impl ProcessSink {
                 if socket.remote.is_none() && Transport::of(socket.proto) == Some(Transport::Udp) {
                     self.probe_rivals(watch.pid(), socket, &rivals);
                 }
-                Some(KnownSocket {
-                    transport: Transport::of(socket.proto)?,
-                    local: socket.local,
-                    remote: socket.remote,
-                    name,
-                    uid: socket.uid,
-                    pid: watch.pid() as u32,
-                    seen: socket.seen,
-                    closed: socket.closed,
-                    taken,
-                    inode: socket.inode,
-                    fd: socket.fd,
-                    rivals,
-                })
+                Some((
+                    KnownSocket {
+                        transport: Transport::of(socket.proto)?,
+                        local: socket.local,
+                        remote: socket.remote,
+                        name,
+                        uid: socket.uid,
+                        pid: watch.pid() as u32,
+                        seen: socket.seen,
+                        closed: socket.closed,
+                        taken,
+                        inode: socket.inode,
+                        fd: socket.fd,
+                        rivals,
+                    },
+                    socket.netns,
+                ))
             }));
         }
-        let taken: usize = known.iter().map(|socket| socket.taken.len()).sum();
+        let taken: usize = known.iter().map(|(socket, _)| socket.taken.len()).sum();
         if self.taken_count.swap(taken, Ordering::Relaxed) != taken {
             debug!(
                 "{}: {taken} flows of more specific sockets are not its sockets'",
                 self.stream.label()
             );
         }
-        let index = ProcessSockets::new(&known, lock(&self.local_networks).clone());
+        let locals = lock(&self.local_networks).clone();
+        let mut by_namespace: HashMap<NetnsId, Vec<KnownSocket>> = HashMap::new();
+        for (socket, netns) in known {
+            by_namespace
+                .entry(netns.unwrap_or(self.first))
+                .or_default()
+                .push(socket);
+        }
+        let index: HashMap<NetnsId, ProcessSockets> = by_namespace
+            .into_iter()
+            .map(|(netns, sockets)| (netns, ProcessSockets::new(&sockets, locals.clone())))
+            .collect();
         *write(&self.sockets) = index;
         self.sort_candidates();
         self.stream.batch_end();
@@ -473,7 +535,10 @@ impl ProcessSink {
             prompt: !self.follows_events(),
         };
         let sorter = Arc::clone(self);
-        let sink: Arc<dyn PacketSink> = sorter.clone();
+        let sink: Arc<dyn PacketSink> = Arc::new(Captured {
+            sorter: Arc::clone(self),
+            netns: request.netns.id(),
+        });
         let failed_label = label.clone();
         let started = source::start(
             request,
@@ -495,6 +560,7 @@ impl ProcessSink {
                         return;
                     }
                     lock(&sorter.local_networks).extend(opened.local_networks);
+                    sorter.hold_for(opened.block_timeout);
                     sorter.stream.add_capture(opened.control);
                 }
                 Err(err) => warn!("{label}: cannot capture there: {err:?}"),
@@ -517,8 +583,13 @@ impl ProcessSink {
 
     /// Whose this packet is (see the module docs for the order in which
     /// owners are looked for).
-    fn verdict(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Verdict {
-        let sockets = read(&self.sockets);
+    fn verdict(&self, flow: &Flow, at: SystemTime, openings: &Openings, netns: NetnsId) -> Verdict {
+        let by_namespace = read(&self.sockets);
+        let none = ProcessSockets::default();
+        // Only the members' sockets that live where the packet was
+        // captured: a container's packet crossing the host's veth and
+        // bridge is the container process's there, not on the host.
+        let sockets = by_namespace.get(&netns).unwrap_or(&none);
         if let Some(owner) = sockets.connected_owner(flow, at, openings) {
             return Verdict::Ours(owner.clone());
         }
@@ -534,7 +605,7 @@ impl ProcessSink {
             drop(owners);
             if let Some(owner) = claimants
                 .iter()
-                .find_map(|claimant| self.member_owner(claimant, flow.transport))
+                .find_map(|claimant| self.member_owner(claimant, flow.transport, netns))
             {
                 return Verdict::Ours(owner);
             }
@@ -713,9 +784,23 @@ impl ProcessSink {
         networks.is_empty() || networks.iter().any(|network| network.contains(ip))
     }
 
-    /// The member's socket a packet belongs to, if it is known to be one.
+    /// The member's socket a packet belongs to, if it is known to be one,
+    /// in any of the namespaces captured.
     fn owner(&self, flow: &Flow, at: SystemTime, openings: &Openings) -> Option<Owner> {
-        match self.verdict(flow, at, openings) {
+        let namespaces: Vec<NetnsId> = lock(&self.capturing).iter().copied().collect();
+        namespaces
+            .into_iter()
+            .find_map(|netns| self.owner_in(flow, at, openings, netns))
+    }
+
+    fn owner_in(
+        &self,
+        flow: &Flow,
+        at: SystemTime,
+        openings: &Openings,
+        netns: NetnsId,
+    ) -> Option<Owner> {
+        match self.verdict(flow, at, openings, netns) {
             Verdict::Ours(owner) => Some(owner),
             Verdict::Foreign | Verdict::Unknown | Verdict::Missed(_) => None,
         }
@@ -725,12 +810,12 @@ impl ProcessSink {
     /// holds the only socket it can have gone to, and no other process was
     /// seen using that socket: a receiver that never replies is claimed by
     /// nobody, and its socket's address may not be known yet.
-    fn last_resort(&self, flow: &Flow, at: SystemTime) -> Option<Owner> {
+    fn last_resort(&self, flow: &Flow, at: SystemTime, netns: NetnsId) -> Option<Owner> {
         if flow.transport != Transport::Udp {
             return None;
         }
-        let sockets = read(&self.sockets);
-        let bound = sockets.bound_owner(flow, at)?;
+        let by_namespace = read(&self.sockets);
+        let bound = by_namespace.get(&netns)?.bound_owner(flow, at)?;
         if !bound.rivals.is_empty() {
             return None;
         }
@@ -746,14 +831,17 @@ impl ProcessSink {
     /// A packet that waited for its owner in vain: a miss if it may have
     /// been the stream's (an end on a member's port, or a time when kernel
     /// events were lost).
-    fn unplaced(&self, flow: &Flow, at: SystemTime) {
+    fn unplaced(&self, flow: &Flow, at: SystemTime, netns: NetnsId) {
         let events_lost = self
             .events
             .as_ref()
             .is_some_and(|events| events.lost_around(at));
         let on_our_ports = {
-            let sockets = read(&self.sockets);
-            let ports = sockets.ports(flow.transport);
+            let by_namespace = read(&self.sockets);
+            let ports = by_namespace
+                .get(&netns)
+                .map(|sockets| sockets.ports(flow.transport))
+                .unwrap_or_default();
             [flow.src, flow.dst]
                 .iter()
                 .any(|end| self.is_local(end.ip()) && ports.binary_search(&end.port()).is_ok())
@@ -779,7 +867,12 @@ impl ProcessSink {
 
     /// The owner for a claim by `claimant`, if it is a member (for `tree`,
     /// a process forked by a member since the tracker last looked is one).
-    fn member_owner(&self, claimant: &Claimant, transport: Transport) -> Option<Owner> {
+    fn member_owner(
+        &self,
+        claimant: &Claimant,
+        transport: Transport,
+        netns: NetnsId,
+    ) -> Option<Owner> {
         // The lookup's read guard must be gone before a new member may be
         // written below (a read guard held across the write deadlocks).
         let known = read(&self.members).get(&claimant.pid).cloned();
@@ -805,10 +898,17 @@ impl ProcessSink {
                 // the reader's by now it would have changed them, which the
                 // tracker sees at its next look.
                 uid: self.reader.unwrap_or(0),
+                netns: crate::inventory::netns_of(claimant.pid as i32),
             };
             write(&self.members).insert(claimant.pid, member.clone());
             Some(member)
         })?;
+        // Its claims speak of its own namespace's packets (events carry no
+        // namespace: a container's flow seen crossing the host is not its
+        // there).
+        if member.netns.is_some_and(|own| own != netns) {
+            return None;
+        }
         let proto = match (transport, claimant.local) {
             (Transport::Tcp, SocketAddr::V4(_)) => Proto::Tcp,
             (Transport::Tcp, SocketAddr::V6(_)) => Proto::Tcp6,
@@ -825,10 +925,20 @@ impl ProcessSink {
     /// Queues a packet of the member's socket `owner`, unless the reader is
     /// another user than the socket's: a reader who is not root gets only
     /// what the kernel gave to, or sent from, that reader's own sockets.
+    /// Each packet goes out once (a second copy, captured on a bridge and
+    /// its port, or in two members' namespaces, is left out), and, while
+    /// captures run in several namespaces, in time order.
     fn emit(&self, owner: &Owner, timestamp: Timestamp, original_length: u32, data: &[u8]) {
-        let cut_off = lock(&self.cutoff).is_some_and(|cutoff| self.wall_time(timestamp) > cutoff);
+        let at = self.wall_time(timestamp);
+        let cut_off = lock(&self.cutoff).is_some_and(|cutoff| at > cutoff);
         if cut_off || self.reader.is_some_and(|reader| reader != owner.uid) {
             self.withheld.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(identity) = packet_identity(self.linktype.load(Ordering::Relaxed), data)
+            && lock(&self.copies).is_copy(identity, at, Instant::now())
+        {
+            self.copies_left_out.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let comment = (self.stream.format == Format::PcapNg).then(|| {
@@ -838,8 +948,45 @@ impl ProcessSink {
                 .unwrap_or_default();
             format!("pid={} comm={comm} socket={}", owner.pid, owner.name)
         });
-        self.stream
-            .push(timestamp, original_length, data, comment.as_deref());
+        if lock(&self.capturing).len() > 1 {
+            lock(&self.reorder).push(
+                at,
+                Held {
+                    timestamp,
+                    original_length,
+                    data: data.to_vec(),
+                    comment,
+                },
+            );
+        } else {
+            self.stream
+                .push(timestamp, original_length, data, comment.as_deref());
+        }
+    }
+
+    /// Lets out the packets held for order that are due (all of them at
+    /// the end).
+    fn release_held(&self, all: bool) {
+        let due = {
+            let mut reorder = lock(&self.reorder);
+            if reorder.is_empty() {
+                return;
+            }
+            if all {
+                reorder.drain()
+            } else {
+                let delay = Duration::from_nanos(self.order_delay_ns.load(Ordering::Relaxed));
+                reorder.due(SystemTime::now(), delay)
+            }
+        };
+        for held in due {
+            self.stream.push(
+                held.timestamp,
+                held.original_length,
+                &held.data,
+                held.comment.as_deref(),
+            );
+        }
     }
 
     /// Keeps the waiting packets whose owner is now known, in the order
@@ -868,7 +1015,7 @@ impl ProcessSink {
                 continue;
             }
             let at = self.wall_time(candidate.timestamp);
-            match self.verdict(&candidate.flow, at, &openings) {
+            match self.verdict(&candidate.flow, at, &openings, candidate.netns) {
                 Verdict::Ours(owner) => {
                     self.candidate_bytes
                         .fetch_sub(candidate.data.len(), Ordering::Relaxed);
@@ -888,7 +1035,9 @@ impl ProcessSink {
                         .fetch_sub(candidate.data.len(), Ordering::Relaxed);
                     self.stream.missed(miss);
                 }
-                Verdict::Unknown if let Some(owner) = self.last_resort(&candidate.flow, at) => {
+                Verdict::Unknown
+                    if let Some(owner) = self.last_resort(&candidate.flow, at, candidate.netns) =>
+                {
                     self.candidate_bytes
                         .fetch_sub(candidate.data.len(), Ordering::Relaxed);
                     self.emit(
@@ -900,7 +1049,7 @@ impl ProcessSink {
                 }
                 verdict @ (Verdict::Foreign | Verdict::Unknown) => {
                     if matches!(verdict, Verdict::Unknown) {
-                        self.unplaced(&candidate.flow, at);
+                        self.unplaced(&candidate.flow, at, candidate.netns);
                     }
                     log::trace!(
                         "{}: {:?} {} > {} (syn {}) at {at:?}: {} after waiting {:?}",
@@ -978,8 +1127,39 @@ impl ProcessSink {
     }
 }
 
-impl PacketSink for ProcessSink {
+/// One capture's sink: the stream's sorter, told which namespace the
+/// capture runs in.
+struct Captured {
+    sorter: Arc<ProcessSink>,
+    netns: NetnsId,
+}
+
+impl PacketSink for Captured {
     fn packet(&self, timestamp: Timestamp, original_length: u32, data: &[u8]) {
+        self.sorter
+            .packet_in(self.netns, timestamp, original_length, data);
+    }
+
+    fn batch_end(&self) {
+        self.sorter.stream.batch_end();
+    }
+
+    fn ended(&self, stats: CaptureStats) {
+        self.sorter.capture_ended(stats);
+    }
+}
+
+impl ProcessSink {
+    /// The sink of the first capture, in the process's own namespace.
+    pub fn first_sink(self: &Arc<Self>) -> Arc<dyn PacketSink> {
+        Arc::new(Captured {
+            sorter: Arc::clone(self),
+            netns: self.first,
+        })
+    }
+
+    /// A packet the capture in namespace `netns` took.
+    fn packet_in(&self, netns: NetnsId, timestamp: Timestamp, original_length: u32, data: &[u8]) {
         let Some(flow) = flow_of(self.linktype.load(Ordering::Relaxed), data) else {
             return;
         };
@@ -999,7 +1179,7 @@ impl PacketSink for ProcessSink {
             if behind {
                 Verdict::Unknown
             } else {
-                self.verdict(&flow, at, &openings)
+                self.verdict(&flow, at, &openings, netns)
             }
         };
         match verdict {
@@ -1018,12 +1198,15 @@ impl PacketSink for ProcessSink {
             }
             Verdict::Unknown => {
                 if self.candidate_bytes.load(Ordering::Relaxed) + data.len() > CANDIDATE_BYTES {
+                    // No room to wait: a miss if it may have been ours.
                     self.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    self.unplaced(&flow, at, netns);
                     return;
                 }
                 self.candidate_bytes
                     .fetch_add(data.len(), Ordering::Relaxed);
                 lock(&self.candidates).push(Candidate {
+                    netns,
                     seen: Instant::now(),
                     timestamp,
                     original_length,
@@ -1037,11 +1220,8 @@ impl PacketSink for ProcessSink {
         }
     }
 
-    fn batch_end(&self) {
-        self.stream.batch_end();
-    }
-
-    fn ended(&self, stats: CaptureStats) {
+    /// One of the captures ended; the stream ends with the last.
+    fn capture_ended(&self, stats: CaptureStats) {
         {
             let mut total = lock(&self.stats);
             total.received += stats.received;
@@ -1052,11 +1232,14 @@ impl PacketSink for ProcessSink {
             return;
         }
         let stats = *lock(&self.stats);
+        self.release_held(true);
         debug!(
-            "{}: {} packets of the namespace belonged to no member, {} to sockets of another user",
+            "{}: {} packets of the namespace belonged to no member, {} to sockets of another \
+             user, {} were second copies of one packet",
             self.stream.label(),
             self.unclaimed.load(Ordering::Relaxed),
-            self.withheld.load(Ordering::Relaxed)
+            self.withheld.load(Ordering::Relaxed),
+            self.copies_left_out.load(Ordering::Relaxed)
         );
         self.stream.ended(stats);
     }
@@ -1130,6 +1313,7 @@ impl Tracker {
                     Member {
                         comm: watch.comm(),
                         uid: watch.owner().unwrap_or(u32::MAX),
+                        netns: crate::inventory::netns_of(child),
                     },
                 );
                 self.watches.push(watch);
@@ -1275,6 +1459,7 @@ impl Following {
             sink.stream.batch_end();
         }
         sink.narrow();
+        sink.release_held(false);
         // Never spend more than about a fifth of a core looking.
         self.interval = BUSY_INTERVAL.max(started.elapsed() * 4);
         if self.last_change.elapsed() < BUSY_FOR {
@@ -1294,6 +1479,7 @@ fn drain(
     grace: Duration,
 ) -> Option<Duration> {
     sink.sort_candidates();
+    sink.release_held(false);
     sink.stream.batch_end();
     let elapsed = started.elapsed();
     let caught_up = sink.newest_packet() >= decided || sink.quiet_for() >= DRAIN_QUIET;

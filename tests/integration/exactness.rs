@@ -270,3 +270,203 @@ fn a_reuseport_socket_and_a_reuseaddr_socket_sharing_a_port_each_see_only_theirs
 fn a_reuseaddr_socket_and_a_reuseport_socket_sharing_a_port_each_see_only_theirs() {
     two_users_share_a_port("spq", "udp-bind-reuse", "udp-bind-reuseport");
 }
+
+/// A reader that falls behind: what its socket file missed is said in the
+/// closing line, by reason, and in the pcapng stream's last block, where
+/// Wireshark's capture file properties show it (isb_osdrop), and what it
+/// holds plus what it missed is every datagram tcpdump saw.
+#[test]
+fn what_a_stream_misses_is_counted_by_reason_in_its_log_line_and_its_pcapng_end() {
+    use std::io::Read;
+    let mount = Mount::start(&["--format", "pcapng", "--buffer", "64KiB"]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm behind");
+    let receiver = peer.cmd("udp-bind 127.0.0.1:0");
+    let port = port_of(&receiver[1]);
+    let sender = peer.cmd("udp-bind 127.0.0.1:0");
+    let file = format!("udp_{}_0.0.0.0:0", receiver[1]);
+    let path = mount.dir(peer.pid, "behind").join(&file);
+    wait_until(WAIT, "the socket file", || path.exists());
+    let mut stream = std::fs::File::open(&path).unwrap();
+    let mut bytes = vec![0u8; 1 << 20];
+    let n = stream.read(&mut bytes).unwrap();
+    bytes.truncate(n);
+    let label = format!("{}_behind/{file}", peer.pid);
+    wait_until(WAIT, "the capture", || {
+        mount.log().contains(&format!("{label}: capture running"))
+    });
+    let truth = Tcpdump::start(None, "lo", &format!("udp dst port {port}"));
+    // 2,000 datagrams of 500 bytes while the reader reads nothing: the
+    // 64 KiB queue holds a hundred.
+    peer.cmd(&format!(
+        "sendto-many {} {} 2000 500",
+        sender[0], receiver[1]
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    peer.cmd(&format!("close {}", receiver[0]));
+    stream.read_to_end(&mut bytes).unwrap();
+    drop(stream);
+    let sent = truth.stop().len() as u64;
+    assert_eq!(sent, 2000);
+    let line = closing_line(&mount, &label);
+    let dropped: u64 = line
+        .split(" dropped by the queue")
+        .next()
+        .and_then(|before| before.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no queue drops in {line:?}"));
+    let (counters, comment) =
+        crate::common::packets::pcapng_end_statistics(&bytes).expect("a statistics block");
+    const IFDROP: u16 = 5;
+    const OSDROP: u16 = 7;
+    const USRDELIV: u16 = 8;
+    assert_eq!(counters.get(&OSDROP), Some(&dropped), "{counters:?}");
+    assert_eq!(counters.get(&IFDROP), Some(&0), "{counters:?}");
+    assert!(comment.contains("dropped by the queue"), "{comment}");
+    let delivered = counters[&USRDELIV];
+    assert_eq!(delivered + dropped, sent, "{line}");
+    assert!(dropped > 1000, "{line}");
+    // tshark reads the whole stream, statistics block and all.
+    let scratch = crate::common::ScratchDir::new("isb");
+    let saved = scratch.0.join("stream.pcapng");
+    std::fs::write(&saved, &bytes).unwrap();
+    let tshark = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert!(tshark.status.success(), "{tshark:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&tshark.stdout).lines().count() as u64,
+        delivered
+    );
+}
+
+/// The runtime's side of a container, as a script: in the "host"
+/// namespace it holds a socket and starts the container's server (a child
+/// that enters the container's namespace), then, on "go", talks to it
+/// itself; both ends of those connections are the tree's.
+const SHIM: &str = r#"
+import socket, subprocess, sys
+keep = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+keep.bind(("127.0.0.1", 0))
+server = subprocess.Popen(["ip", "netns", "exec", sys.argv[1], "python3", sys.argv[2], sys.argv[3]],
+                          stdout=subprocess.PIPE)
+server.stdout.readline()
+print(server.pid, flush=True)
+sys.stdin.readline()
+for i in range(5):
+    c = socket.create_connection((sys.argv[4], int(sys.argv[3])))
+    c.sendall(b"from-the-shim-%d" % i)
+    c.recv(100)
+    c.close()
+print("done", flush=True)
+sys.stdin.readline()
+server.kill()
+"#;
+
+/// The container's server: echoes one message per connection.
+const SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(c.recv(100))
+    c.close()
+"#;
+
+/// A tree whose members live in two namespaces joined by a bridge (a
+/// container's server, and the runtime's process on the host that started
+/// it): each of its packets once, in time order, exactly the packets the
+/// container's interface carried, whether the other end is a member (the
+/// host process) or not (a client on the host).
+#[test]
+fn a_tree_across_two_namespaces_holds_each_packet_once_in_time_order() {
+    use std::io::{BufRead, Write};
+    let mount = Mount::start(&[]);
+    let (host, container) = crate::common::netns::bridged("tns", 51);
+    let scratch = crate::common::ScratchDir::new("tree-ns");
+    let (shim_path, server_path) = (scratch.0.join("shim.py"), scratch.0.join("server.py"));
+    std::fs::write(&shim_path, SHIM).unwrap();
+    std::fs::write(&server_path, SERVER).unwrap();
+    let port = crate::common::nginx::free_port();
+    let mut shim = std::process::Command::new("ip")
+        .args(["netns", "exec", &host.name, "python3"])
+        .arg(&shim_path)
+        .arg(&container.name)
+        .arg(&server_path)
+        .arg(port.to_string())
+        .arg("10.78.51.2")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(shim.stdout.take().unwrap()).lines();
+    let _server: u32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let shim_pid = shim.id();
+    let truth = Tcpdump::start(Some(&container.name), "any", &format!("tcp port {port}"));
+    let tree = open_stream(&mount, shim_pid, "python3", "tree");
+    // Both namespaces are captured before the traffic starts.
+    wait_until(WAIT, "a capture in the container's namespace", || {
+        mount.log().lines().any(|line| {
+            line.contains(&format!("{shim_pid}_python3/tree (netns"))
+                && line.contains("capture running")
+        })
+    });
+    let mut client = Peer::spawn_in_netns(&host.name);
+    for i in 0..5 {
+        let connection = client.cmd(&format!("tcp-connect 10.78.51.2:{port}"));
+        client.cmd(&format!("send {} from-a-client-{i}", connection[0]));
+        client.cmd(&format!("recv {} 15", connection[0]));
+        client.cmd(&format!("close {}", connection[0]));
+    }
+    let mut input = shim.stdin.take().unwrap();
+    writeln!(input, "go").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap().trim(), "done");
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(input, "exit").unwrap();
+    drop(input);
+    shim.wait().unwrap();
+    drop(client);
+    let expected = truth.stop();
+    let (bytes, reader) = tree;
+    wait_until(WAIT, "the tree to end", || reader.is_finished());
+    let scratch_file = scratch.0.join("tree.pcap");
+    std::fs::write(&scratch_file, &*bytes.lock().unwrap()).unwrap();
+    // In time order.
+    let mut capture =
+        pcap::Capture::from_file_with_precision(&scratch_file, pcap::Precision::Nano).unwrap();
+    let mut last = (0, 0);
+    while let Ok(packet) = capture.next_packet() {
+        let stamp = (packet.header.ts.tv_sec, packet.header.ts.tv_usec);
+        assert!(stamp >= last, "out of order: {stamp:?} after {last:?}");
+        last = stamp;
+    }
+    // Each packet once (read_pcap_file fails on a record twice), and
+    // exactly the container's interface's.
+    let held = crate::common::packets::read_pcap_file(&scratch_file).1;
+    let mut held_sorted = held.clone();
+    held_sorted.sort_by_key(|p| format!("{p:?}"));
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(
+        held_sorted.len(),
+        expected_sorted.len(),
+        "the tree: {} packets, the container's interface: {}",
+        held.len(),
+        expected.len()
+    );
+    assert_eq!(held_sorted, expected_sorted);
+    assert_eq!(
+        payloads(&held)
+            .iter()
+            .filter(|p| p.starts_with("from-the-shim"))
+            .count(),
+        10,
+        "the shim's messages and their echoes, once each"
+    );
+}

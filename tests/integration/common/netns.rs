@@ -78,3 +78,51 @@ pub fn linked_pair(tag: &str, n: u8) -> (Netns, Netns) {
     ip(&["-n", &second.name, "link", "set", &b, "up"]);
     (first, second)
 }
+
+/// A "host" namespace with a bridge (10.78.<n>.1/24) and a "container"
+/// namespace joined to it by a veth pair (10.78.<n>.2/24), as a container
+/// runtime lays them out: the container's packets cross the veth's host
+/// end and the bridge in the host namespace.
+pub fn bridged(tag: &str, n: u8) -> (Netns, Netns) {
+    let host = Netns::new(&format!("{tag}h"));
+    let container = Netns::new(&format!("{tag}c"));
+    let (bridge, outside, inside) = (format!("br{n}"), format!("vh{n}"), format!("vc{n}"));
+    ip(&["-n", &host.name, "link", "add", &bridge, "type", "bridge"]);
+    ip(&[
+        "-n",
+        &host.name,
+        "addr",
+        "add",
+        &format!("10.78.{n}.1/24"),
+        "dev",
+        &bridge,
+    ]);
+    ip(&["-n", &host.name, "link", "set", &bridge, "up"]);
+    ip(&[
+        "-n",
+        &host.name,
+        "link",
+        "add",
+        &outside,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &inside,
+        "netns",
+        &container.name,
+    ]);
+    ip(&["-n", &host.name, "link", "set", &outside, "master", &bridge]);
+    ip(&["-n", &host.name, "link", "set", &outside, "up"]);
+    ip(&[
+        "-n",
+        &container.name,
+        "addr",
+        "add",
+        &format!("10.78.{n}.2/24"),
+        "dev",
+        &inside,
+    ]);
+    ip(&["-n", &container.name, "link", "set", &inside, "up"]);
+    (host, container)
+}

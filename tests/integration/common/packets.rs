@@ -160,3 +160,44 @@ fn complete_prefix(bytes: &[u8]) -> usize {
         end += 16 + captured;
     }
 }
+
+/// The options of the last interface statistics block of a pcapng stream
+/// (native byte order, as the daemon writes it): code → value for the
+/// 64-bit counters, and the comment.
+pub fn pcapng_end_statistics(
+    bytes: &[u8],
+) -> Option<(std::collections::HashMap<u16, u64>, String)> {
+    let u32_at = |at: usize| Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let mut at = 0;
+    let mut found = None;
+    while let (Some(kind), Some(length)) = (u32_at(at), u32_at(at + 4)) {
+        let length = length as usize;
+        if length < 12 || at + length > bytes.len() {
+            break;
+        }
+        if kind == 5 {
+            found = Some(&bytes[at..at + length]);
+        }
+        at += length;
+    }
+    let block = found?;
+    // Interface id, timestamp high and low, then options.
+    let mut options = 20;
+    let mut counters = std::collections::HashMap::new();
+    let mut comment = String::new();
+    while options + 4 <= block.len() - 4 {
+        let code = u16::from_ne_bytes(block[options..options + 2].try_into().ok()?);
+        let length = u16::from_ne_bytes(block[options + 2..options + 4].try_into().ok()?) as usize;
+        let value = block.get(options + 4..options + 4 + length)?;
+        match (code, length) {
+            (0, _) => break,
+            (1, _) => comment = String::from_utf8_lossy(value).into_owned(),
+            (_, 8) => {
+                counters.insert(code, u64::from_ne_bytes(value.try_into().ok()?));
+            }
+            _ => {}
+        }
+        options += 4 + length.div_ceil(4) * 4;
+    }
+    Some((counters, comment))
+}
