@@ -20,9 +20,10 @@
 //!   to the wildcard, and to a connected UDP socket over an unconnected one;
 //!   a connection to a listener bound to the exact address goes to that
 //!   listener. Such flows are left out of the wildcard socket's filter.
-//!   SO_REUSEPORT groups are not split (the kernel picks a member by a hash
-//!   no one outside sees), but every member of a group has the same owner:
-//!   the kernel lets only one effective uid join a group.
+//!   Sockets bound alike to one port ([`rivals_of`]: SO_REUSEADDR
+//!   wildcards, a SO_REUSEPORT group) cannot be split by a filter: the
+//!   kernel picks one per datagram, and only its events tell which
+//!   (`crate::stream::shared_port`).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
