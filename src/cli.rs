@@ -85,15 +85,16 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
     pub buffer: usize,
 
-    /// Bytes of the kernel's packet ring per stream (what absorbs a burst
-    /// before the daemon picks it up), e.g. 2MiB, 8MiB.
-    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_size)]
+    /// Bytes of the kernel's packet ring per stream once packets come (what
+    /// absorbs a burst, or a stalled daemon, before the daemon picks it
+    /// up), e.g. 8MiB, 32MiB. A stream starts with 1 MiB until then.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub kernel_buffer: usize,
 
     /// The longest the kernel holds a packet before handing it to a stream
-    /// (its block timeout), e.g. 2ms for a live view. By default the ring
-    /// rides out 1.5 s of a stalled daemon at a trickle (187 ms for a 2 MiB
-    /// ring, less for a bigger one); a shorter delay gives that up.
+    /// (its block timeout; 8ms by default, for a live view). The ring rides
+    /// out a stalled daemon for this times its 256 KiB blocks at a trickle
+    /// (256 ms for 8 MiB); a longer delay rides out longer.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub max_delay: Option<Duration>,
 

@@ -38,6 +38,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let _claim = claim_mountpoint(&mountpoint)?;
     check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
+    crate::memory::configure();
     if cli.allow_other && !nix::unistd::geteuid().is_root() && !user_allow_other() {
         return Err(
             "--allow-other needs user_allow_other in /etc/fuse.conf for a user who is not root \

@@ -91,6 +91,9 @@ pub struct Deliveries {
     /// and when they last did: a socket several processes hold (a
     /// prefork server's) is each one's only for what it sent or read.
     users: HashMap<u64, HashMap<u32, SystemTime>>,
+    /// Addresses whose data-ready events the kernel sends, and since when
+    /// (it is asked to, socket by socket, as streams need them).
+    watched: HashMap<u64, SystemTime>,
     /// Spans in which events were lost: activity there is incomplete.
     lost: Vec<(SystemTime, SystemTime)>,
     /// The newest event time applied.
@@ -107,6 +110,7 @@ impl Deliveries {
             inode_at: HashMap::new(),
             activity: HashMap::new(),
             users: HashMap::new(),
+            watched: HashMap::new(),
             lost: Vec::new(),
             newest: SystemTime::UNIX_EPOCH,
         }
@@ -132,6 +136,21 @@ impl Deliveries {
                 .probes
                 .values()
                 .any(|queue| queue.iter().any(|(asked, _)| *asked == inode))
+    }
+
+    /// The kernel sends the data-ready events of `addresses` from `since`
+    /// on (and of no other).
+    pub fn watching(&mut self, addresses: &[u64], since: SystemTime) {
+        self.watched
+            .retain(|address, _| addresses.contains(address));
+        for address in addresses {
+            self.watched.entry(*address).or_insert(since);
+        }
+    }
+
+    /// Socket `inode`'s kernel address, if known.
+    pub fn address_of(&self, inode: u64) -> Option<u64> {
+        self.known.get(&inode).map(|known| known.address)
     }
 
     /// Since when socket `inode`'s activity is known.
@@ -259,7 +278,22 @@ impl Deliveries {
             return Delivery::Pending;
         }
         match self.known.get(&ours) {
-            Some(known) if known.since <= from => {}
+            Some(known) if known.since <= from => {
+                // What was queued to it is told only once the kernel sends
+                // its data-ready events.
+                if io == Io::Received
+                    && self
+                        .watched
+                        .get(&known.address)
+                        .is_none_or(|since| *since > from)
+                {
+                    return if self.watched.contains_key(&known.address) {
+                        Delivery::Undecided
+                    } else {
+                        Delivery::Pending
+                    };
+                }
+            }
             Some(_) => return Delivery::Undecided,
             None => return Delivery::Pending,
         }
@@ -414,6 +448,7 @@ mod tests {
         deliveries.asked(50, 200, at(0));
         deliveries.apply(&peek(1, 50, 0xa));
         deliveries.apply(&peek(2, 50, 0xb));
+        deliveries.watching(&[0xa, 0xb], at(3));
         deliveries
     }
 
@@ -534,6 +569,7 @@ mod tests {
         // Socket 100 closed; socket 300 is made at its address.
         deliveries.asked(50, 300, at(2_000));
         deliveries.apply(&peek(2_001, 50, 0xa));
+        deliveries.watching(&[0xa, 0xb], at(2_002));
         assert_eq!(deliveries.known_since(100), None);
         assert_eq!(deliveries.known_since(300), Some(at(2_001)));
         deliveries.apply(&queued(3_000, 0xa));

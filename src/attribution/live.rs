@@ -12,7 +12,8 @@ use log::{debug, warn};
 use super::deliveries::{Deliveries, Delivery, Io};
 use super::owners::FlowOwners;
 use super::probe;
-use crate::events::{Consumer, Reader, Sample};
+use crate::events::decode::{Event, NOTHING, TCP_CLOSE, TCP_SYN_RECV, TCP_SYN_SENT, Tracepoint};
+use crate::events::{Consumer, FilterHandle, Reader, Sample};
 
 /// How often old claims and activity are forgotten.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
@@ -20,6 +21,15 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
 const INTEREST_KEPT: Duration = Duration::from_secs(60);
 /// How often lost events are told in the log, at most.
 const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// A TCP socket that has been read this many times in a window, and so
+/// claimed, is no longer read about: its later reads add nothing.
+const BUSY_READS: u32 = 16;
+/// How many such sockets the kernel filter leaves out at most (a filter
+/// is a few instructions a socket).
+const MAX_QUIET: usize = 64;
+/// How often the filters change at most, and how long reads are counted.
+const NARROWING_INTERVAL: Duration = Duration::from_millis(50);
+const READS_WINDOW: Duration = Duration::from_secs(1);
 
 /// The daemon's one source of kernel events.
 #[derive(Default)]
@@ -49,8 +59,11 @@ impl KernelEvents {
                 reported_lost: 0,
             }),
             interest: Mutex::new(HashMap::new()),
+            narrowing: Mutex::new(Narrowing::default()),
+            wants_deliveries: Mutex::new(std::collections::HashSet::new()),
         });
-        let reader = Reader::start(Arc::clone(&shared) as Arc<dyn Consumer>)?;
+        let (reader, filters) = Reader::start(Arc::clone(&shared) as Arc<dyn Consumer>)?;
+        lock(&shared.narrowing).handle = Some(filters);
         let running = Arc::new(Live {
             shared,
             reader: Some(reader),
@@ -75,6 +88,131 @@ struct Shared {
     housekeeping: Mutex<Housekeeping>,
     /// Sockets streams asked about, and when they last did.
     interest: Mutex<HashMap<u64, Instant>>,
+    /// What the kernel is asked for, narrowed as the streams' needs go.
+    narrowing: Mutex<Narrowing>,
+    /// Sockets (inodes) whose deliveries a stream needs: their data-ready
+    /// events are read.
+    wants_deliveries: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Events the kernel is asked not to send: each busy TCP socket's reads
+/// once it is claimed (a redis connection reads tens of thousands of times
+/// a second, and its first read already told whose it is), and data-ready
+/// events of every socket no stream needs the deliveries of.
+#[derive(Default)]
+struct Narrowing {
+    handle: Option<FilterHandle>,
+    /// Sockets (kernel addresses) whose reads are left out.
+    quiet: Vec<u64>,
+    /// Reads per socket in the current window.
+    reads: HashMap<u64, u32>,
+    window: Option<Instant>,
+    /// Addresses whose data-ready events are read.
+    delivered: Vec<u64>,
+    changed: bool,
+    applied: Option<Instant>,
+}
+
+impl Narrowing {
+    /// Takes the events just applied into account.
+    fn note(&mut self, samples: &[Sample]) {
+        if self
+            .window
+            .is_none_or(|start| start.elapsed() >= READS_WINDOW)
+        {
+            self.window = Some(Instant::now());
+            self.reads.clear();
+        }
+        for sample in samples {
+            match sample.decoded.event {
+                Event::TcpReceive { sock, .. } if !sample.decoded.in_interrupt => {
+                    let reads = self.reads.entry(sock).or_insert(0);
+                    *reads += 1;
+                    if *reads >= BUSY_READS
+                        && self.quiet.len() < MAX_QUIET
+                        && !self.quiet.contains(&sock)
+                    {
+                        self.quiet.push(sock);
+                        self.changed = true;
+                    }
+                }
+                // A socket starting or ending: its address may be a new
+                // socket's next, whose first read must be told.
+                Event::TcpState {
+                    sock,
+                    new_state: TCP_SYN_SENT | TCP_SYN_RECV | TCP_CLOSE,
+                    ..
+                } => {
+                    if let Some(at) = self.quiet.iter().position(|quiet| *quiet == sock) {
+                        self.quiet.swap_remove(at);
+                        self.changed = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The data-ready events wanted are those of `addresses`.
+    fn deliver_for(&mut self, mut addresses: Vec<u64>) {
+        addresses.sort_unstable();
+        if addresses != self.delivered {
+            self.delivered = addresses;
+            self.changed = true;
+        }
+    }
+
+    /// Asks the kernel for what is wanted now, if it changed (at most every
+    /// [`NARROWING_INTERVAL`]); the addresses whose data-ready events are
+    /// read from now on, when that changed.
+    fn apply(&mut self) -> Option<Vec<u64>> {
+        if !self.changed
+            || self
+                .applied
+                .is_some_and(|at| at.elapsed() < NARROWING_INTERVAL)
+        {
+            return None;
+        }
+        let handle = self.handle.as_mut()?;
+        self.changed = false;
+        self.applied = Some(Instant::now());
+        let reads = if self.quiet.is_empty() {
+            "skaddr != 0".to_owned()
+        } else {
+            self.quiet
+                .iter()
+                .map(|sock| format!("skaddr != {sock:#x}"))
+                .collect::<Vec<_>>()
+                .join(" && ")
+        };
+        let delivered = if self.delivered.is_empty() {
+            NOTHING.to_owned()
+        } else {
+            format!(
+                "protocol == 17 && ({})",
+                self.delivered
+                    .iter()
+                    .map(|sock| format!("skaddr == {sock:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(" || ")
+            )
+        };
+        let mut watched = None;
+        for (point, filter) in [
+            (Tracepoint::RcvSpaceAdjust, reads),
+            (Tracepoint::DataReady, delivered),
+        ] {
+            if !handle.reads(point) {
+                continue;
+            }
+            match handle.set(point, &filter) {
+                Ok(()) if point == Tracepoint::DataReady => watched = Some(self.delivered.clone()),
+                Ok(()) => {}
+                Err(err) => debug!("kernel events: cannot filter {}: {err}", point.path()),
+            }
+        }
+        watched
+    }
 }
 
 struct Housekeeping {
@@ -102,6 +240,29 @@ impl Shared {
 
 impl Consumer for Shared {
     fn apply(&self, samples: &[Sample], until: SystemTime) {
+        {
+            let mut narrowing = lock(&self.narrowing);
+            narrowing.note(samples);
+            let wanted: Vec<u64> = lock(&self.wants_deliveries).iter().copied().collect();
+            if !wanted.is_empty() || !narrowing.delivered.is_empty() {
+                let deliveries = self
+                    .deliveries
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let addresses = wanted
+                    .iter()
+                    .filter_map(|inode| deliveries.address_of(*inode))
+                    .collect();
+                drop(deliveries);
+                narrowing.deliver_for(addresses);
+            }
+            if let Some(watched) = narrowing.apply() {
+                self.deliveries
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .watching(&watched, SystemTime::now());
+            }
+        }
         if !samples.is_empty() {
             let mut owners = self.owners.write().unwrap_or_else(PoisonError::into_inner);
             for sample in samples {
@@ -128,6 +289,7 @@ impl Consumer for Shared {
                 interest.retain(|_, asked| asked.elapsed() < INTEREST_KEPT);
                 interest.clone()
             };
+            lock(&self.wants_deliveries).retain(|inode| interest.contains_key(inode));
             self.deliveries
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -194,10 +356,15 @@ impl Live {
     }
 
     /// Learns socket `inode`'s kernel address (held by process `pid` as
-    /// fd `fd`), unless it is known or asked for already. The answer comes
-    /// with the events; Err: the socket cannot be asked.
-    pub fn probe(&self, pid: i32, fd: i32, inode: u64) -> std::io::Result<()> {
+    /// fd `fd`), unless it is known or asked for already, and, if
+    /// `deliveries`, reads which datagrams the kernel queues to it from
+    /// now on. The answer comes with the events; Err: the socket cannot be
+    /// asked.
+    pub fn probe(&self, pid: i32, fd: i32, inode: u64, deliveries: bool) -> std::io::Result<()> {
         lock(&self.shared.interest).insert(inode, Instant::now());
+        if deliveries {
+            lock(&self.shared.wants_deliveries).insert(inode);
+        }
         if self.deliveries().probed(inode) {
             return Ok(());
         }

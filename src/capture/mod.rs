@@ -2,9 +2,11 @@
 //! ([`classify`], pure: packet → the process's socket it belongs to) and how
 //! ([`source`]: a libpcap handle opened in the socket's network namespace;
 //! [`service`]: the few daemon threads that open, read and close every
-//! capture). Knows nothing of FUSE or of the stream format.
+//! capture; [`growth`]: a small ring first, the full one once packets
+//! come). Knows nothing of FUSE or of the stream format.
 
 pub mod classify;
 pub mod filter;
+pub mod growth;
 pub mod service;
 pub mod source;

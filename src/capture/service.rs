@@ -65,6 +65,8 @@ struct Running {
     capture: Capture<Active>,
     sink: Arc<dyn PacketSink>,
     label: String,
+    /// The capture's link type (a new filter is made for it).
+    linktype: i32,
 }
 
 /// The sending side of one poller.
@@ -88,32 +90,139 @@ fn ring(wake: &OwnedFd) {
     let _ = rustix::io::write(wake, &1u64.to_ne_bytes());
 }
 
-/// Stops a running capture or changes its filter, from any thread.
+/// Stops a running capture or changes its filter, from any thread. One
+/// control may stand for a capture that was replaced by a larger one
+/// ([`super::growth`]): it reaches whichever runs.
 #[derive(Clone)]
 pub struct CaptureControl {
+    shared: Arc<Mutex<ControlState>>,
+}
+
+struct ControlState {
+    /// The running captures it stands for (two while one replaces another).
+    targets: Vec<Target>,
+    /// The filter last set, for a capture that replaces this one.
+    filter: Option<String>,
+    stopped: bool,
+}
+
+struct Target {
     id: u64,
     commands: Sender<Command>,
     wake: Arc<OwnedFd>,
 }
 
+impl Target {
+    fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            ring(&self.wake);
+        }
+    }
+}
+
 impl CaptureControl {
+    fn new(target: Target) -> CaptureControl {
+        CaptureControl {
+            shared: Arc::new(Mutex::new(ControlState {
+                targets: vec![target],
+                filter: None,
+                stopped: false,
+            })),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Ends the capture: its poller hands over what the kernel already
     /// gave, then calls [`PacketSink::ended`]. Idempotent.
     pub fn stop(&self) {
-        if self.commands.send(Command::Stop(self.id)).is_ok() {
-            ring(&self.wake);
+        let mut state = self.state();
+        state.stopped = true;
+        for target in &state.targets {
+            target.send(Command::Stop(target.id));
         }
     }
 
     /// Replaces the kernel filter of the running capture.
     pub fn set_filter(&self, filter: String) {
-        if self
-            .commands
-            .send(Command::SetFilter(self.id, filter))
-            .is_ok()
-        {
-            ring(&self.wake);
+        let mut state = self.state();
+        for target in &state.targets {
+            target.send(Command::SetFilter(target.id, filter.clone()));
         }
+        state.filter = Some(filter);
+    }
+
+    /// The filter last set, if any (else the capture's first).
+    pub fn filter(&self) -> Option<String> {
+        self.state().filter.clone()
+    }
+
+    /// Whether it was told to stop.
+    pub fn stopped(&self) -> bool {
+        self.state().stopped
+    }
+
+    /// From now on it also stands for `other`'s capture (stopped at once
+    /// if this one was).
+    pub fn join(&self, other: &CaptureControl) {
+        let joined: Vec<Target> = std::mem::take(&mut other.state().targets);
+        let mut state = self.state();
+        for target in joined {
+            if state.stopped {
+                target.send(Command::Stop(target.id));
+            }
+            state.targets.push(target);
+        }
+        // The other now stands for what this one does.
+        other.state().targets = Vec::new();
+    }
+
+    /// Stops the first capture it stood for, and forgets it: the one that
+    /// was replaced.
+    pub fn retire_first(&self) {
+        let mut state = self.state();
+        if state.targets.len() > 1 {
+            let first = state.targets.remove(0);
+            first.send(Command::Stop(first.id));
+        }
+    }
+}
+
+/// The most packet sockets closed at once.
+const CLOSED_AT_ONCE: usize = 64;
+
+/// Closes spent captures. Each close waits for RCU grace periods (about
+/// 25 ms here, seconds on a loaded machine), and the kernel frees the
+/// ring's memory only then: a thousand streams closed one after the other
+/// would hold their rings for half a minute. Closes waiting together share
+/// their grace periods, so what is queued is closed at once, each on a
+/// thread of its own that ends with its close (at most [`CLOSED_AT_ONCE`]).
+fn close_spent(to_close: &Receiver<Capture<Active>>) {
+    while let Ok(first) = to_close.recv() {
+        let mut batch = vec![first];
+        while batch.len() < CLOSED_AT_ONCE {
+            match to_close.try_recv() {
+                Ok(capture) => batch.push(capture),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == 1 {
+            drop(batch);
+            continue;
+        }
+        thread::scope(|scope| {
+            for capture in batch {
+                let closing = thread::Builder::new()
+                    .name("capture-closing".into())
+                    .spawn_scoped(scope, move || drop(capture));
+                // No thread to be had: closed here instead.
+                if let Err(err) = closing {
+                    debug!("closing a capture on the closer itself: {err}");
+                }
+            }
+        });
     }
 }
 
@@ -162,12 +271,7 @@ impl Service {
         let (spent, to_close) = crossbeam_channel::unbounded::<Capture<Active>>();
         let closer = thread::Builder::new()
             .name("capture-closer".into())
-            .spawn(move || {
-                // Each drop closes a packet socket (an RCU grace period).
-                for capture in to_close {
-                    drop(capture);
-                }
-            })?;
+            .spawn(move || close_spent(&to_close))?;
         let mut pollers = Vec::new();
         let mut handles = Vec::new();
         for index in 0..threads_per_kind() {
@@ -265,16 +369,17 @@ fn open_each(jobs: &Receiver<OpenJob>, pollers: &[PollerHandle]) {
         poller.send(Command::Adopt(
             id,
             Box::new(Running {
+                linktype: details.linktype(),
                 capture,
                 sink: job.sink,
                 label,
             }),
         ));
-        let control = CaptureControl {
+        let control = CaptureControl::new(Target {
             id,
             commands: poller.commands.clone(),
             wake: Arc::clone(&poller.wake),
-        };
+        });
         (job.on_ready)(Ok(details.with_control(control)));
         poller.send(Command::Resume(id));
     }
@@ -365,7 +470,11 @@ impl Poller {
                     let running = self.captures.get_mut(&id).or(self.paused.get_mut(&id));
                     if let Some(running) = running {
                         debug!("{}: filter now {filter}", running.label);
-                        if let Err(err) = running.capture.filter(&filter, true) {
+                        if let Err(err) = super::source::attach_filter(
+                            &mut running.capture,
+                            &filter,
+                            running.linktype,
+                        ) {
                             warn!("{}: filter {filter:?} refused: {err}", running.label);
                         }
                     }

@@ -15,51 +15,83 @@ use super::filter::{FilterTarget, LocalNetwork, Taken, bpf_filter_for, without_t
 pub use super::service::{CaptureControl, start};
 use crate::inventory::Netns;
 
-/// How long a stalled capture (a daemon stopped, starved or swapping) may
-/// fall behind a trickle of packets before the kernel drops any.
+/// How late a trickle's packet may reach the reader: the block timeout, by
+/// default (a live view, `wireshark -k -i <(cat …)`, sees each packet
+/// within it).
 ///
 /// Not libpcap's immediate mode: that switches to TPACKET_V2, whose ring on
 /// the "any" device holds one snaplen-sized frame per packet (a handful with
-/// the default 2 MiB buffer and 256 KiB snaplen), so a burst of a few small
-/// packets is dropped. TPACKET_V3 packs packets by their real size into
-/// blocks of 256 KiB (libpcap's fixed size) and hands a block over when it
-/// is full or when the block timeout fires with packets in it. At a
-/// trickle every timeout hands over a nearly empty block, so a ring of N
-/// blocks covers N timeouts of stall: the timeout is this span divided by
-/// the ring's blocks ([`block_timeout`]). That is also how late a packet of
-/// a trickle may reach the reader; a bigger `--kernel-buffer` makes it
-/// sooner. (Not for a capture that asks to be [`CaptureRequest::prompt`].)
-pub const STALL_SPAN: Duration = Duration::from_millis(1500);
+/// a few MiB and a 256 KiB snaplen), so a burst of a few small packets is
+/// dropped. TPACKET_V3 packs packets by their real size into blocks of 256
+/// KiB (libpcap's fixed size) and hands a block over when it is full or when
+/// the block timeout fires with packets in it. At a trickle every timeout
+/// hands over a nearly empty block, so a ring of N blocks rides out N
+/// timeouts of a stalled daemon (stopped, starved, swapping): 32 blocks
+/// (the grown ring of 8 MiB) at 8 ms, 256 ms; a busy flow fills its blocks
+/// long before their timeout, and the ring holds 8 MiB of it. A stream
+/// opens with a ring of [`SPROUT_RING`] and grows to its full size once
+/// packets come ([`super::growth`]): an idle stream costs under 1 MiB.
+pub const LIVE_DELAY: Duration = Duration::from_millis(8);
 /// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
 const BLOCK_BYTES: usize = 256 << 10;
-/// The block timeout's bounds: soon enough for a live view and for a
-/// stream's end ([`crate::stream::CLOSE_GRACE`] must exceed it), and not a
-/// wake-up per packet.
-const BLOCK_TIMEOUT_BOUNDS: (Duration, Duration) =
-    (Duration::from_millis(2), Duration::from_millis(200));
+/// A stream's ring until its first packets: three blocks (with what else
+/// a stream holds, under a megabyte).
+pub const SPROUT_RING: usize = 3 * BLOCK_BYTES;
+/// The small ring's block timeout: longer, so that its three blocks ride
+/// out the few milliseconds a burst takes to be seen and the full ring to
+/// open (a block a timeout, 96 ms of a trickle). Only a stream's first
+/// packets wait this long.
+const SPROUT_TIMEOUT: Duration = Duration::from_millis(32);
+/// The shortest block timeout (a prompt capture's): not a wake-up per
+/// packet.
+const SHORTEST_TIMEOUT: Duration = Duration::from_millis(2);
 
-/// A capture's ring size and block timeout.
-fn geometry(request: &CaptureRequest, settings: &CaptureSettings) -> (usize, Duration) {
+/// How a capture's ring is sized: small until the stream's first packets,
+/// then grown ([`super::growth`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingStage {
+    Sprout,
+    Grown,
+}
+
+/// A capture's full ring size (pure).
+fn full_ring(request: &CaptureRequest, settings: &CaptureSettings) -> usize {
     // A process's stream takes every TCP and UDP packet of the namespace,
-    // far more than one socket's: its ring absorbs a longer stall.
-    let ring = match request.filter {
-        CaptureFilter::Socket(..) => settings.kernel_buffer,
+    // far more than one socket's.
+    match request.filter {
         CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
+        CaptureFilter::Socket(..) | CaptureFilter::Exact(_) => settings.kernel_buffer,
+    }
+}
+
+/// Whether a capture starts small and grows: a socket file's, whose full
+/// ring is larger. An `all` or `tree` capture takes in its whole
+/// namespace's traffic, and is rarely idle long: it starts full.
+pub fn grows(request: &CaptureRequest, settings: &CaptureSettings) -> bool {
+    matches!(request.filter, CaptureFilter::Socket(..))
+        && full_ring(request, settings) > SPROUT_RING
+}
+
+/// A capture's ring size and block timeout (pure).
+fn geometry(request: &CaptureRequest, settings: &CaptureSettings) -> (usize, Duration) {
+    let full = full_ring(request, settings);
+    let ring = match request.stage {
+        RingStage::Sprout => SPROUT_RING.min(full),
+        RingStage::Grown => full,
     };
-    let timeout = match (request.prompt, settings.max_delay) {
-        (true, _) => BLOCK_TIMEOUT_BOUNDS.0,
-        (false, Some(asked)) => asked.max(Duration::from_millis(1)),
-        (false, None) => block_timeout(ring),
+    let timeout = match (request.prompt, settings.max_delay, request.stage) {
+        (true, _, _) => SHORTEST_TIMEOUT,
+        (false, Some(asked), _) => asked.max(Duration::from_millis(1)),
+        (false, None, RingStage::Sprout) if ring < full => SPROUT_TIMEOUT,
+        (false, None, _) => LIVE_DELAY,
     };
     (ring, timeout)
 }
 
-/// The block timeout of a ring of `ring` bytes (pure): [`STALL_SPAN`] over
-/// its blocks, within [`BLOCK_TIMEOUT_BOUNDS`].
-pub fn block_timeout(ring: usize) -> Duration {
-    let blocks = u32::try_from((ring / BLOCK_BYTES).max(1)).unwrap_or(u32::MAX);
-    let (least, most) = BLOCK_TIMEOUT_BOUNDS;
-    (STALL_SPAN / blocks).clamp(least, most)
+/// How long a stalled daemon a ring of `ring` bytes rides out at a trickle
+/// with block timeout `timeout` (pure): a block a timeout.
+pub fn stall_span(ring: usize, timeout: Duration) -> Duration {
+    timeout * u32::try_from((ring / BLOCK_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
 /// The least kernel ring of an `all` or `tree` stream's captures.
@@ -119,10 +151,12 @@ pub struct CaptureRequest {
     pub filter: CaptureFilter,
     /// For log lines: which file this capture feeds.
     pub label: String,
-    /// Hand every block over within 2 ms, giving up riding out a stall
-    /// (see [`STALL_SPAN`]): for a sorter that must see a flow's packets
-    /// while its socket is still in /proc.
+    /// Hand every block over within 2 ms (riding out a quarter of the
+    /// stall): for a sorter that must see a flow's packets while its socket
+    /// is still in /proc.
     pub prompt: bool,
+    /// The ring's stage (a new capture starts small: [`super::growth`]).
+    pub stage: RingStage,
 }
 
 /// Which packets a capture keeps.
@@ -133,6 +167,8 @@ pub enum CaptureFilter {
     /// Every TCP and UDP packet of the namespace, for a process's `all`
     /// stream to sort in user space.
     TcpAndUdp,
+    /// This filter, as a capture that replaces another had it last.
+    Exact(String),
 }
 
 /// A packet's capture time.
@@ -196,6 +232,10 @@ pub(super) struct Details {
 }
 
 impl Details {
+    pub(super) fn linktype(&self) -> i32 {
+        self.linktype
+    }
+
     pub(super) fn with_control(self, control: CaptureControl) -> Opened {
         Opened {
             linktype: self.linktype,
@@ -252,12 +292,12 @@ pub(super) fn open(
             .map(|filter| without_taken(filter, taken))
             .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
         CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
+        CaptureFilter::Exact(filter) => filter.clone(),
     };
     debug!("{}: capture filter: {filter}", request.label);
-    capture
-        .filter(&filter, true)
-        .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
     let linktype = capture.get_datalink().0;
+    attach_filter(&mut capture, &filter, linktype)
+        .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
     let details = Details {
         linktype,
         snaplen: settings.snaplen,
@@ -266,6 +306,119 @@ pub(super) fn open(
         block_timeout: timeout,
     };
     Ok((capture, details))
+}
+
+/// Runs `filter` in the capture's kernel. On the `any` device (Linux
+/// cooked headers) it also leaves out there the outgoing copy of each
+/// loopback packet: the kernel hands a packet socket both copies of a
+/// loopback packet, and libpcap drops the outgoing one only once it has
+/// taken room in the ring and been counted, so each loopback packet cost
+/// two frames and a full ring counted each lost packet twice. libpcap
+/// itself cannot say that in the kernel for cooked headers (it runs any
+/// filter that reads the header's device type in user space, every packet
+/// copied first), so the program it compiles is given to the kernel here,
+/// its reads of the cooked header turned into the kernel's own fields.
+pub(super) fn attach_filter(
+    capture: &mut Capture<Active>,
+    filter: &str,
+    linktype: i32,
+) -> Result<(), pcap::Error> {
+    const LINKTYPE_LINUX_SLL: i32 = 113;
+    if linktype == LINKTYPE_LINUX_SLL {
+        // Packet type 4 is outgoing; device type 772 loopback.
+        let text = format!("({filter}) and not (outbound and link[2:2] == 772)");
+        let program = capture.compile(&text, true)?;
+        let instructions: Option<Vec<Instruction>> = program
+            .get_instructions()
+            .iter()
+            .map(|instruction| parse_instruction(&instruction.to_string()))
+            .collect();
+        if let Some(kernel) = instructions.and_then(|program| cooked_for_kernel(&program)) {
+            use std::os::fd::AsRawFd;
+            if attach_socket_filter(capture.as_raw_fd(), &kernel).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    capture.filter(filter, true)
+}
+
+/// One classic BPF instruction: code, jump if true, jump if false, k.
+pub type Instruction = (u16, u8, u8, u32);
+
+/// An instruction as the pcap crate prints it ("code jt jf k").
+fn parse_instruction(text: &str) -> Option<Instruction> {
+    let mut fields = text.split_whitespace();
+    let instruction = (
+        fields.next()?.parse().ok()?,
+        fields.next()?.parse().ok()?,
+        fields.next()?.parse().ok()?,
+        fields.next()?.parse().ok()?,
+    );
+    fields.next().is_none().then_some(instruction)
+}
+
+/// A program compiled for Linux cooked (v1) headers, as the kernel runs it
+/// on a packet without one (pure): reads of the header's packet type,
+/// device type and protocol become the kernel's ancillary fields, reads
+/// past it move back by its 16 bytes. None if it reads another part of the
+/// header (the kernel has no such field).
+pub fn cooked_for_kernel(program: &[Instruction]) -> Option<Vec<Instruction>> {
+    const BPF_LD: u16 = 0x00;
+    const BPF_LDX: u16 = 0x01;
+    const BPF_ABS: u16 = 0x20;
+    const BPF_IND: u16 = 0x40;
+    const BPF_MSH: u16 = 0xa0;
+    const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
+    const SKF_AD_PROTOCOL: u32 = 0;
+    const SKF_AD_PKTTYPE: u32 = 4;
+    const SKF_AD_HATYPE: u32 = 28;
+    const SLL_HDR_LEN: u32 = 16;
+    program
+        .iter()
+        .map(|&(code, jt, jf, k)| {
+            let loads = matches!(code & 0x07, BPF_LD | BPF_LDX)
+                && matches!(code & 0xe0, BPF_ABS | BPF_IND | BPF_MSH);
+            if !loads || k >= SKF_AD_OFF {
+                return Some((code, jt, jf, k));
+            }
+            let k = match k {
+                0 => SKF_AD_OFF + SKF_AD_PKTTYPE,
+                2 => SKF_AD_OFF + SKF_AD_HATYPE,
+                14 => SKF_AD_OFF + SKF_AD_PROTOCOL,
+                k if k >= SLL_HDR_LEN => k - SLL_HDR_LEN,
+                _ => return None,
+            };
+            Some((code, jt, jf, k))
+        })
+        .collect()
+}
+
+/// Attaches a classic BPF program to a socket (SO_ATTACH_FILTER).
+fn attach_socket_filter(fd: std::os::fd::RawFd, program: &[Instruction]) -> std::io::Result<()> {
+    let mut filter: Vec<nix::libc::sock_filter> = program
+        .iter()
+        .map(|&(code, jt, jf, k)| nix::libc::sock_filter { code, jt, jf, k })
+        .collect();
+    let fprog = nix::libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: a valid program that outlives the call; the kernel copies it.
+    let result = unsafe {
+        nix::libc::setsockopt(
+            fd,
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&fprog).cast(),
+            std::mem::size_of::<nix::libc::sock_fprog>() as nix::libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The current namespace's own addresses: each interface address, and a
@@ -338,25 +491,44 @@ fn classify(err: pcap::Error) -> CaptureError {
 
 #[cfg(test)]
 mod tests {
-    use super::{BLOCK_TIMEOUT_BOUNDS, PROCESS_RING, STALL_SPAN, block_timeout, linktype_for};
+    use super::{LIVE_DELAY, PROCESS_RING, SPROUT_RING, SPROUT_TIMEOUT, linktype_for, stall_span};
     use std::time::Duration;
 
     #[test]
-    fn a_ring_covers_the_stall_span_at_a_trickle() {
-        // A socket file's default ring: 8 blocks.
-        assert_eq!(block_timeout(2 << 20), Duration::from_micros(187_500));
-        // A 32-block ring.
-        assert_eq!(block_timeout(PROCESS_RING), Duration::from_micros(46_875));
-        for ring in [1 << 20, 2 << 20, 8 << 20, 32 << 20, 64 << 20] {
-            let blocks = (ring / (256 << 10)) as u32;
-            let timeout = block_timeout(ring);
-            assert!(timeout * blocks >= STALL_SPAN || timeout == BLOCK_TIMEOUT_BOUNDS.1);
-        }
-        // Bounded both ways: a huge ring is not a wake-up per packet, a
-        // tiny one not a reader waiting seconds.
-        assert_eq!(block_timeout(4 << 30), BLOCK_TIMEOUT_BOUNDS.0);
-        assert_eq!(block_timeout(0), BLOCK_TIMEOUT_BOUNDS.1);
-        assert!(BLOCK_TIMEOUT_BOUNDS.1 < crate::stream::CLOSE_GRACE);
+    fn a_grown_ring_rides_out_a_stall_at_a_live_views_delay() {
+        // The default: 8 MiB, 32 blocks, handed over within 8 ms.
+        assert_eq!(stall_span(8 << 20, LIVE_DELAY), Duration::from_millis(256));
+        assert!(LIVE_DELAY <= Duration::from_millis(10));
+        assert!(stall_span(PROCESS_RING, LIVE_DELAY) >= Duration::from_millis(200));
+        // An idle stream's ring: under a megabyte, riding out ~100 ms.
+        assert_eq!(SPROUT_RING, 3 << 18);
+        assert!(stall_span(SPROUT_RING, SPROUT_TIMEOUT) >= Duration::from_millis(90));
+        assert!(LIVE_DELAY < crate::stream::CLOSE_GRACE);
+    }
+
+    #[test]
+    fn cooked_header_reads_become_the_kernels_fields() {
+        use super::cooked_for_kernel;
+        const AD: u32 = (-0x1000i32) as u32;
+        // ldh [14]; jeq #0x800; ldh [0]; jeq #4; ldh [2]; jeq #772; ldb [25]; ret
+        let program = [
+            (0x28, 0, 0, 14),
+            (0x15, 0, 3, 0x800),
+            (0x28, 0, 0, 0),
+            (0x15, 0, 1, 4),
+            (0x28, 0, 0, 2),
+            (0x15, 1, 0, 772),
+            (0x30, 0, 0, 25),
+            (0x06, 0, 0, 262_144),
+        ];
+        let kernel = cooked_for_kernel(&program).unwrap();
+        assert_eq!(kernel[0].3, AD);
+        assert_eq!(kernel[2].3, AD + 4);
+        assert_eq!(kernel[4].3, AD + 28);
+        assert_eq!(kernel[6].3, 9, "the IPv4 protocol, past the cooked header");
+        assert_eq!(kernel[1], program[1], "jumps are left as they are");
+        // The link-layer address has no kernel field.
+        assert_eq!(cooked_for_kernel(&[(0x20, 0, 0, 6)]), None);
     }
 
     #[test]

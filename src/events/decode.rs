@@ -47,14 +47,29 @@ impl Tracepoint {
         Tracepoint::ProcessFork,
     ];
 
-    /// What the kernel lets into the ring of this tracepoint's events
-    /// (an ftrace filter), where not all of them are wanted: every TCP
-    /// segment queued to a socket would wake the data-ready event too.
+    /// What the kernel lets into the ring of this tracepoint's events at
+    /// first (an ftrace filter), where not all of them are wanted: every
+    /// TCP segment queued to a socket would wake the data-ready event too,
+    /// and only UDP route lookups in a process's own context claim. TCP
+    /// sends and receives are told by `tcp_rcv_space_adjust` and state
+    /// changes, with their tuple; the socket-only events are read for UDP.
+    /// The consumer may narrow them further as it goes
+    /// ([`FilterHandle::set`]).
     pub fn kernel_filter(self) -> Option<&'static str> {
         match self {
-            Tracepoint::DataReady => Some("protocol == 17"),
+            Tracepoint::SendLength | Tracepoint::RecvLength => Some("protocol == 17"),
+            // Nothing until a socket sharing its port is asked about.
+            Tracepoint::DataReady => Some(NOTHING),
+            Tracepoint::FibLookup | Tracepoint::Fib6Lookup => {
+                Some("proto == 17 && !(common_flags & 0x58)")
+            }
             _ => None,
         }
+    }
+
+    /// Whether a consumer may change its filter while it is read.
+    pub fn narrowed(self) -> bool {
+        matches!(self, Tracepoint::RcvSpaceAdjust | Tracepoint::DataReady)
     }
 
     /// `events/<system>/<name>` under tracefs.
@@ -71,6 +86,9 @@ impl Tracepoint {
         }
     }
 }
+
+/// A filter no event passes: a tracepoint read only when the consumer asks.
+pub const NOTHING: &str = "common_pid == -1";
 
 /// What one event says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

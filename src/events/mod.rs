@@ -20,6 +20,7 @@ pub mod decode;
 pub mod format;
 pub mod perf;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,18 +67,63 @@ pub struct Reader {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Changes which events of a tracepoint reach the rings, while the reader
+/// runs: asking the kernel for less where the consumer needs less. The
+/// kernel takes a filter once per event, so a new filter is a new event
+/// into the same ring, and the old one is disabled.
+pub struct FilterHandle {
+    /// Per tracepoint its id, and on every CPU the ring's first event (to
+    /// write into) and the tracepoint's event now.
+    events: Vec<(Tracepoint, u64, Vec<FilteredEvent>)>,
+}
+
+struct FilteredEvent {
+    cpu: i32,
+    ring: OwnedFd,
+    current: OwnedFd,
+}
+
+impl FilterHandle {
+    /// Lets only events matching `filter` (an ftrace filter expression) of
+    /// `point` into the rings, on every CPU.
+    pub fn set(&mut self, point: Tracepoint, filter: &str) -> std::io::Result<()> {
+        for (_, id, events) in self
+            .events
+            .iter_mut()
+            .filter(|(known, _, _)| *known == point)
+        {
+            for event in events.iter_mut() {
+                let replacement = perf::open_into(*id, event.cpu, filter, &event.ring)?;
+                perf::disable(&event.current);
+                event.current = replacement;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the reader reads `point` at all (this kernel has it).
+    pub fn reads(&self, point: Tracepoint) -> bool {
+        self.events.iter().any(|(known, _, _)| *known == point)
+    }
+}
+
 impl Reader {
     /// Opens the tracepoints on every CPU and starts reading them into
-    /// `consumer`. Err: why events cannot be had here.
-    pub fn start(consumer: Arc<dyn Consumer>) -> Result<Reader, String> {
+    /// `consumer`; the handle changes their filters. Err: why events
+    /// cannot be had here.
+    pub fn start(consumer: Arc<dyn Consumer>) -> Result<(Reader, FilterHandle), String> {
         let tracefs = tracefs()?;
         let mut decoder = Decoder::default();
         let mut ids = Vec::new();
+        let mut points = Vec::new();
         for point in Tracepoint::ALL {
             match read_tracepoint(&tracefs, point)
                 .and_then(|(id, layout)| decoder.learn(point, id, &layout).map(|()| id))
             {
-                Ok(id) => ids.push((u64::from(id), point.kernel_filter())),
+                Ok(id) => {
+                    ids.push((u64::from(id), point.kernel_filter()));
+                    points.push(point);
+                }
                 Err(err) if REQUIRED.contains(&point) => {
                     return Err(format!("tracepoint {} cannot be read: {err}", point.path()));
                 }
@@ -95,6 +141,25 @@ impl Reader {
                 ),
                 _ => format!("perf_event_open failed: {err}"),
             })?;
+        // The tracepoints a consumer narrows as it goes; the first (the
+        // route lookups, whose event owns each ring's mapping) never is.
+        let mut events = Vec::new();
+        for (index, point) in points.iter().enumerate().skip(1) {
+            if !point.narrowed() {
+                continue;
+            }
+            let mut on_cpus = Vec::new();
+            for (ring, &cpu) in rings.iter().zip(&cpus) {
+                let (Some(first), Some(current)) = (ring.event_fd(0), ring.event_fd(index)) else {
+                    continue;
+                };
+                let (Ok(ring), Ok(current)) = (first.try_clone(), current.try_clone()) else {
+                    continue;
+                };
+                on_cpus.push(FilteredEvent { cpu, ring, current });
+            }
+            events.push((*point, ids[index].0, on_cpus));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let reader_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -107,10 +172,13 @@ impl Reader {
             cpus.len(),
             tracefs.display()
         );
-        Ok(Reader {
-            stop,
-            thread: Some(thread),
-        })
+        Ok((
+            Reader {
+                stop,
+                thread: Some(thread),
+            },
+            FilterHandle { events },
+        ))
     }
 }
 

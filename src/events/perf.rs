@@ -94,6 +94,11 @@ impl Ring {
         &self.fds[0]
     }
 
+    /// The `index`th tracepoint's event, to change its filter through.
+    pub fn event_fd(&self, index: usize) -> Option<&OwnedFd> {
+        self.fds.get(index)
+    }
+
     /// Hands every record in the ring to `each` (the record's bytes, header
     /// included), oldest first, and frees their room.
     pub fn drain(&mut self, mut each: impl FnMut(&[u8])) {
@@ -151,8 +156,34 @@ fn copy_wrapped(ring: &[u8], start: usize, out: &mut [u8]) {
     }
 }
 
-/// Lets only the events matching `filter` into the ring.
-fn set_filter(fd: &OwnedFd, filter: &str) -> io::Result<()> {
+/// Opens tracepoint `id` on `cpu` with `filter`, writing into the ring
+/// of `ring` (a ring's first event), and enables it: how a tracepoint's
+/// filter is changed (the kernel takes a filter once per event).
+pub fn open_into(id: u64, cpu: i32, filter: &str, ring: &OwnedFd) -> io::Result<OwnedFd> {
+    let fd = open_event(id, cpu)?;
+    set_filter(&fd, filter)?;
+    // SAFETY: both are perf fds of the same CPU.
+    if unsafe { sys::ioctls::SET_OUTPUT(fd.as_raw_fd(), ring.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a perf fd; ENABLE takes no argument.
+    if unsafe { sys::ioctls::ENABLE(fd.as_raw_fd(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Stops an event writing into its ring.
+pub fn disable(fd: &OwnedFd) {
+    // SAFETY: a perf fd; DISABLE takes no argument.
+    unsafe {
+        sys::ioctls::DISABLE(fd.as_raw_fd(), 0);
+    }
+}
+
+/// Lets only the events matching `filter` (an ftrace filter expression)
+/// into the ring.
+pub fn set_filter(fd: &OwnedFd, filter: &str) -> io::Result<()> {
     let text = std::ffi::CString::new(filter).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: a perf fd and a NUL-terminated string the kernel only reads.
     if unsafe { sys::ioctls::SET_FILTER(fd.as_raw_fd(), text.as_ptr().cast_mut()) } != 0 {

@@ -37,7 +37,7 @@ use log::{debug, info, warn};
 use crate::attribution::KernelEvents;
 use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
 use crate::capture::source::{
-    self, CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink,
+    CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink, RingStage,
 };
 use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
@@ -499,6 +499,7 @@ impl NetstatFs {
             filter: CaptureFilter::Socket(target, taken),
             label,
             prompt: false,
+            stage: RingStage::Sprout,
         };
         self.launch(
             request,
@@ -601,6 +602,7 @@ impl NetstatFs {
             filter: CaptureFilter::TcpAndUdp,
             label,
             prompt,
+            stage: RingStage::Sprout,
         };
         self.launch(
             request,
@@ -628,11 +630,8 @@ impl NetstatFs {
         let label = request.label.clone();
         let streams = Arc::clone(&self.streams);
         let started =
-            source::start(
-                request,
-                &self.options.capture,
-                sink,
-                move |outcome| match outcome {
+            crate::capture::growth::start(request, &self.options.capture, sink, move |outcome| {
+                match outcome {
                     Ok(opened) => {
                         debug!(
                             "{label}: capture running, packets handed over within {:?}",
@@ -651,8 +650,8 @@ impl NetstatFs {
                         );
                     }
                     Err(err) => reply.error(capture_errno(&label, &err)),
-                },
-            );
+                }
+            });
         if let Err(err) = started {
             warn!("cannot start a capture: {err}");
         }

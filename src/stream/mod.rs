@@ -175,6 +175,8 @@ pub struct Stream {
     /// `tree` stream's takes its namespaces' TCP and UDP, and sorts): what
     /// the kernel dropped may be anyone's.
     broad: AtomicBool,
+    /// Of the packets a broad capture took in, how many were the stream's.
+    share: Mutex<(u64, u64)>,
     /// The capture ended: what is queued is all there will be.
     capture_ended: AtomicBool,
     has_pending: AtomicBool,
@@ -230,6 +232,7 @@ impl Stream {
             delivered: AtomicU64::new(0),
             misses: Misses::default(),
             broad: AtomicBool::new(false),
+            share: Mutex::new((0, 0)),
             capture_ended: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             state: Mutex::new(ReadState {
@@ -539,8 +542,25 @@ impl Stream {
         let kernel = u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface);
         let broad = self.broad.load(Ordering::Relaxed);
         let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        // A broad capture's ring drops are the namespace's: this stream's
+        // share of them is taken to be its share of what the ring took.
+        let (kernel_ours, kernel_what) = if broad {
+            let (ours, seen) = *lock(&self.share);
+            let estimate = if seen == 0 {
+                kernel
+            } else {
+                (kernel as f64 * ours as f64 / seen as f64).round() as u64
+            };
+            (
+                estimate,
+                "dropped by the kernel (estimated: the capture's ring dropped packets of the \
+                 namespace, and these are this stream's share of what it took)",
+            )
+        } else {
+            (kernel, "dropped by the kernel")
+        };
         let reasons = [
-            (if broad { 0 } else { kernel }, "dropped by the kernel"),
+            (kernel_ours, kernel_what),
             (
                 count(&self.dropped_by_queue),
                 "dropped by the queue (the reader fell behind)",
@@ -562,6 +582,12 @@ impl Stream {
         (missed, if broad { kernel } else { 0 })
     }
 
+    /// Of the packets a broad capture took in, how many were the stream's
+    /// (for its share of the ring's drops).
+    pub fn share(&self, ours: u64, seen: u64) {
+        *lock(&self.share) = (ours, seen);
+    }
+
     fn log_closing(&self, stats: CaptureStats) {
         let (missed, anyones) = self.miss_report(stats);
         let total: u64 = missed.iter().map(|(n, _)| n).sum();
@@ -581,9 +607,7 @@ impl Stream {
         }
         if anyones > 0 {
             line.push_str(&format!(
-                "; the capture's ring also dropped {anyones} packets of the namespace before \
-                 they could be sorted (any process's; a miss of this stream among them \
-                 would be in the count above only if seen)"
+                "; the capture's ring dropped {anyones} packets of the namespace in all"
             ));
         }
         info!("{line}");
@@ -592,8 +616,11 @@ impl Stream {
     /// The pcapng statistics block the stream ends with.
     fn end_statistics(&self, stats: CaptureStats) -> pcapng::EndStatistics {
         let (missed, anyones) = self.miss_report(stats);
-        let broad = self.broad.load(Ordering::Relaxed);
-        let kernel = u64::from(stats.dropped_by_kernel) + u64::from(stats.dropped_by_interface);
+        let kernel_ours: u64 = missed
+            .iter()
+            .filter(|(_, what)| what.starts_with("dropped by the kernel"))
+            .map(|(n, _)| n)
+            .sum();
         let ours_after_kernel: u64 = missed
             .iter()
             .filter(|(_, what)| !what.starts_with("dropped by the kernel"))
@@ -605,12 +632,12 @@ impl Stream {
             .collect();
         if anyones > 0 {
             comment.push(format!(
-                "the capture's ring dropped {anyones} packets of the namespace before sorting (any process's)"
+                "the capture's ring dropped {anyones} packets of the namespace in all"
             ));
         }
         pcapng::EndStatistics {
             received: Some(u64::from(stats.received)),
-            dropped_by_interface: (!broad).then_some(kernel),
+            dropped_by_interface: Some(kernel_ours),
             dropped_by_us: ours_after_kernel,
             delivered: self.pushed.load(Ordering::Relaxed),
             comment: (!comment.is_empty()).then(|| comment.join("; ")),

@@ -12,8 +12,8 @@
 //! [`Copies`] tells a second copy from a new packet.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, SystemTime};
 
 /// Packets held until due, let out by time.
 #[derive(Debug)]
@@ -42,12 +42,16 @@ impl<T> Reorder<T> {
         self.items.insert(seq, item);
     }
 
-    /// The packets stamped at least `delay` before `now`, oldest first
-    /// (those stamped alike in the order they came).
-    pub fn due(&mut self, now: SystemTime, delay: Duration) -> Vec<T> {
+    /// The packets stamped at least `delay` before `now`, and before
+    /// `before` if given (a packet still waiting to be placed may come
+    /// later with that stamp), oldest first (those stamped alike in the
+    /// order they came).
+    pub fn due(&mut self, now: SystemTime, delay: Duration, before: Option<SystemTime>) -> Vec<T> {
         let mut out = Vec::new();
         while let Some(Reverse((at, seq))) = self.heap.peek().copied() {
-            if now.duration_since(at).unwrap_or_default() < delay {
+            if now.duration_since(at).unwrap_or_default() < delay
+                || before.is_some_and(|before| at >= before)
+            {
                 break;
             }
             self.heap.pop();
@@ -81,39 +85,77 @@ const SAME_PACKET: Duration = Duration::from_micros(500);
 /// before handing it over (its copy in another capture comes that late).
 const REMEMBERED: Duration = Duration::from_millis(300);
 
-/// The packets a stream let out lately, to tell copies.
+/// The packets a stream let out lately, to tell copies: two generations
+/// of identities, the older forgotten as a whole when the newer is
+/// [`REMEMBERED`] old (no per-packet bookkeeping beyond one lookup and one
+/// insert).
 #[derive(Debug, Default)]
 pub struct Copies {
-    /// By identity: when it was stamped.
-    stamped: HashMap<u64, SystemTime>,
-    /// Identities by when they came, to forget them.
-    arrivals: VecDeque<(Instant, u64)>,
+    current: HashMap<u64, SystemTime, BuildIdentity>,
+    previous: HashMap<u64, SystemTime, BuildIdentity>,
+    /// The newest stamp of the current generation's first packet.
+    began: Option<SystemTime>,
+}
+
+/// Identities are hashes already: used as they are.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuildIdentity;
+
+impl std::hash::BuildHasher for BuildIdentity {
+    type Hasher = IdentityHasher;
+    fn build_hasher(&self) -> IdentityHasher {
+        IdentityHasher(0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdentityHasher(u64);
+
+impl std::hash::Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*byte) ^ (self.0 >> 56);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
 }
 
 impl Copies {
     /// Whether a packet of `identity` (see
-    /// [`crate::capture::classify::packet_identity`]) stamped `at` and
-    /// come `now` is a copy of one let out just before, in this namespace
-    /// or another; notes it if not.
-    pub fn is_copy(&mut self, identity: u64, at: SystemTime, now: Instant) -> bool {
-        while let Some(&(came, old)) = self.arrivals.front() {
-            if now.duration_since(came) <= REMEMBERED {
-                break;
+    /// [`crate::capture::classify::packet_identity`]) stamped `at` is a
+    /// copy of one let out just before, in this namespace or another;
+    /// notes it if not. Generations turn by the packets' stamps (another
+    /// capture's come up to a block late, so older stamps keep coming).
+    pub fn is_copy(&mut self, identity: u64, at: SystemTime) -> bool {
+        match self.began {
+            Some(began) if at.duration_since(began).unwrap_or_default() <= REMEMBERED => {}
+            _ => {
+                let room = self.current.len();
+                self.previous = std::mem::replace(
+                    &mut self.current,
+                    HashMap::with_capacity_and_hasher(room, BuildIdentity),
+                );
+                self.began = Some(at);
             }
-            self.arrivals.pop_front();
-            self.stamped.remove(&old);
         }
-        if let Some(stamped) = self.stamped.get(&identity) {
+        let seen = self
+            .current
+            .get(&identity)
+            .or_else(|| self.previous.get(&identity));
+        if let Some(stamped) = seen {
             let apart = at
                 .duration_since(*stamped)
-                .or_else(|err| Ok::<_, ()>(err.duration()))
-                .unwrap_or_default();
+                .unwrap_or_else(|err| err.duration());
             if apart <= SAME_PACKET {
                 return true;
             }
         }
-        self.stamped.insert(identity, at);
-        self.arrivals.push_back((now, identity));
+        self.current.insert(identity, at);
         false
     }
 }
@@ -138,8 +180,10 @@ mod tests {
             reorder.push(at(micros), micros);
         }
         let delay = Duration::from_millis(50);
-        assert!(reorder.due(at(40_000), delay).is_empty());
-        assert_eq!(reorder.due(at(50_400), delay), [100, 200, 300, 400]);
+        assert!(reorder.due(at(40_000), delay, None).is_empty());
+        // A packet stamped 250 µs still waits for its owner.
+        assert_eq!(reorder.due(at(50_400), delay, Some(at(250))), [100, 200]);
+        assert_eq!(reorder.due(at(50_400), delay, None), [300, 400]);
         assert_eq!(reorder.drain(), [500, 600]);
         assert!(reorder.is_empty());
     }
@@ -147,15 +191,16 @@ mod tests {
     #[test]
     fn a_second_capture_of_one_packet_is_a_copy() {
         let mut copies = Copies::default();
-        let now = Instant::now();
-        assert!(!copies.is_copy(7, at(100), now));
-        assert!(copies.is_copy(7, at(140), now), "the bridge after its port");
-        assert!(!copies.is_copy(8, at(160), now), "another packet");
+        assert!(!copies.is_copy(7, at(100)));
+        assert!(copies.is_copy(7, at(140)), "the bridge after its port");
+        assert!(!copies.is_copy(8, at(160)), "another packet");
         // The other namespace's capture hands its copy over a block later,
         // stamped a little before.
-        assert!(copies.is_copy(8, at(120), now + Duration::from_millis(40)));
-        assert!(!copies.is_copy(7, at(5_000), now), "long after: sent again");
-        // Forgotten once long come.
-        assert!(!copies.is_copy(7, at(5_100), now + Duration::from_secs(1)));
+        assert!(copies.is_copy(8, at(120)));
+        assert!(!copies.is_copy(7, at(5_000)), "long after: sent again");
+        // Forgotten two generations on.
+        assert!(!copies.is_copy(9, at(400_000)));
+        assert!(!copies.is_copy(10, at(800_000)));
+        assert!(!copies.is_copy(8, at(800_100)));
     }
 }

@@ -58,7 +58,7 @@ use crate::capture::filter::{
     FilterTarget, ForeignFlow, LocalNetwork, process_filter, rivals_of, taken_from,
 };
 use crate::capture::source::{
-    self, CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink,
+    CaptureFilter, CaptureRequest, CaptureSettings, CaptureStats, Opened, PacketSink, RingStage,
     Timestamp,
 };
 use crate::inventory::live::{LiveSocket, ProcessWatch, children_of};
@@ -74,8 +74,7 @@ const EXIT_GRACE: Duration = super::CLOSE_GRACE;
 /// taking what the kernel captured before that (packets stamped later are
 /// cut off): until the block filling then has been handed over.
 fn revoke_drain() -> Duration {
-    crate::capture::source::block_timeout(crate::capture::source::PROCESS_RING)
-        + Duration::from_millis(50)
+    crate::capture::source::LIVE_DELAY + Duration::from_millis(50)
 }
 
 /// A capture that delivered nothing for this long has drained its ring.
@@ -112,6 +111,12 @@ const RESCAN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often it looks while they open and close sockets.
 const BUSY_INTERVAL: Duration = Duration::from_millis(1);
 const BUSY_FOR: Duration = Duration::from_secs(1);
+/// The same when kernel events tell whose a flow is: the members' fds are
+/// then looked at only for what the events do not say (their unconnected
+/// sockets, the namespaces they live in), so far less often; a look at a
+/// busy server's hundred fds costs a fifth of a millisecond.
+const EVENTS_RESCAN_INTERVAL: Duration = Duration::from_millis(50);
+const EVENTS_BUSY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Which processes a stream follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +157,7 @@ const ORDER_MARGIN: Duration = Duration::from_millis(20);
 struct Waiting {
     queue: VecDeque<Candidate>,
     /// How many packets of each flow wait.
-    flows: HashMap<ForeignFlow, usize>,
+    flows: rustc_hash::FxHashMap<ForeignFlow, usize>,
 }
 
 impl Waiting {
@@ -209,6 +214,10 @@ pub struct ProcessSink {
     reorder: Mutex<Reorder<Held>>,
     copies: Mutex<Copies>,
     copies_left_out: AtomicU64,
+    /// Packets sorted, and of them the stream's (for its share of what the
+    /// ring dropped).
+    seen: AtomicU64,
+    ours: AtomicU64,
     /// How long a packet is held for order: longer than any capture holds
     /// a packet before handing it over.
     order_delay_ns: AtomicU64,
@@ -231,6 +240,9 @@ pub struct ProcessSink {
     /// Set once the process is no longer the reader's: no packet captured
     /// after this moment is given to them.
     cutoff: Mutex<Option<SystemTime>>,
+    revoked: AtomicBool,
+    /// Captures run in more than one namespace (packets are held for order).
+    several_captures: AtomicBool,
     /// The capture time of the newest packet seen (ns since the epoch), and
     /// when it was handed over: how far behind the captures are.
     newest_packet_ns: AtomicU64,
@@ -318,6 +330,8 @@ impl ProcessSink {
             reorder: Mutex::new(Reorder::default()),
             copies: Mutex::new(Copies::default()),
             copies_left_out: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            ours: AtomicU64::new(0),
             order_delay_ns: AtomicU64::new(0),
             openings: Mutex::new(Openings::default()),
             candidates: Mutex::new(Waiting::default()),
@@ -328,6 +342,8 @@ impl ProcessSink {
             unclaimed: AtomicU64::new(0),
             withheld: AtomicU64::new(0),
             cutoff: Mutex::new(None),
+            revoked: AtomicBool::new(false),
+            several_captures: AtomicBool::new(false),
             newest_packet_ns: AtomicU64::new(0),
             last_packet: Mutex::new(Instant::now()),
             poke: OnceLock::new(),
@@ -347,10 +363,11 @@ impl ProcessSink {
         &self.stream
     }
 
-    /// A capture hands its packets over within `block_timeout`: packets
-    /// held for order wait longer than that.
+    /// A capture hands its packets over within `block_timeout` (twice
+    /// that and a margin while its ring grows: see
+    /// [`crate::capture::growth`]): packets held for order wait longer.
     fn hold_for(&self, block_timeout: Duration) {
-        let delay = block_timeout + ORDER_MARGIN;
+        let delay = block_timeout * 2 + crate::capture::growth::RETIRE_MARGIN + ORDER_MARGIN;
         self.order_delay_ns.fetch_max(
             u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -384,6 +401,7 @@ impl ProcessSink {
             last_change: Instant::now(),
             interval: BUSY_INTERVAL,
             last_adoption: Instant::now(),
+            last_rescan: Instant::now(),
         }))?;
         let _ = self.poke.set(poke);
         Ok(())
@@ -394,7 +412,11 @@ impl ProcessSink {
     fn update(self: &Arc<Self>, tracker: &Tracker) {
         for watch in tracker.all_watches() {
             for netns in watch.namespaces() {
-                if lock(&self.capturing).insert(netns.id()) {
+                let mut capturing = lock(&self.capturing);
+                if capturing.insert(netns.id()) {
+                    self.several_captures
+                        .store(capturing.len() > 1, Ordering::Relaxed);
+                    drop(capturing);
                     self.capture_in(netns.clone());
                 }
             }
@@ -533,6 +555,7 @@ impl ProcessSink {
             filter: CaptureFilter::TcpAndUdp,
             label: label.clone(),
             prompt: !self.follows_events(),
+            stage: RingStage::Sprout,
         };
         let sorter = Arc::clone(self);
         let sink: Arc<dyn PacketSink> = Arc::new(Captured {
@@ -540,32 +563,30 @@ impl ProcessSink {
             netns: request.netns.id(),
         });
         let failed_label = label.clone();
-        let started = source::start(
-            request,
-            &self.settings,
-            sink,
-            move |outcome| match outcome {
-                Ok(opened) => {
-                    debug!(
-                        "{label}: capture running, packets handed over within {:?}",
-                        opened.block_timeout
-                    );
-                    sorter.running.fetch_add(1, Ordering::SeqCst);
-                    if opened.linktype != sorter.linktype.load(Ordering::SeqCst) {
-                        warn!(
-                            "{label}: another link type ({}) than the stream's; not captured",
-                            opened.linktype
+        let started =
+            crate::capture::growth::start(request, &self.settings, sink, move |outcome| {
+                match outcome {
+                    Ok(opened) => {
+                        debug!(
+                            "{label}: capture running, packets handed over within {:?}",
+                            opened.block_timeout
                         );
-                        opened.control.stop();
-                        return;
+                        sorter.running.fetch_add(1, Ordering::SeqCst);
+                        if opened.linktype != sorter.linktype.load(Ordering::SeqCst) {
+                            warn!(
+                                "{label}: another link type ({}) than the stream's; not captured",
+                                opened.linktype
+                            );
+                            opened.control.stop();
+                            return;
+                        }
+                        lock(&sorter.local_networks).extend(opened.local_networks);
+                        sorter.hold_for(opened.block_timeout);
+                        sorter.stream.add_capture(opened.control);
                     }
-                    lock(&sorter.local_networks).extend(opened.local_networks);
-                    sorter.hold_for(opened.block_timeout);
-                    sorter.stream.add_capture(opened.control);
+                    Err(err) => warn!("{label}: cannot capture there: {err:?}"),
                 }
-                Err(err) => warn!("{label}: cannot capture there: {err:?}"),
-            },
-        );
+            });
         if let Err(err) = started {
             warn!("{failed_label}: cannot start a capture: {err}");
         }
@@ -718,7 +739,7 @@ impl ProcessSink {
         let Some(events) = &self.events else {
             return;
         };
-        if let Err(err) = events.probe(pid, socket.fd, socket.inode) {
+        if let Err(err) = events.probe(pid, socket.fd, socket.inode, !rivals.is_empty()) {
             debug!(
                 "{}: cannot ask socket {} its kernel address: {err}",
                 self.stream.label(),
@@ -742,7 +763,7 @@ impl ProcessSink {
             for rival in missing {
                 let asked = crate::inventory::holder_of(rival)
                     .ok_or_else(|| std::io::Error::other("no process holds it"))
-                    .and_then(|(pid, fd)| events.probe(pid, fd, rival));
+                    .and_then(|(pid, fd)| events.probe(pid, fd, rival, true));
                 if let Err(err) = asked {
                     debug!("{label}: cannot ask socket {rival} its kernel address: {err}");
                 }
@@ -916,7 +937,7 @@ impl ProcessSink {
             (Transport::Udp, SocketAddr::V6(_)) => Proto::Udp6,
         };
         Some(Owner {
-            name: names::socket_file_name(proto, claimant.local, claimant.remote),
+            name: names::socket_file_name(proto, claimant.local, claimant.remote).into(),
             uid: member.uid,
             pid: claimant.pid,
         })
@@ -930,13 +951,21 @@ impl ProcessSink {
     /// captures run in several namespaces, in time order.
     fn emit(&self, owner: &Owner, timestamp: Timestamp, original_length: u32, data: &[u8]) {
         let at = self.wall_time(timestamp);
-        let cut_off = lock(&self.cutoff).is_some_and(|cutoff| at > cutoff);
+        self.ours.fetch_add(1, Ordering::Relaxed);
+        let cut_off = self.revoked.load(Ordering::Relaxed)
+            && lock(&self.cutoff).is_some_and(|cutoff| at > cutoff);
         if cut_off || self.reader.is_some_and(|reader| reader != owner.uid) {
             self.withheld.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(identity) = packet_identity(self.linktype.load(Ordering::Relaxed), data)
-            && lock(&self.copies).is_copy(identity, at, Instant::now())
+        let several = self.several_captures.load(Ordering::Relaxed);
+        let linktype = self.linktype.load(Ordering::Relaxed);
+        // On loopback a packet is captured once (libpcap leaves out the
+        // outgoing copy); elsewhere a bridge and its port, or two
+        // namespaces, may each show it.
+        if (several || !on_loopback(linktype, data))
+            && let Some(identity) = packet_identity(linktype, data)
+            && lock(&self.copies).is_copy(identity, at)
         {
             self.copies_left_out.fetch_add(1, Ordering::Relaxed);
             return;
@@ -948,7 +977,7 @@ impl ProcessSink {
                 .unwrap_or_default();
             format!("pid={} comm={comm} socket={}", owner.pid, owner.name)
         });
-        if lock(&self.capturing).len() > 1 {
+        if several {
             lock(&self.reorder).push(
                 at,
                 Held {
@@ -976,7 +1005,14 @@ impl ProcessSink {
                 reorder.drain()
             } else {
                 let delay = Duration::from_nanos(self.order_delay_ns.load(Ordering::Relaxed));
-                reorder.due(SystemTime::now(), delay)
+                // Nothing newer than the oldest packet still waiting for its
+                // owner: it may yet be the stream's.
+                let waiting = lock(&self.candidates)
+                    .queue
+                    .iter()
+                    .map(|candidate| self.wall_time(candidate.timestamp))
+                    .min();
+                reorder.due(SystemTime::now(), delay, waiting)
             }
         };
         for held in due {
@@ -1141,6 +1177,7 @@ impl PacketSink for Captured {
     }
 
     fn batch_end(&self) {
+        *lock(&self.sorter.last_packet) = Instant::now();
         self.sorter.stream.batch_end();
     }
 
@@ -1163,6 +1200,7 @@ impl ProcessSink {
         let Some(flow) = flow_of(self.linktype.load(Ordering::Relaxed), data) else {
             return;
         };
+        self.seen.fetch_add(1, Ordering::Relaxed);
         let at = self.wall_time(timestamp);
         let nanos = at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1170,12 +1208,14 @@ impl ProcessSink {
                 u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
             });
         self.newest_packet_ns.fetch_max(nanos, Ordering::Relaxed);
-        *lock(&self.last_packet) = Instant::now();
         let verdict = {
             let mut openings = lock(&self.openings);
             openings.record(&flow, at);
             // Behind a waiting packet of its flow, it waits too.
-            let behind = lock(&self.candidates).flows.contains_key(&foreign(&flow));
+            let behind = {
+                let waiting = lock(&self.candidates);
+                !waiting.queue.is_empty() && waiting.flows.contains_key(&foreign(&flow))
+            };
             if behind {
                 Verdict::Unknown
             } else {
@@ -1233,6 +1273,10 @@ impl ProcessSink {
         }
         let stats = *lock(&self.stats);
         self.release_held(true);
+        self.stream.share(
+            self.ours.load(Ordering::Relaxed),
+            self.seen.load(Ordering::Relaxed),
+        );
         debug!(
             "{}: {} packets of the namespace belonged to no member, {} to sockets of another \
              user, {} were second copies of one packet",
@@ -1243,6 +1287,18 @@ impl ProcessSink {
         );
         self.stream.ended(stats);
     }
+}
+
+/// Whether a frame was captured on a loopback device (a Linux cooked
+/// header says which kind of device).
+fn on_loopback(linktype: i32, frame: &[u8]) -> bool {
+    const ARPHRD_LOOPBACK: u16 = 772;
+    let hardware = match linktype {
+        113 => frame.get(2..4),
+        276 => frame.get(8..10),
+        _ => None,
+    };
+    hardware.is_some_and(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]) == ARPHRD_LOOPBACK)
 }
 
 /// How a socket with no peer is named: `0.0.0.0:0` or `[::]:0`.
@@ -1368,6 +1424,7 @@ struct Following {
     last_change: Instant,
     interval: Duration,
     last_adoption: Instant,
+    last_rescan: Instant,
 }
 
 enum Phase {
@@ -1428,6 +1485,7 @@ impl Following {
                 sink.stream.label()
             );
             *lock(&sink.cutoff) = Some(SystemTime::now());
+            sink.revoked.store(true, Ordering::Relaxed);
             self.phase = Phase::draining(revoke_drain());
             return DRAIN_QUIET / 2;
         }
@@ -1448,7 +1506,19 @@ impl Following {
             self.phase = Phase::draining(EXIT_GRACE);
             return DRAIN_QUIET / 2;
         }
-        changed |= self.tracker.rescan();
+        let (busy_interval, rescan_interval) = if sink.follows_events() {
+            (EVENTS_BUSY_INTERVAL, EVENTS_RESCAN_INTERVAL)
+        } else {
+            (BUSY_INTERVAL, RESCAN_INTERVAL)
+        };
+        let busy = self.last_change.elapsed() < BUSY_FOR;
+        let due = if busy { busy_interval } else { rescan_interval };
+        // A poke (a packet waits) looks again at once only following /proc:
+        // with events, what the packet waits for is the events.
+        if self.last_rescan.elapsed() >= due || !sink.follows_events() {
+            changed |= self.tracker.rescan();
+            self.last_rescan = Instant::now();
+        }
         // What the namespace's other sockets take, or share, changed.
         changed |= sink.neighbours_changed.swap(false, Ordering::Relaxed);
         if changed {
@@ -1461,11 +1531,11 @@ impl Following {
         sink.narrow();
         sink.release_held(false);
         // Never spend more than about a fifth of a core looking.
-        self.interval = BUSY_INTERVAL.max(started.elapsed() * 4);
+        self.interval = busy_interval.max(started.elapsed() * 4);
         if self.last_change.elapsed() < BUSY_FOR {
             self.interval
         } else {
-            RESCAN_INTERVAL
+            rescan_interval
         }
     }
 }

@@ -137,7 +137,7 @@ impl SharedPortGate {
 
     fn probe(&self, events: &Subscription, rivals: &[u64]) {
         let (pid, fd) = self.holder;
-        if let Err(err) = events.probe(pid, fd, self.inode) {
+        if let Err(err) = events.probe(pid, fd, self.inode, true) {
             debug!(
                 "{}: cannot ask the socket its kernel address: {err}",
                 self.stream.label()
@@ -160,7 +160,7 @@ impl SharedPortGate {
             for rival in missing {
                 let asked = crate::inventory::holder_of(rival)
                     .ok_or_else(|| std::io::Error::other("no process holds it"))
-                    .and_then(|(pid, fd)| events.probe(pid, fd, rival));
+                    .and_then(|(pid, fd)| events.probe(pid, fd, rival, true));
                 if let Err(err) = asked {
                     debug!("{label}: cannot ask socket {rival} its kernel address: {err}");
                 }

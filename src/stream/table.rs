@@ -18,6 +18,9 @@ use super::{Stream, lock};
 /// Ctrl-C or SIGKILL while blocked is answered within about this long.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long after the last stream closed its memory is given back.
+const MEMORY_GIVEN_BACK_AFTER: Duration = Duration::from_secs(1);
+
 /// How often a refused open is logged at most (a user looping on open
 /// must not flood the log).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -30,6 +33,9 @@ pub struct StreamTable {
     quota: Arc<Mutex<Quota>>,
     /// When a refusal was last logged: a user's, the total's.
     refusal_logged: Mutex<[Option<Instant>; 2]>,
+    /// When a stream was last closed, until the memory it held is given
+    /// back to the system.
+    closed_at: Mutex<Option<Instant>>,
 }
 
 /// One stream counted against its user's and the daemon's limits, until
@@ -106,9 +112,21 @@ impl StreamTable {
 
     /// Forgets a stream (its file closed); its ticket is given back.
     pub fn remove(&self, handle: u64) -> Option<Arc<Stream>> {
+        *lock(&self.closed_at) = Some(Instant::now());
         lock(&self.streams)
             .remove(&handle)
             .map(|(stream, _)| stream)
+    }
+
+    /// A second after streams stopped closing, gives the memory they held
+    /// back to the system (glibc keeps freed memory in its arenas).
+    fn give_back_memory(&self) {
+        let mut closed = lock(&self.closed_at);
+        if closed.is_some_and(|at| at.elapsed() >= MEMORY_GIVEN_BACK_AFTER) {
+            *closed = None;
+            drop(closed);
+            crate::memory::give_back();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -149,6 +167,7 @@ impl StreamTable {
                     for stream in waiting {
                         stream.watch(now);
                     }
+                    table.give_back_memory();
                 }
             })
     }

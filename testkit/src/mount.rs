@@ -97,6 +97,11 @@ impl Mount {
         self.child.as_ref().expect("daemon running").id()
     }
 
+    /// Where the daemon's log is written.
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
