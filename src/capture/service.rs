@@ -192,6 +192,8 @@ impl CaptureControl {
 
 /// The most packet sockets closed at once.
 const CLOSED_AT_ONCE: usize = 64;
+/// How long spent captures are gathered before they are closed together.
+const GATHERING: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Closes spent captures. Each close waits for RCU grace periods (about
 /// 25 ms here, seconds on a loaded machine), and the kernel frees the
@@ -201,9 +203,12 @@ const CLOSED_AT_ONCE: usize = 64;
 /// thread of its own that ends with its close (at most [`CLOSED_AT_ONCE`]).
 fn close_spent(to_close: &Receiver<Capture<Active>>) {
     while let Ok(first) = to_close.recv() {
+        // Streams closing together end their captures one by one: what
+        // comes within a few milliseconds is closed together.
         let mut batch = vec![first];
+        let gathered = std::time::Instant::now() + GATHERING;
         while batch.len() < CLOSED_AT_ONCE {
-            match to_close.try_recv() {
+            match to_close.recv_deadline(gathered) {
                 Ok(capture) => batch.push(capture),
                 Err(_) => break,
             }
