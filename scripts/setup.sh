@@ -24,7 +24,7 @@ if [ "$profile" = test ]; then
 fi
 
 if [ "$profile" = bench ]; then
-    packages+=(tcpdump iproute2 net-tools lsof procps)
+    packages+=(tcpdump iproute2 net-tools lsof procps redis-server redis-tools)
 fi
 
 missing=()

@@ -33,8 +33,12 @@
 //!    row's recall under 99% with events, or, following /proc, an `all`
 //!    under 99% for 10 ms flows, fails the run (the test suite runs
 //!    `--quick --only accuracy --check`).
+//! 8. Under load (see `load.rs`): redis-benchmark watched by nothing, by
+//!    tcpdump, by `all`, by `all` and `tree`, alternated; completeness
+//!    against tcpdump; an idle `all` beside a flood; idle streams' memory.
 
 mod accuracy;
+mod load;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -1042,6 +1046,7 @@ enum Section {
     Capture,
     Latency,
     Accuracy,
+    Load,
 }
 
 /// The harness's own children: each speaks the line protocol of [`Helper`].
@@ -1081,6 +1086,18 @@ enum HelperRole {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The load run's parent of redis-benchmark.
+    #[command(hide = true)]
+    LoadClient {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The load run's UDP flood.
+    #[command(hide = true)]
+    Flood {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<(), Error> {
@@ -1100,6 +1117,8 @@ fn main() -> Result<(), Error> {
         Some(HelperRole::AccuracyClient { args }) => return accuracy::client(&args),
         Some(HelperRole::AccuracyTruth { args }) => return accuracy::truth(&args),
         Some(HelperRole::AccuracyDialer { args }) => return accuracy::dialer(&args),
+        Some(HelperRole::LoadClient { args }) => return load::client(&args),
+        Some(HelperRole::Flood { args }) => return load::flood(&args),
         None => {}
     }
     let daemon_args: Vec<String> = args
@@ -1414,6 +1433,10 @@ fn run(
         );
         println!();
     }
+    if wanted(Section::Load) {
+        load::measure(&daemon, scratch, quick)?;
+    }
+
     if wanted(Section::Accuracy) {
         // Enough flows in the quick run that one flow is under 1% of a row.
         let count = if quick { 150 } else { 250 };

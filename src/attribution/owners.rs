@@ -235,13 +235,15 @@ impl FlowOwners {
         // the socket before: a client reconnecting from one port makes a
         // connection on the same tuple again and again, and each needs a
         // claim of its own between its SYN and the next.
+        // (A UDP sender's route lookups, one a datagram, make such runs
+        // too: a hundred thousand a second from one flood.)
         let run_end = index >= 2
             && claims[index - 1].pid == pid
             && claims[index - 2].pid == pid
-            && !routed
             && !fresh
-            && !claims[index - 1].routed
-            && !claims[index - 1].fresh;
+            && !claims[index - 1].fresh
+            && routed == claims[index - 1].routed
+            && routed == claims[index - 2].routed;
         if run_end {
             claims[index - 1].at = at;
         } else {

@@ -211,8 +211,8 @@ impl Growth {
                     state.second_running = true;
                 }
                 debug!(
-                    "{label}: traffic came: the capture's ring grew (packets handed over within {:?})",
-                    opened.block_timeout
+                    "{label}: traffic came: the capture grew to {}",
+                    opened.describe()
                 );
                 if let Some(control) = growth.control.get() {
                     control.join(&opened.control);

@@ -475,7 +475,7 @@ impl Poller {
                     let running = self.captures.get_mut(&id).or(self.paused.get_mut(&id));
                     if let Some(running) = running {
                         debug!("{}: filter now {filter}", running.label);
-                        if let Err(err) = super::source::attach_filter(
+                        if let Err(err) = super::source::replace_filter(
                             &mut running.capture,
                             &filter,
                             running.linktype,

@@ -6,6 +6,7 @@
 //! running capture only through its [`CaptureControl`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use log::debug;
@@ -30,18 +31,22 @@ use crate::inventory::Netns;
 /// (the grown ring of 8 MiB) at 8 ms, 256 ms; a busy flow fills its blocks
 /// long before their timeout, and the ring holds 8 MiB of it. A stream
 /// opens with a ring of [`SPROUT_RING`] and grows to its full size once
-/// packets come ([`super::growth`]): an idle stream costs under 1 MiB.
+/// packets come ([`super::growth`]): an idle stream's ring is 1 MiB.
 pub const LIVE_DELAY: Duration = Duration::from_millis(8);
 /// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
 const BLOCK_BYTES: usize = 256 << 10;
-/// A stream's ring until its first packets: three blocks (with what else
-/// a stream holds, under a megabyte).
-pub const SPROUT_RING: usize = 3 * BLOCK_BYTES;
-/// The small ring's block timeout: longer, so that its three blocks ride
-/// out the few milliseconds a burst takes to be seen and the full ring to
-/// open (a block a timeout, 96 ms of a trickle). Only a stream's first
-/// packets wait this long.
-const SPROUT_TIMEOUT: Duration = Duration::from_millis(32);
+/// A stream's ring until its first packets: four blocks, the fewest the
+/// kernel fills without losing packets it has room for. Before it takes a
+/// packet, the kernel checks without a lock whether the block a quarter of
+/// the ring ahead is free (`__packet_rcv_has_room`); with fewer than four
+/// blocks that is the block being filled itself, which for a moment, while
+/// it is handed over (its timeout fired or it is full), is the reader's:
+/// a packet arriving on another CPU just then is dropped, and counted. With
+/// three blocks a 1,000-datagram burst lost one or two packets in about one
+/// stream of five (no freeze of the ring: the kernel said so); with four,
+/// none in the same runs.
+pub const SPROUT_RING: usize = 4 * BLOCK_BYTES;
+
 /// The shortest block timeout (a prompt capture's): not a wake-up per
 /// packet.
 const SHORTEST_TIMEOUT: Duration = Duration::from_millis(2);
@@ -79,11 +84,10 @@ fn geometry(request: &CaptureRequest, settings: &CaptureSettings) -> (usize, Dur
         RingStage::Sprout => SPROUT_RING.min(full),
         RingStage::Grown => full,
     };
-    let timeout = match (request.prompt, settings.max_delay, request.stage) {
-        (true, _, _) => SHORTEST_TIMEOUT,
-        (false, Some(asked), _) => asked.max(Duration::from_millis(1)),
-        (false, None, RingStage::Sprout) if ring < full => SPROUT_TIMEOUT,
-        (false, None, _) => LIVE_DELAY,
+    let timeout = match (request.prompt, settings.max_delay) {
+        (true, _) => SHORTEST_TIMEOUT,
+        (false, Some(asked)) => asked.max(Duration::from_millis(1)),
+        (false, None) => LIVE_DELAY,
     };
     (ring, timeout)
 }
@@ -209,6 +213,19 @@ pub struct Opened {
     pub local_networks: Vec<LocalNetwork>,
     /// The longest the kernel holds a packet before handing it over.
     pub block_timeout: Duration,
+    /// The kernel ring's size, in bytes.
+    pub ring_bytes: usize,
+}
+
+impl Opened {
+    /// The capture's ring and delay, as a log line says them.
+    pub fn describe(&self) -> String {
+        format!(
+            "a {} KiB ring, packets handed over within {:?}",
+            self.ring_bytes >> 10,
+            self.block_timeout
+        )
+    }
 }
 
 /// Why a capture did not open.
@@ -229,6 +246,7 @@ pub(super) struct Details {
     nanosecond_timestamps: bool,
     local_networks: Vec<LocalNetwork>,
     block_timeout: Duration,
+    ring_bytes: usize,
 }
 
 impl Details {
@@ -244,6 +262,7 @@ impl Details {
             control,
             local_networks: self.local_networks,
             block_timeout: self.block_timeout,
+            ring_bytes: self.ring_bytes,
         }
     }
 }
@@ -304,43 +323,91 @@ pub(super) fn open(
         nanosecond_timestamps: nanos,
         local_networks,
         block_timeout: timeout,
+        ring_bytes: ring,
     };
     Ok((capture, details))
 }
 
-/// Runs `filter` in the capture's kernel. On the `any` device (Linux
-/// cooked headers) it also leaves out there the outgoing copy of each
-/// loopback packet: the kernel hands a packet socket both copies of a
+/// Sets a new capture's filter, in its kernel. On the `any` device (Linux
+/// cooked headers) the kernel also leaves out there the outgoing copy of
+/// each loopback packet: the kernel hands a packet socket both copies of a
 /// loopback packet, and libpcap drops the outgoing one only once it has
 /// taken room in the ring and been counted, so each loopback packet cost
 /// two frames and a full ring counted each lost packet twice. libpcap
 /// itself cannot say that in the kernel for cooked headers (it runs any
 /// filter that reads the header's device type in user space, every packet
-/// copied first), so the program it compiles is given to the kernel here,
-/// its reads of the cooked header turned into the kernel's own fields.
+/// copied first), so once libpcap has set the stream's filter, the program
+/// it compiles with that clause is given to the kernel here, its reads of
+/// the cooked header turned into the kernel's own fields.
 pub(super) fn attach_filter(
     capture: &mut Capture<Active>,
     filter: &str,
     linktype: i32,
 ) -> Result<(), pcap::Error> {
-    const LINKTYPE_LINUX_SLL: i32 = 113;
+    // libpcap first: it also filters, in user space, what the ring took
+    // before the kernel had this filter (a new socket takes everything
+    // until then).
+    capture.filter(filter, true)?;
     if linktype == LINKTYPE_LINUX_SLL {
-        // Packet type 4 is outgoing; device type 772 loopback.
-        let text = format!("({filter}) and not (outbound and link[2:2] == 772)");
-        let program = capture.compile(&text, true)?;
-        let instructions: Option<Vec<Instruction>> = program
-            .get_instructions()
-            .iter()
-            .map(|instruction| parse_instruction(&instruction.to_string()))
-            .collect();
-        if let Some(kernel) = instructions.and_then(|program| cooked_for_kernel(&program)) {
-            use std::os::fd::AsRawFd;
-            if attach_socket_filter(capture.as_raw_fd(), &kernel).is_ok() {
-                return Ok(());
-            }
+        if let Some(kernel) = kernel_program(capture, filter, linktype)? {
+            // If the kernel refuses it, libpcap's filter stays: the same
+            // packets, the loopback copies dropped in user space.
+            let _ = attach_socket_filter(capture.as_raw_fd(), &kernel);
         }
     }
+    Ok(())
+}
+
+/// Replaces a running capture's filter with one the kernel swaps in at
+/// once. Not libpcap's `pcap_setfilter`: to keep packets of the old filter
+/// out, it first puts a filter that takes nothing on the socket and drains
+/// it, and whatever arrives until the new filter is on is lost without
+/// being counted: a packet missed silently. A packet the old filter took
+/// that is still in the ring reaches the stream, which sorts each packet
+/// itself anyway.
+pub(super) fn replace_filter(
+    capture: &mut Capture<Active>,
+    filter: &str,
+    linktype: i32,
+) -> Result<(), pcap::Error> {
+    if let Some(kernel) = kernel_program(capture, filter, linktype)? {
+        if attach_socket_filter(capture.as_raw_fd(), &kernel).is_ok() {
+            return Ok(());
+        }
+    }
+    debug!("filter {filter:?} set through libpcap: the kernel took no program of ours");
     capture.filter(filter, true)
+}
+
+/// The cooked ("any" device) link type, whose header the kernel makes up.
+const LINKTYPE_LINUX_SLL: i32 = 113;
+
+/// The program for `filter` as the capture's kernel runs it: libpcap's own
+/// on a device with real link headers, rewritten for the kernel's fields
+/// (and leaving out loopback's outgoing copies) on the cooked `any`;
+/// `None` where libpcap's program cannot run there.
+fn kernel_program(
+    capture: &Capture<Active>,
+    filter: &str,
+    linktype: i32,
+) -> Result<Option<Vec<Instruction>>, pcap::Error> {
+    let cooked = linktype == LINKTYPE_LINUX_SLL;
+    let text = if cooked {
+        // Packet type 4 is outgoing; device type 772 loopback.
+        format!("({filter}) and not (outbound and link[2:2] == 772)")
+    } else {
+        filter.to_owned()
+    };
+    let program = capture.compile(&text, true)?;
+    let instructions: Option<Vec<Instruction>> = program
+        .get_instructions()
+        .iter()
+        .map(|instruction| parse_instruction(&instruction.to_string()))
+        .collect();
+    Ok(match instructions {
+        Some(program) if cooked => cooked_for_kernel(&program),
+        other => other,
+    })
 }
 
 /// One classic BPF instruction: code, jump if true, jump if false, k.
@@ -491,7 +558,7 @@ fn classify(err: pcap::Error) -> CaptureError {
 
 #[cfg(test)]
 mod tests {
-    use super::{LIVE_DELAY, PROCESS_RING, SPROUT_RING, SPROUT_TIMEOUT, linktype_for, stall_span};
+    use super::{LIVE_DELAY, PROCESS_RING, SPROUT_RING, linktype_for, stall_span};
     use std::time::Duration;
 
     #[test]
@@ -500,9 +567,13 @@ mod tests {
         assert_eq!(stall_span(8 << 20, LIVE_DELAY), Duration::from_millis(256));
         assert!(LIVE_DELAY <= Duration::from_millis(10));
         assert!(stall_span(PROCESS_RING, LIVE_DELAY) >= Duration::from_millis(200));
-        // An idle stream's ring: under a megabyte, riding out ~100 ms.
-        assert_eq!(SPROUT_RING, 3 << 18);
-        assert!(stall_span(SPROUT_RING, SPROUT_TIMEOUT) >= Duration::from_millis(90));
+        // An idle stream's ring: a megabyte, four blocks (the fewest the
+        // kernel fills without a lost packet), riding out 32 ms.
+        assert_eq!(SPROUT_RING, 1 << 20);
+        assert_eq!(
+            stall_span(SPROUT_RING, LIVE_DELAY),
+            Duration::from_millis(32)
+        );
         assert!(LIVE_DELAY < crate::stream::CLOSE_GRACE);
     }
 

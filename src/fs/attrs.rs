@@ -40,7 +40,8 @@ pub struct MountIdentity {
 pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
     match node {
         Node::Root => FileAttr {
-            nlink: 2 + u32::try_from(tree.dirs.len()).unwrap_or(u32::MAX - 2),
+            nlink: 2 + u32::try_from(tree.dirs.iter().filter(|dir| dir.listed).count())
+                .unwrap_or(u32::MAX - 2),
             perm: if mount.shared { 0o555 } else { 0o500 },
             ..directory(
                 ROOT_INO,

@@ -303,6 +303,7 @@ impl NetstatFs {
                     tree.dirs
                         .iter()
                         .enumerate()
+                        .filter(|(_, d)| d.listed)
                         .map(|(index, d)| (d.ino, d.name.as_str(), Node::Dir(index))),
                 );
                 entries
@@ -633,10 +634,7 @@ impl NetstatFs {
             crate::capture::growth::start(request, &self.options.capture, sink, move |outcome| {
                 match outcome {
                     Ok(opened) => {
-                        debug!(
-                            "{label}: capture running, packets handed over within {:?}",
-                            opened.block_timeout
-                        );
+                        debug!("{label}: capture running, {}", opened.describe());
                         let control = opened.control.clone();
                         if let Err(err) = on_opened(opened) {
                             warn!("{label}: cannot start the stream: {err}");

@@ -80,13 +80,6 @@ impl InodeTable {
         *assigned
     }
 
-    /// Marks an object alive without giving it a number.
-    fn touch(&mut self, key: &NodeKey) {
-        if let Some(assigned) = self.by_key.get_mut(key) {
-            assigned.generation = self.generation;
-        }
-    }
-
     fn start_build(&mut self) {
         self.generation += 1;
     }
@@ -157,6 +150,10 @@ pub struct ProcessDir {
     pub process: usize,
     /// Sorted by name.
     pub files: Vec<SocketFile>,
+    /// Whether the root lists it: a process that holds no socket (and the
+    /// mount does not list every process) is found by its exact name only
+    /// (`cat m/$$_bash/tree` before the shell's children make traffic).
+    pub listed: bool,
 }
 
 /// One socket file.
@@ -194,8 +191,9 @@ pub struct Tree {
 }
 
 impl Tree {
-    /// Builds the tree: one directory per process holding a socket the
-    /// snapshot lists (every readable process with `all_processes`).
+    /// Builds the tree: one directory per process of the snapshot, listed
+    /// if it holds a socket (every one with `all_processes`), found by its
+    /// exact name either way.
     pub fn build(snapshot: Snapshot, inodes: &mut InodeTable, all_processes: bool) -> Tree {
         inodes.start_build();
         let now = snapshot.taken_wall;
@@ -210,13 +208,7 @@ impl Tree {
                 start_ticks: process.start_ticks,
                 which,
             };
-            if process.sockets.is_empty() && process.unix.is_empty() && !all_processes {
-                inodes.touch(&key);
-                for which in Whole::BOTH {
-                    inodes.touch(&whole(which));
-                }
-                continue;
-            }
+            let listed = all_processes || !process.sockets.is_empty() || !process.unix.is_empty();
             let ino = inodes.assign(key, now).ino;
             let all_ino = inodes.assign(whole(Whole::All), now).ino;
             let tree_ino = inodes.assign(whole(Whole::Tree), now).ino;
@@ -227,6 +219,7 @@ impl Tree {
                 name: names::process_dir_name(process.pid, &process.comm),
                 process: process_index,
                 files: socket_files(process, inodes, now),
+                listed,
             });
         }
         inodes.finish_build();
@@ -387,10 +380,20 @@ mod tests {
             process(20, 1, "server", &[(500, "127.0.0.1:80")]),
         ];
         let tree = Tree::build(snapshot(processes.clone()), &mut inodes, false);
-        assert_eq!(tree.dirs.len(), 1);
-        assert_eq!(tree.dirs[0].name, "20_server");
+        let listed: Vec<&str> = tree
+            .dirs
+            .iter()
+            .filter(|dir| dir.listed)
+            .map(|dir| dir.name.as_str())
+            .collect();
+        assert_eq!(listed, ["20_server"]);
+        // Found by its exact name all the same.
+        assert!(matches!(
+            tree.lookup(Node::Root, std::ffi::OsStr::new("10_quiet")),
+            Some(Node::Dir(_))
+        ));
         let all = Tree::build(snapshot(processes), &mut inodes, true);
-        assert_eq!(all.dirs.len(), 2);
+        assert!(all.dirs.iter().all(|dir| dir.listed));
     }
 
     #[test]

@@ -263,6 +263,8 @@ pub struct ProcessSink {
     /// Unclaimed packets by flow, and the flows the kernel filter leaves out.
     unclaimed_flows: Mutex<HashMap<ForeignFlow, u64>>,
     excluded: Mutex<Vec<ForeignFlow>>,
+    /// When the tracker last looked at the members' fds (wall ns).
+    looked_ns: AtomicU64,
     /// Sockets sharing a port with a member's whose holder was looked for.
     rivals_asked: Mutex<HashSet<u64>>,
     /// The namespace tables read since the last update differ from before.
@@ -354,6 +356,7 @@ impl ProcessSink {
             stats: Mutex::new(CaptureStats::default()),
             unclaimed_flows: Mutex::new(HashMap::new()),
             excluded: Mutex::new(Vec::new()),
+            looked_ns: AtomicU64::new(0),
             rivals_asked: Mutex::new(HashSet::new()),
             neighbours_changed: AtomicBool::new(false),
         })
@@ -567,10 +570,7 @@ impl ProcessSink {
             crate::capture::growth::start(request, &self.settings, sink, move |outcome| {
                 match outcome {
                     Ok(opened) => {
-                        debug!(
-                            "{label}: capture running, packets handed over within {:?}",
-                            opened.block_timeout
-                        );
+                        debug!("{label}: capture running, {}", opened.describe());
                         sorter.running.fetch_add(1, Ordering::SeqCst);
                         if opened.linktype != sorter.linktype.load(Ordering::SeqCst) {
                             warn!(
@@ -663,10 +663,15 @@ impl ProcessSink {
                 // Still another process's, unless its other end is on this
                 // host and nobody claimed it yet (a connection's handshake
                 // comes before its acceptor's events): then it waits.
+                // (For UDP, a datagram can be a member's only through a
+                // member's socket on its port: once the members' fds have
+                // been looked at after it, one of none is another's.)
+                let looked_since = flow.transport == Transport::Udp && self.looked_after(at);
                 let unclaimed_local_end = [flow.src, flow.dst].into_iter().any(|end| {
                     !claimants.iter().any(|claimant| claimant.local == end)
                         && !told_elsewhere.contains(&end)
                         && self.is_local(end.ip())
+                        && (!looked_since || sockets.ports(flow.transport).contains(&end.port()))
                 });
                 if unclaimed_local_end {
                     return Verdict::Unknown;
@@ -797,6 +802,13 @@ impl ProcessSink {
     /// How long since a capture last handed over a packet.
     fn quiet_for(&self) -> Duration {
         lock(&self.last_packet).elapsed()
+    }
+
+    /// Whether the members' fds were looked at after `at`.
+    fn looked_after(&self, at: SystemTime) -> bool {
+        let looked = self.looked_ns.load(Ordering::Relaxed);
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .is_ok_and(|since| since.as_nanos() < u128::from(looked))
     }
 
     /// Whether an address is one of the namespaces' own (any, if unknown).
@@ -1238,9 +1250,10 @@ impl ProcessSink {
             }
             Verdict::Unknown => {
                 if self.candidate_bytes.load(Ordering::Relaxed) + data.len() > CANDIDATE_BYTES {
-                    // No room to wait: a miss if it may have been ours.
-                    self.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    // No room to wait: a miss if it may have been ours, and
+                    // a flow to leave out in the kernel if it goes on so.
                     self.unplaced(&flow, at, netns);
+                    self.foreign_packet(&flow);
                     return;
                 }
                 self.candidate_bytes
@@ -1516,8 +1529,22 @@ impl Following {
         // A poke (a packet waits) looks again at once only following /proc:
         // with events, what the packet waits for is the events.
         if self.last_rescan.elapsed() >= due || !sink.follows_events() {
+            let looked = SystemTime::now();
             changed |= self.tracker.rescan();
             self.last_rescan = Instant::now();
+            if changed {
+                sink.update(&self.tracker);
+                self.last_change = Instant::now();
+                changed = false;
+            }
+            sink.looked_ns.store(
+                looked
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |since| {
+                        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+                    }),
+                Ordering::Relaxed,
+            );
         }
         // What the namespace's other sockets take, or share, changed.
         changed |= sink.neighbours_changed.swap(false, Ordering::Relaxed);

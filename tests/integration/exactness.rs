@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::mount::Mount;
 use crate::common::netns::linked_pair;
-use crate::common::packets::{Seen, payloads, read_pcap};
+use crate::common::packets::{Seen, payload_difference, payloads, read_pcap};
 use crate::common::peer::Peer;
 use crate::common::tcpdump::Tcpdump;
 use crate::common::users::{TestUser, user_reads};
@@ -69,7 +69,10 @@ fn receive_only_from_this_host(bind: &str) {
     let expected = payloads(&truth.stop());
     assert_eq!(expected.len(), 1000, "tcpdump saw every datagram");
     for (what, reading) in streams {
-        assert_eq!(payloads(&finished(what, reading)), expected, "{what}");
+        let got = payloads(&finished(what, reading));
+        if let Some(difference) = payload_difference(&got, &expected) {
+            panic!("{what}: {difference}\nthe daemon's log:\n{}", mount.log());
+        }
     }
 }
 
@@ -121,7 +124,10 @@ fn receive_only_from_another_host(wildcard: bool) {
     let expected = payloads(&truth.stop());
     assert_eq!(expected.len(), 500, "tcpdump saw every datagram");
     for (what, reading) in streams {
-        assert_eq!(payloads(&finished(what, reading)), expected, "{what}");
+        let got = payloads(&finished(what, reading));
+        if let Some(difference) = payload_difference(&got, &expected) {
+            panic!("{what}: {difference}\nthe daemon's log:\n{}", mount.log());
+        }
     }
 }
 

@@ -492,8 +492,13 @@ fn all_processes_lists_processes_without_sockets() {
         try_list(&everything.path.join(&name)).unwrap(),
         ["all", "tree"]
     );
+    // Without it the listing leaves the process out, yet its exact name
+    // finds it: `cat m/$$_bash/tree` before the shell makes any traffic.
     assert!(!list(&plain.path).contains(&name));
-    assert!(std::fs::metadata(plain.path.join(&name)).is_err());
+    assert!(plain.path.join(&name).is_dir());
+    assert_eq!(try_list(&plain.path.join(&name)).unwrap(), ["all", "tree"]);
+    // A name that is not the process's (wrong comm, dead pid) stays absent.
+    assert!(std::fs::metadata(plain.path.join(format!("{}_other", quiet.pid))).is_err());
 }
 
 #[test]

@@ -218,7 +218,12 @@ fn without_unix_no_unix_socket_is_listed() {
     assert_eq!(list(&dir), ["all", tcp.as_str(), "tree"]);
     assert!(!dir.join(format!("unix_{}", pair[2])).exists());
     assert!(
-        !mount.dir(only_unix.pid, "only-unix").exists(),
+        !list(&mount.path).contains(&format!("{}_only-unix", only_unix.pid)),
         "a process holding only unix sockets is not listed"
+    );
+    assert_eq!(
+        list(&mount.dir(only_unix.pid, "only-unix")),
+        ["all", "tree"],
+        "found by its exact name, with no unix socket file"
     );
 }

@@ -201,3 +201,28 @@ pub fn pcapng_end_statistics(
     }
     Some((counters, comment))
 }
+
+/// How `got` differs from `expected` (payloads in order), said briefly:
+/// which are missing, which are extra, which came twice, or that the
+/// order differs. `None` when they are the same.
+pub fn payload_difference(got: &[String], expected: &[String]) -> Option<String> {
+    if got == expected {
+        return None;
+    }
+    let wanted: HashSet<&String> = expected.iter().collect();
+    let mut seen = HashSet::new();
+    let twice: Vec<&String> = got.iter().filter(|p| !seen.insert(*p)).collect();
+    let missing: Vec<&String> = expected.iter().filter(|p| !seen.contains(p)).collect();
+    let extra: Vec<&String> = got.iter().filter(|p| !wanted.contains(p)).collect();
+    let mut said = format!("{} payloads, {} expected", got.len(), expected.len());
+    for (what, list) in [("missing", missing), ("extra", extra), ("twice", twice)] {
+        if !list.is_empty() {
+            let shown: Vec<&String> = list.iter().take(20).copied().collect();
+            said.push_str(&format!("; {} {what}: {shown:?}", list.len()));
+        }
+    }
+    if !said.contains(';') {
+        said.push_str("; the same payloads in another order");
+    }
+    Some(said)
+}
