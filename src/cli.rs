@@ -40,8 +40,8 @@ pub struct Cli {
     /// Mount options, comma-separated, as mount(8) passes them:
     /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
     /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, max_delay=DURATION,
-    /// format=pcap|pcapng,
-    /// no_kernel_events, unix
+    /// format=pcap|pcapng, no_kernel_events, unix, max_streams_per_user=N,
+    /// max_streams=N, log=stderr|syslog, syslog_socket=PATH
     /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
@@ -119,6 +119,16 @@ pub struct Cli {
     /// mostly missed.
     #[arg(long)]
     pub no_kernel_events: bool,
+
+    /// Where log lines go: stderr, or syslog (/dev/log, ident netstatfs).
+    /// By default stderr, and syslog once a daemon started by mount(8)
+    /// detaches from the terminal.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub log: Option<crate::logging::LogTo>,
+
+    /// The syslog socket to send log lines to.
+    #[arg(long, value_name = "PATH", default_value = crate::logging::DEV_LOG)]
+    pub syslog_socket: PathBuf,
 
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
@@ -234,13 +244,21 @@ impl Cli {
                         _ => return Err(bad("use pcap or pcapng".into())),
                     }
                 }
+                "log" => {
+                    self.log = Some(match needs()? {
+                        "stderr" => crate::logging::LogTo::Stderr,
+                        "syslog" => crate::logging::LogTo::Syslog,
+                        _ => return Err(bad("use stderr or syslog".into())),
+                    })
+                }
+                "syslog_socket" => self.syslog_socket = PathBuf::from(needs()?),
                 "fsname" | "subtype" => {}
                 generic if GENERIC_OPTIONS.contains(&generic) || generic.starts_with("x-") => {}
                 unknown => {
                     return Err(format!(
                         "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
                          interface, snaplen, buffer, kernel_buffer, max_delay, format, no_kernel_events, unix, \
-                         max_streams_per_user, max_streams)"
+                         max_streams_per_user, max_streams, log, syslog_socket)"
                     ));
                 }
             }

@@ -25,6 +25,9 @@ use crate::stream::table::StreamTable;
 
 /// How long an exit waits for the kernel to finish the unmount.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(3);
+/// How soon after the mount left the table its session ends if it was a
+/// plain unmount (no file held it).
+const PLAIN_UNMOUNT_WAIT: Duration = Duration::from_millis(300);
 
 /// Runs netstatfs until it is stopped. Err is one line for the user.
 ///
@@ -35,7 +38,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     check_mountpoint(&mountpoint)?;
     // Held until exit; checked again once held, since a daemon that held it
     // a moment ago may have mounted since.
-    let _claim = claim_mountpoint(&mountpoint)?;
+    let claim = claim_mountpoint(&mountpoint)?;
     check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
     crate::memory::configure();
@@ -69,9 +72,12 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {
         let tree = fs.tree();
+        // What the root lists: processes holding a socket (every one with
+        // --all-processes), and their sockets.
+        let listed = tree.dirs.iter().filter(|dir| dir.listed);
         (
-            tree.dirs.len(),
-            tree.dirs.iter().map(|dir| dir.files.len()).sum::<usize>(),
+            listed.clone().count(),
+            listed.map(|dir| dir.files.len()).sum::<usize>(),
         )
     };
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -133,13 +139,22 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
             streams.shutdown();
         }
         recv(detached_rx) -> _ => {
-            // `umount -l`: the mount left the tree, but the kernel keeps it
-            // (and this daemon's session) until the last open file closes.
-            // Readers get EOF and close; the session then ends.
-            info!("{} was detached (umount -l); ending the streams and exiting", mountpoint.display());
-            streams.shutdown();
-            if ended_rx.recv_timeout(UNMOUNT_WAIT).is_err() {
-                debug!("a process still holds the detached mount; exiting all the same");
+            // The mount left the mount table. A plain unmount ends the
+            // session at once; `umount -l` with files open leaves the mount
+            // (and this daemon's session) to the kernel until the last of
+            // them closes: readers get EOF and close, the session then ends.
+            if ended_rx.recv_timeout(PLAIN_UNMOUNT_WAIT).is_ok() {
+                info!("{} was unmounted; exiting", mountpoint.display());
+                streams.shutdown();
+            } else {
+                info!(
+                    "{} was detached (umount -l) with files open; ending their streams and exiting",
+                    mountpoint.display()
+                );
+                streams.shutdown();
+                if ended_rx.recv_timeout(UNMOUNT_WAIT).is_err() {
+                    debug!("a process still holds the detached mount; exiting all the same");
+                }
             }
         }
         recv(signal_rx) -> signal => {
@@ -154,6 +169,10 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
             }
         }
     }
+    // The mountpoint is free for the next daemon now; what is left is this
+    // one's own winding down.
+    drop(claim);
+    debug!("winding down");
     signals_handle.close();
     let _ = watchdog.join();
     captures.stop();
@@ -162,23 +181,72 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     if let Some(watch) = mount_watch {
         watch.stop();
     }
+    debug!("wound down");
     Ok(())
 }
 
 /// Takes an exclusive lock on the mountpoint directory, so that of several
 /// daemons started at once on one directory exactly one mounts: the others
-/// find it taken (or, once mounted, find the mount).
+/// find it taken (or, once mounted, find the mount). A daemon whose mount
+/// has just gone gives the lock back within moments (`umount m && mount m`
+/// must work): the lock is waited for up to [`CLAIM_WAIT`].
 fn claim_mountpoint(mountpoint: &Path) -> Result<std::fs::File, String> {
+    use rustix::fs::{FlockOperation, flock};
     let shown = mountpoint.display();
     let dir =
         std::fs::File::open(mountpoint).map_err(|err| format!("mountpoint {shown}: {err}"))?;
-    match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(dir),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(format!(
-            "{shown} is already a mount point (another netstatfs is mounting there)"
-        )),
-        Err(err) => Err(format!("cannot lock mountpoint {shown}: {err}")),
+    let deadline = std::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(dir),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                // The holder may have mounted meanwhile: that is the answer.
+                check_mountpoint(mountpoint)?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = lock_holder(&dir)
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "another netstatfs{holder} is starting on {shown};                      wait for it to mount, or stop it"
+                ));
+            }
+            Err(err) => return Err(format!("cannot lock mountpoint {shown}: {err}")),
+        }
     }
+}
+
+/// How long a daemon waits for the mountpoint's lock.
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// The process holding the flock on `dir`, from /proc/locks.
+fn lock_holder(dir: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = dir.metadata().ok()?;
+    let (major, minor) = (
+        nix::libc::major(metadata.dev()),
+        nix::libc::minor(metadata.dev()),
+    );
+    let file = format!("{major:02x}:{minor:02x}:{}", metadata.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    lock_holder_in(&locks, &file)
+}
+
+/// The pid holding an flock on `file` ("major:minor:inode" as /proc/locks
+/// writes it), from the text of /proc/locks (pure).
+fn lock_holder_in(locks: &str, file: &str) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 14506 fe:00:10027106 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.contains(&"->") {
+            // Waiting for the lock, not holding it.
+            return None;
+        }
+        let at = fields.iter().position(|field| *field == "FLOCK")?;
+        let pid = fields.get(at + 3)?;
+        (fields.get(at + 4) == Some(&file)).then(|| pid.parse().ok())?
+    })
 }
 
 /// Watches the mount table for this daemon's mount to leave it (a lazy
@@ -277,14 +345,21 @@ pub fn run_in_background(cli: &Cli) -> Result<(), String> {
             drop(report_read);
             let _ = setsid();
             let mut report = Some(std::fs::File::from(report_write));
-            let result = run(cli, |_| {
+            let result = run(cli, |line| {
+                crate::logging::detaching();
+                info!("{line}");
                 if let Some(mut report) = report.take() {
                     let _ = report.write_all(b"ok\n");
                 }
                 detach_from_terminal();
             });
-            if let (Err(message), Some(mut report)) = (&result, report.take()) {
-                let _ = writeln!(report, "{message}");
+            match (&result, report.take()) {
+                (Err(message), Some(mut report)) => {
+                    let _ = writeln!(report, "{message}");
+                }
+                // Detached: the caller has gone, syslog hears it.
+                (Err(message), None) => log::error!("{message}"),
+                _ => {}
             }
             result
         }
@@ -460,4 +535,24 @@ fn auto_unmount_available(allow_other: bool) -> bool {
 fn user_allow_other() -> bool {
     std::fs::read_to_string("/etc/fuse.conf")
         .is_ok_and(|conf| conf.lines().any(|line| line.trim() == "user_allow_other"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_holder_in;
+
+    #[test]
+    fn the_holder_of_a_mountpoints_lock_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 700 fe:00:10027106 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 14506 fe:00:10027106 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 99 fe:00:5 0 EOF\n";
+        assert_eq!(lock_holder_in(locks, "fe:00:10027106"), Some(14506));
+        assert_eq!(lock_holder_in(locks, "fe:00:5"), Some(99));
+        assert_eq!(lock_holder_in(locks, "fe:00:6"), None);
+        // A waiting lock ("->") is not the holder.
+        assert_eq!(
+            lock_holder_in("1: -> FLOCK  ADVISORY  WRITE 5 fe:00:7 0 EOF\n", "fe:00:7"),
+            None
+        );
+    }
 }

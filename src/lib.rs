@@ -20,6 +20,7 @@ pub mod events;
 pub mod extcap;
 pub mod fs;
 pub mod inventory;
+pub mod logging;
 pub mod memory;
 pub mod names;
 pub mod privileges;

@@ -1,6 +1,5 @@
 //! `netstatfs <MOUNTPOINT>`: parse the command line, set up logging, run.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use netstatfs::cli::Cli;
@@ -8,16 +7,7 @@ use netstatfs::cli::Cli;
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse_all();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(cli.log_filter()))
-        .format(|out, record| {
-            writeln!(
-                out,
-                "netstatfs: {}: {}",
-                record.level().as_str().to_ascii_lowercase(),
-                record.args()
-            )
-        })
-        .init();
+    netstatfs::logging::init(cli.log_filter(), cli.log, &cli.syslog_socket);
     let outcome = if cli.background() {
         netstatfs::daemon::run_in_background(&cli)
     } else {

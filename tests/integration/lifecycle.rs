@@ -7,7 +7,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::common::mount::{BINARY, Mount};
-use crate::common::{ScratchDir, mounted_at, wait_until};
+use crate::common::syslog::{SyslogListener, pid_in};
+use crate::common::{ScratchDir, mounted_at, wait_for, wait_until};
 
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -108,7 +109,109 @@ fn an_unmount_by_someone_else_ends_the_daemon_cleanly() {
         let status = mount.wait_exit(EXIT_WAIT);
         assert!(status.success(), "{command:?}: {status}");
         assert!(!mounted_at(&mount.path));
+        // Said as what it was: an unmount, not a lazy one.
+        let log = mount.log();
+        assert!(log.contains("was unmounted; exiting"), "{command:?}: {log}");
+        assert!(!log.contains("umount -l"), "{command:?}: {log}");
     }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie its reaper has not
+/// collected yet).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    })
+}
+
+/// Started as mount(8) starts it (a source, then the mountpoint), the
+/// daemon returns once mounted; from then on its stderr is /dev/null, so
+/// its lines go to syslog. Unmounted, it gives the mountpoint back at once
+/// (`umount m && mount m` works) and exits within a second.
+#[test]
+fn a_daemon_started_as_mount_does_logs_to_syslog_and_remounts_at_once() {
+    let scratch = ScratchDir::new("syslog");
+    let mountpoint = scratch.0.join("m");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let syslog = SyslogListener::bind(scratch.0.join("log"));
+    let options = format!("cache_ttl=100ms,syslog_socket={}", syslog.path.display());
+    let mount = || run(&["netstatfs", mountpoint.to_str().unwrap(), "-o", &options]);
+    let first = mount();
+    assert!(first.status.success(), "{first:?}");
+    assert!(mounted_at(&mountpoint));
+    let line = syslog.wait_for("mounted at");
+    assert!(
+        line.starts_with("<30>"),
+        "facility daemon, severity info: {line}"
+    );
+    let pid = pid_in(&line).unwrap_or_else(|| panic!("ident and pid in {line:?}"));
+
+    let unmounted = std::time::Instant::now();
+    assert!(
+        Command::new("umount")
+            .arg(&mountpoint)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let again = mount();
+    assert!(again.status.success(), "mounted again at once: {again:?}");
+    assert!(mounted_at(&mountpoint));
+    wait_until(EXIT_WAIT, "the first daemon to exit", || exited(pid));
+    assert!(
+        unmounted.elapsed() < Duration::from_secs(1),
+        "the first daemon exited {:?} after the unmount",
+        unmounted.elapsed()
+    );
+    let unmounted_line = format!("{} was unmounted; exiting", mountpoint.display());
+    let said = syslog.wait_for(&format!("netstatfs[{pid}]: {unmounted_line}"));
+    assert!(said.starts_with("<30>"), "{said}");
+
+    // The second one ends the same way.
+    let second = wait_for(EXIT_WAIT, "the second daemon's start line", || {
+        syslog.receive();
+        syslog
+            .lines
+            .borrow()
+            .iter()
+            .filter(|line| line.contains("mounted at"))
+            .find_map(|line| pid_in(line).filter(|other| *other != pid))
+    });
+    assert!(
+        Command::new("umount")
+            .arg(&mountpoint)
+            .status()
+            .unwrap()
+            .success()
+    );
+    syslog.wait_for(&format!("netstatfs[{second}]: {unmounted_line}"));
+}
+
+/// While another process holds the mountpoint's start lock (a daemon that
+/// is mounting), a daemon waits a moment, then says who holds it.
+#[test]
+fn a_mountpoint_being_mounted_by_another_daemon_is_refused_naming_it() {
+    use std::os::fd::AsFd;
+    let scratch = ScratchDir::new("locked");
+    let mountpoint = scratch.0.join("m");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let dir = std::fs::File::open(&mountpoint).unwrap();
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map(|held| {
+            let _ = held.as_fd();
+            let output = run(&[mountpoint.to_str().unwrap()]);
+            assert_one_line_error(
+                &output,
+                &format!(
+                    "another netstatfs (pid {}) is starting on {}",
+                    std::process::id(),
+                    mountpoint.display()
+                ),
+            );
+            assert!(!mounted_at(&mountpoint));
+        })
+        .unwrap_or_else(|(_, err)| panic!("flock: {err}"));
 }
 
 #[test]

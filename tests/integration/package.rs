@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::common::syslog::{SyslogListener, pid_in};
 use crate::common::{ScratchDir, mounted_at, try_list, wait_until};
+
+const DEV_LOG: &str = "/dev/log";
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -176,8 +179,20 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         String::from_utf8_lossy(&verify.stderr)
     );
 
+    // Detached, the daemon logs to syslog: /dev/log, unless this machine
+    // has a syslog of its own there (then a private socket, named in the
+    // options, stands in for it).
+    let (syslog, log_option) = if Path::new(DEV_LOG).exists() {
+        let listener = SyslogListener::bind(scratch.0.join("log"));
+        let option = format!(",syslog_socket={}", listener.path.display());
+        (listener, option)
+    } else {
+        (SyslogListener::bind(PathBuf::from(DEV_LOG)), String::new())
+    };
+
     // mount -t fuse.netstatfs: returns once mounted, serves in the
     // background, stops on umount.
+    let options = format!("allow_other,cache_ttl=2s{log_option}");
     let mount = run(
         "mount",
         &[
@@ -186,7 +201,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
             "netstatfs",
             by_type.to_str().unwrap(),
             "-o",
-            "allow_other,cache_ttl=2s",
+            &options,
         ],
     );
     assert!(
@@ -195,6 +210,8 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         String::from_utf8_lossy(&mount.stderr)
     );
     assert!(mounted_at(&by_type), "mounted when mount returns");
+    let started = syslog.wait_for(&format!("mounted at {}", by_type.display()));
+    let first = pid_in(&started).expect("the daemon's pid in its syslog line");
     assert!(try_list(&by_type).is_some(), "lists");
     // Wireshark lists the extcap from its own folder, unprivileged, and
     // the extcap reads this mount.
@@ -235,8 +252,31 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         "{config:?}"
     );
     assert!(run("man", &["-w", "netstatfs-extcap"]).status.success());
+    // umount && mount: the old daemon gives the mountpoint back at once.
     let umount = run("umount", &[by_type.to_str().unwrap()]);
     assert!(umount.status.success());
+    assert!(!mounted_at(&by_type));
+    let again = run(
+        "mount",
+        &[
+            "-t",
+            "fuse.netstatfs",
+            "netstatfs",
+            by_type.to_str().unwrap(),
+            "-o",
+            &options,
+        ],
+    );
+    assert!(
+        again.status.success(),
+        "mounting again at once: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    syslog.wait_for(&format!(
+        "netstatfs[{first}]: {} was unmounted",
+        by_type.display()
+    ));
+    assert!(run("umount", &[by_type.to_str().unwrap()]).status.success());
     assert!(!mounted_at(&by_type));
     let daemons = || {
         String::from_utf8_lossy(&run("pgrep", &["-f", "^netstatfs netstatfs"]).stdout)

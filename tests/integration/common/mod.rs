@@ -11,6 +11,7 @@ pub mod netns;
 pub mod nginx;
 pub mod packets;
 pub mod peer;
+pub mod syslog;
 pub mod tcpdump;
 pub mod users;
 
