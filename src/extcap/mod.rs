@@ -28,7 +28,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::inventory::container::container_of;
-use protocol::{Argument, ConfigView, ProcessChoice};
+use protocol::{Argument, ConfigView, ProcessChoice, Stream};
 
 /// Wireshark runs the extcap modes while its window or tshark waits: a
 /// mount that does not answer (a stopped daemon) must not hang them.
@@ -97,7 +97,8 @@ pub struct ExtcapArgs {
     /// all, tree, or one of the process's socket files.
     #[arg(long, value_name = "NAME")]
     pub stream: Option<String>,
-    /// The netstatfs mount (default: the first in /proc/self/mountinfo).
+    /// The netstatfs mount (default: the first in /proc/self/mountinfo
+    /// that the user can read).
     #[arg(long, value_name = "DIR")]
     pub mount: Option<PathBuf>,
 }
@@ -212,25 +213,52 @@ fn capture(args: &ExtcapArgs) -> Result<(), Failure> {
     })
 }
 
-/// `--mount` if given, else the first netstatfs mount.
+/// `--mount` if given, else the first netstatfs mount this user can read;
+/// where there is none, which were found and why each was skipped.
 fn mount_point(args: &ExtcapArgs) -> Result<PathBuf, Failure> {
     if let Some(mount) = args.mount.as_ref().filter(|m| !m.as_os_str().is_empty()) {
         return Ok(mount.clone());
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|err| Failure(format!("cannot read /proc/self/mountinfo: {err}")))?;
-    mounts::netstatfs_mounts(&mountinfo)
-        .into_iter()
-        .next()
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            Failure(
-                "no netstatfs mount: mount one first (as root: `netstatfs /run/netstatfs \
-                 --allow-other`, or `systemctl start netstatfs` with the package), \
-                 or give its directory in the interface's options"
-                    .into(),
-            )
-        })
+    let uid = rustix::process::geteuid().as_raw();
+    let mut skipped = Vec::new();
+    for mount in mounts::netstatfs_mounts(&mountinfo) {
+        let why_not = match mount.closed_to(uid) {
+            Some(closed) => Some(closed),
+            None => {
+                let path = PathBuf::from(&mount.path);
+                match with_deadline(move || Ok(std::fs::read_dir(&path).map(drop))) {
+                    Ok(Ok(())) => None,
+                    // The kernel refuses everyone but the mounting user
+                    // when a FUSE mount has no allow_other.
+                    Ok(Err(err)) => Some(match (err.kind(), mount.owner) {
+                        (std::io::ErrorKind::PermissionDenied, Some(owner)) if owner != uid => {
+                            mounts::private_to(owner)
+                        }
+                        _ => err.to_string(),
+                    }),
+                    Err(Failure(unanswered)) => Some(unanswered),
+                }
+            }
+        };
+        match why_not {
+            None => return Ok(PathBuf::from(mount.path)),
+            Some(why) => skipped.push(format!("{}: {why}", mount.path)),
+        }
+    }
+    Err(Failure(if skipped.is_empty() {
+        "no netstatfs mount: mount one first (as root: `netstatfs /run/netstatfs \
+         --allow-other`, or `systemctl start netstatfs` with the package), \
+         or give its directory in the interface's options"
+            .to_owned()
+    } else {
+        format!(
+            "no netstatfs mount uid {uid} can read; found {}. Mount one with --allow-other \
+             (or your own: netstatfs ~/m), or give its directory in the interface's options",
+            skipped.join("; ")
+        )
+    }))
 }
 
 /// The streams' link type, as the mount says it in time; LINUX_SLL if
@@ -300,7 +328,10 @@ fn processes(mount: &Path) -> Result<Vec<(i32, String)>, Failure> {
 /// The processes and the chosen one's streams, as far as they can be read
 /// in time: a configuration with empty lists is still a configuration.
 fn config_view(args: &ExtcapArgs) -> ConfigView {
-    let mount = mount_point(args).ok();
+    let (mount, notice) = match mount_point(args) {
+        Ok(mount) => (Some(mount), None),
+        Err(Failure(why)) => (None, Some(why)),
+    };
     let chosen_pid = args
         .pid
         .as_deref()
@@ -309,7 +340,8 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
         chosen_pid,
         chosen_stream: args.stream.clone(),
         mount: mount.as_ref().map(|m| m.display().to_string()),
-        streams: vec!["all".into(), "tree".into()],
+        streams: vec![Stream::named("all"), Stream::named("tree")],
+        notice,
         ..ConfigView::default()
     };
     let Some(mount) = mount else {
@@ -329,10 +361,13 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
             .map(|(pid, name)| ProcessChoice {
                 pid,
                 comm: name.split_once('_').map_or("", |(_, comm)| comm).to_owned(),
+                command: std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .ok()
+                    .and_then(|cmdline| protocol::short_command(&cmdline)),
                 container: std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
                     .ok()
                     .and_then(|cgroup| container_of(&cgroup))
-                    .map(|container| container.short()),
+                    .map(|container| container.named()),
             })
             .collect();
         if !streams.is_empty() {
@@ -343,8 +378,9 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
 }
 
 /// A process directory's streams: `all`, `tree`, then its socket files
-/// (not its unix sockets, on a mount with `--unix`: they cannot be read).
-fn streams_of(directory: &Path) -> Result<Vec<String>, Failure> {
+/// with their state (not its unix sockets, on a mount with `--unix`: they
+/// cannot be read).
+fn streams_of(directory: &Path) -> Result<Vec<Stream>, Failure> {
     let entries = std::fs::read_dir(directory)
         .map_err(|err| Failure(format!("cannot list {}: {err}", directory.display())))?;
     let mut names: Vec<String> = entries
@@ -352,7 +388,21 @@ fn streams_of(directory: &Path) -> Result<Vec<String>, Failure> {
         .filter(|name| !name.starts_with(crate::names::UNIX_PREFIX))
         .collect();
     names.sort_by_key(|name| (name != "all", name != "tree", name.clone()));
-    Ok(names)
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let mut value = [0u8; 32];
+            let state =
+                rustix::fs::getxattr(directory.join(&name), "user.netstatfs.state", &mut value)
+                    .ok()
+                    .and_then(|length| {
+                        std::str::from_utf8(&value[..length])
+                            .ok()
+                            .map(str::to_owned)
+                    });
+            Stream { name, state }
+        })
+        .collect())
 }
 
 /// Runs `work` on a thread and waits for it at most [`MOUNT_DEADLINE`].

@@ -125,6 +125,14 @@ fn extcap(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The base name of a process's program, as its command line starts.
+fn program_of(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let first = cmdline.split(|byte| *byte == 0).next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first).into_owned();
+    first.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -186,13 +194,19 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
     ]);
     assert!(config.status.success(), "{}", text(&config.stderr));
     let config = text(&config.stdout);
+    // Labelled with the command line (several "python3" are told apart by
+    // it) and the container.
+    let line = config
+        .lines()
+        .find(|line| line.contains(&format!("{{value={}}}", peer.pid)))
+        .unwrap_or_else(|| panic!("no value for the peer: {config}"));
     assert!(
-        config.contains(&format!(
-            "{{value={0}}}{{display={0} ext-list (docker {1})}}",
+        line.contains(&format!(
+            "{{display={} ext-list: {} ",
             peer.pid,
-            &CONTAINER_ID[..12]
-        )),
-        "{config}"
+            program_of(peer.pid)
+        )) && line.contains(&format!("(docker {})}}", &CONTAINER_ID[..12])),
+        "{line}"
     );
     let pid = peer.pid.to_string();
     let reload = extcap(&[
@@ -224,14 +238,24 @@ fn tshark_lists_netstatfs_and_its_processes_and_streams() {
         "{}",
         text(&reload.stdout)
     );
+    // A socket with its state.
+    assert!(
+        text(&reload.stdout).contains(&format!("{{display={socket} (LISTEN)}}")),
+        "{}",
+        text(&reload.stdout)
+    );
 
-    // Without --mount, the default is the first netstatfs mount, as
-    // findmnt lists them.
-    let first = Command::new("findmnt")
+    // Without --mount, the default is the first netstatfs mount root can
+    // read, as findmnt lists them (a dead daemon's mount is skipped).
+    let mounts = Command::new("findmnt")
         .args(["-rn", "-t", "fuse.netstatfs", "-o", "TARGET"])
         .output()
         .unwrap();
-    let first = text(&first.stdout).lines().next().unwrap().to_owned();
+    let first = text(&mounts.stdout)
+        .lines()
+        .find(|target| std::fs::read_dir(target).is_ok())
+        .unwrap()
+        .to_owned();
     let config = extcap(&["--extcap-interface", "netstatfs", "--extcap-config"]);
     assert!(
         text(&config.stdout).contains(&format!("{{default={first}}}")),
@@ -682,5 +706,117 @@ fn errors_say_what_is_wrong_and_nothing_hangs() {
         text(&output.stderr).contains("permission denied"),
         "{}",
         text(&output.stderr)
+    );
+}
+
+/// A plain user with two mounts: root's private one, listed first, and one
+/// with --allow-other. The extcap picks the one the user can read, and
+/// tshark, run by the user, captures from it without being told where.
+/// With only the private one, the configuration says which mount it found
+/// and why it skipped it.
+#[test]
+fn a_plain_user_gets_the_mount_they_can_read_and_is_told_why_not() {
+    use crate::common::users::TestUser;
+    use std::os::unix::fs::PermissionsExt;
+    let private = Mount::start(&[]);
+    let shared = Mount::start(&["--allow-other"]);
+    let user = TestUser::new("wsu");
+    let mut peer = user.peer();
+    peer.cmd("comm user-peer");
+    let receiver = peer.cmd("udp-bind 127.0.0.1:0");
+    let sender = peer.cmd("udp-bind 127.0.0.1:0");
+    let dir = shared.dir(peer.pid, "user-peer");
+    wait_until(WAIT, "the user's process in the shared mount", || {
+        dir.join("all").exists()
+    });
+    let as_user = |args: &[&str]| {
+        let mut all = vec!["timeout", "10", EXTCAP];
+        all.extend_from_slice(args);
+        user.run(&all)
+    };
+    let config = as_user(&["--extcap-interface", "netstatfs", "--extcap-config"]);
+    let config = text(&config.stdout);
+    assert!(
+        config.contains(&format!("{{default={}}}", shared.path.display())),
+        "the default is the mount the user can read: {config}"
+    );
+    assert!(
+        config.contains(&format!(
+            "{{value={0}}}{{display={0} user-peer: {1}",
+            peer.pid,
+            program_of(peer.pid)
+        )),
+        "{config}"
+    );
+
+    // tshark as the user, with the default mount: the user's own datagram.
+    let home = ScratchDir::new("wsu-home");
+    std::fs::set_permissions(&home.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let folder = home.0.join("wireshark/extcap");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::set_permissions(
+        home.0.join("wireshark"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(EXTCAP, folder.join("netstatfs-extcap")).unwrap();
+    let out = home.0.join("user.pcapng");
+    let mut tshark = user.command(&[
+        "tshark",
+        "-i",
+        "netstatfs",
+        "-c",
+        "1",
+        "-a",
+        "duration:30",
+        "-w",
+        out.to_str().unwrap(),
+        "-o",
+        &format!("extcap.netstatfs.pid:{}", peer.pid),
+        "-o",
+        "extcap.netstatfs.stream:all",
+    ]);
+    tshark.env("XDG_CONFIG_HOME", &home.0).env("HOME", &home.0);
+    std::os::unix::process::CommandExt::process_group(&mut tshark, 0);
+    let tshark = tshark
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    extcap_reading(&dir.join("all"));
+    peer.cmd(&format!(
+        "sendto {} {} for-the-user",
+        sender[0], receiver[1]
+    ));
+    let output = stops_by_itself(tshark, WAIT);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let packets = read_pcap_file(&out).1;
+    assert_eq!(payloads(&packets), ["for-the-user"]);
+
+    // Only root's private mount left: the configuration says why not.
+    drop(shared);
+    let config = as_user(&["--extcap-interface", "netstatfs", "--extcap-config"]);
+    let config = text(&config.stdout);
+    let said = format!(
+        "{}: private to uid 0 (mounted without --allow-other)",
+        private.path.display()
+    );
+    assert!(
+        config.contains("{value=none}{display=no netstatfs mount uid ") && config.contains(&said),
+        "{config}"
+    );
+    let capture = as_user(&[
+        "--capture",
+        "--fifo",
+        "/dev/null",
+        "--pid",
+        &peer.pid.to_string(),
+    ]);
+    assert!(!capture.status.success());
+    assert!(
+        text(&capture.stderr).contains(&said),
+        "{}",
+        text(&capture.stderr)
     );
 }
