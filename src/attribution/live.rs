@@ -305,7 +305,8 @@ impl Consumer for Shared {
                 "kernel events: {} lost since the last report ({lost} in all): the rings \
                  overflowed while the daemon was busy; packets of `all` and `tree` streams \
                  whose owner those events would have told are counted as missed in each \
-                 stream's closing line",
+                 stream's closing line. If it recurs, the daemon lacks CPU time: fewer \
+                 `all`/`tree` streams, or a higher priority (renice -n -5 -p PID)",
                 lost - housekeeping.reported_lost
             );
             housekeeping.reported = Some(Instant::now());

@@ -284,9 +284,14 @@ impl Clock {
 
 /// Where tracefs is, mounting it where it is not (and we may).
 fn tracefs() -> Result<PathBuf, String> {
-    let mounted = |dir: &Path| dir.join("events").is_dir();
-    if let Some(found) = TRACEFS.iter().map(Path::new).find(|dir| mounted(dir)) {
-        return Ok(found.to_path_buf());
+    for dir in TRACEFS.iter().map(Path::new) {
+        match std::fs::metadata(dir.join("events")) {
+            Ok(events) if events.is_dir() => return Ok(dir.to_path_buf()),
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(not_open(dir));
+            }
+            _ => {}
+        }
     }
     let target = Path::new(TRACEFS[0]);
     nix::mount::mount(
@@ -304,6 +309,22 @@ fn tracefs() -> Result<PathBuf, String> {
     })?;
     info!("mounted tracefs at {}", target.display());
     Ok(target.to_path_buf())
+}
+
+/// Why a tracefs that is mounted cannot be used: its mode keeps this user
+/// out (tracefs is mode 0700 by default).
+fn not_open(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .map(|metadata| format!("mode {:04o}", metadata.permissions().mode() & 0o7777))
+        .unwrap_or_else(|_| "its mode".to_owned());
+    format!(
+        "tracefs at {} is not open to uid {} ({mode}); grant netstatfs \
+         cap_dac_read_search (setcap, as the package does), or as root: chmod 0755 {}",
+        dir.display(),
+        nix::unistd::geteuid(),
+        dir.display()
+    )
 }
 
 /// A tracepoint's id and layout.

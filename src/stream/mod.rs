@@ -16,6 +16,7 @@
 //! grace period passed for its last packets, or shutdown), reads drain the
 //! queue and then return EOF.
 
+pub mod closings;
 pub mod neighbours;
 pub mod ordering;
 pub mod pcap;
@@ -32,7 +33,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::info;
 
 use crate::capture::source::{CaptureControl, CaptureStats, Opened, PacketSink, Timestamp};
 use crate::inventory::probe::{SocketOwner, reader_has_actionable_signal};
@@ -610,7 +610,11 @@ impl Stream {
                 "; the capture's ring dropped {anyones} packets of the namespace in all"
             ));
         }
-        info!("{line}");
+        closings::say(
+            line,
+            total == 0 && anyones == 0,
+            self.delivered.load(Ordering::Relaxed),
+        );
     }
 
     /// The pcapng statistics block the stream ends with.

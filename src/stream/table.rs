@@ -168,6 +168,7 @@ impl StreamTable {
                         stream.watch(now);
                     }
                     table.give_back_memory();
+                    super::closings::say_due();
                 }
             })
     }
