@@ -63,7 +63,7 @@ pub struct Cli {
 
     /// How long one /proc snapshot answers listings and lookups (and how
     /// long the kernel may cache what it said), e.g. 1s, 250ms, 0.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub cache_ttl: Duration,
 
     /// Let every user list the tree, as /proc does. A socket's stream stays
@@ -95,7 +95,7 @@ pub struct Cli {
     /// (its block timeout; 8ms by default, for a live view). The ring rides
     /// out a stalled daemon for this times its 256 KiB blocks at a trickle
     /// (256 ms for 8 MiB); a longer delay rides out longer.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub max_delay: Option<Duration>,
 
     /// The streams' file format: pcap, or pcapng with a comment on each
@@ -154,6 +154,27 @@ impl From<StreamFormat> for crate::stream::Format {
         }
     }
 }
+
+/// The mount options netstatfs takes (`-o`): each name and what value it
+/// takes, if any. Errors, the man page and the shell completions list
+/// them from here.
+pub const MOUNT_OPTIONS: &[(&str, Option<&str>)] = &[
+    ("allow_other", None),
+    ("all_processes", None),
+    ("cache_ttl", Some("DURATION")),
+    ("interface", Some("NAME")),
+    ("snaplen", Some("BYTES")),
+    ("buffer", Some("SIZE")),
+    ("kernel_buffer", Some("SIZE")),
+    ("max_delay", Some("DURATION")),
+    ("format", Some("pcap|pcapng")),
+    ("no_kernel_events", None),
+    ("unix", None),
+    ("max_streams_per_user", Some("N")),
+    ("max_streams", Some("N")),
+    ("log", Some("stderr|syslog")),
+    ("syslog_socket", Some("PATH")),
+];
 
 /// Mount options mount(8) or mount.fuse3 may pass that mean nothing here
 /// (the mount is always read-only, nosuid and nodev).
@@ -255,10 +276,10 @@ impl Cli {
                 "fsname" | "subtype" => {}
                 generic if GENERIC_OPTIONS.contains(&generic) || generic.starts_with("x-") => {}
                 unknown => {
+                    let known: Vec<&str> = MOUNT_OPTIONS.iter().map(|(name, _)| *name).collect();
                     return Err(format!(
-                        "unknown mount option '{unknown}' (netstatfs takes allow_other, all_processes, cache_ttl, \
-                         interface, snaplen, buffer, kernel_buffer, max_delay, format, no_kernel_events, unix, \
-                         max_streams_per_user, max_streams, log, syslog_socket)"
+                        "unknown mount option '{unknown}' (netstatfs takes {})",
+                        known.join(", ")
                     ));
                 }
             }
@@ -294,10 +315,12 @@ impl Cli {
 
 /// "1s", "250ms", "1m30s" (humantime), or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string());
+    const VALID: &str = "a duration is a number of seconds (0.5) or a number with \
+                         a unit (250ms, 1s, 1m30s), not negative";
+    if let Ok(seconds) = text.trim().parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?}: {VALID}"));
     }
-    humantime::parse_duration(text).map_err(|err| err.to_string())
+    humantime::parse_duration(text).map_err(|_| format!("{text:?}: {VALID}"))
 }
 
 /// A positive count, for the stream limits.
@@ -387,6 +410,35 @@ mod tests {
             let mut cli = Cli::try_parse_from(["netstatfs", "m", "-o", bad]).unwrap();
             let err = cli.apply_mount_options().unwrap_err();
             assert!(err.contains(named), "{err}");
+        }
+    }
+
+    /// Every option MOUNT_OPTIONS lists is taken (with an example value)
+    /// and named in `-o`'s help; nothing else is taken.
+    #[test]
+    fn the_mount_options_list_is_what_is_taken() {
+        let help = Cli::command()
+            .get_arguments()
+            .find(|arg| arg.get_short() == Some('o'))
+            .and_then(|arg| arg.get_help().map(ToString::to_string))
+            .unwrap_or_default();
+        for (name, value) in MOUNT_OPTIONS {
+            let example = match *value {
+                None => (*name).to_owned(),
+                Some("DURATION") => format!("{name}=2s"),
+                Some("SIZE") | Some("BYTES") | Some("N") => format!("{name}=1500"),
+                Some(choices) if choices.contains('|') => {
+                    format!("{name}={}", choices.split('|').next().unwrap_or(""))
+                }
+                Some(_) => format!("{name}=lo"),
+            };
+            let mut cli = Cli::try_parse_from(["netstatfs", "m", "-o", &example]).unwrap();
+            assert_eq!(cli.apply_mount_options(), Ok(()), "{example}");
+            let said = match value {
+                None => (*name).to_owned(),
+                Some(value) => format!("{name}={value}"),
+            };
+            assert!(help.contains(&said), "-o's help lacks {said}: {help}");
         }
     }
 

@@ -41,6 +41,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     let claim = claim_mountpoint(&mountpoint)?;
     check_mountpoint(&mountpoint)?;
     check_dev_fuse()?;
+    check_interface(&cli.interface)?;
     crate::memory::configure();
     if cli.allow_other && !nix::unistd::geteuid().is_root() && !user_allow_other() {
         return Err(
@@ -181,6 +182,7 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
     if let Some(watch) = mount_watch {
         watch.stop();
     }
+    crate::stream::closings::say_held();
     debug!("wound down");
     Ok(())
 }
@@ -427,6 +429,26 @@ fn check_dev_fuse() -> Result<(), String> {
         return Err("/dev/fuse is not open to this user (the fuse3 package makes it mode 0666; as root: chmod 0666 /dev/fuse)".into());
     }
     Ok(())
+}
+
+/// `--interface` must name an interface here (or be `any`): a name that
+/// exists nowhere would fail every read later.
+fn check_interface(name: &str) -> Result<(), String> {
+    if name == "any" || nix::net::if_::if_nametoindex(name).is_ok() {
+        return Ok(());
+    }
+    let here: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|interfaces| {
+            interfaces
+                .iter()
+                .map(|interface| interface.name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Err(format!(
+        "no interface {name:?} here (there are: {}); --interface takes one of them, or any",
+        here.join(", ")
+    ))
 }
 
 /// The file system type mounted at `path`, if something is.

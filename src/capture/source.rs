@@ -302,7 +302,9 @@ pub(super) fn open(
         Ok(capture) => (capture, true),
         Err(first) => match inactive()?.open() {
             Ok(capture) => (capture, false),
-            Err(_) => return Err(classify(first)),
+            Err(_) => {
+                return Err(classify(first, &settings.interface, &request.netns.id()));
+            }
         },
     };
     let local_networks = local_networks();
@@ -543,8 +545,14 @@ fn local_networks() -> Vec<LocalNetwork> {
     networks
 }
 
-fn classify(err: pcap::Error) -> CaptureError {
+fn classify(err: pcap::Error, interface: &str, netns: &dyn std::fmt::Display) -> CaptureError {
     let text = err.to_string();
+    if matches!(err, pcap::Error::PcapError(_)) && text.contains("No such device") {
+        // libpcap says no more than that.
+        return CaptureError::Failed(format!(
+            "no interface {interface:?} in network namespace {netns} (--interface names one there, or any)"
+        ));
+    }
     let denied = matches!(err, pcap::Error::PcapError(_) | pcap::Error::IoError(_))
         && (text.contains("Operation not permitted")
             || text.contains("Permission denied")

@@ -811,3 +811,65 @@ fn a_users_unix_peer_names_only_what_proc_would_show_them() {
         "root sees every holder"
     );
 }
+
+/// Sets tracefs's mode for a test, and puts the old one back.
+struct TracefsMode {
+    path: &'static str,
+    original: u32,
+}
+
+impl TracefsMode {
+    fn set(mode: u32) -> TracefsMode {
+        let path = "/sys/kernel/tracing";
+        let original = std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        TracefsMode { path, original }
+    }
+}
+
+impl Drop for TracefsMode {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions(self.path, std::fs::Permissions::from_mode(self.original));
+    }
+}
+
+/// tracefs is mounted but mode 0700 (its default): a daemon that may not
+/// read it says that, and how to grant it, instead of "not mounted".
+#[test]
+fn a_tracefs_closed_to_the_user_is_named_as_such() {
+    let _mode = TracefsMode::set(0o700);
+    let owner = TestUser::new("closed");
+    let scratch = ScratchDir::new("closed");
+    let binary = binary_copy(
+        &scratch,
+        Some("cap_net_raw,cap_net_admin,cap_sys_ptrace+ep"),
+    );
+    let mount = owner.mount(&binary, &[]);
+    let mut mine = owner.peer();
+    mine.cmd("comm closed-peer");
+    mine.cmd("udp-bind 127.0.0.1:0");
+    let dir = mount.dir(mine.pid, "closed-peer");
+    wait_user_sees(&owner, &dir, "all");
+    let mut reader = owner
+        .command(&["cat", dir.join("all").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = wait_for(WAIT, "the log line on kernel events", || {
+        mount
+            .log()
+            .lines()
+            .find(|line| line.contains("flows attributed by following /proc"))
+            .map(str::to_owned)
+    });
+    let _ = reader.kill();
+    let _ = reader.wait();
+    assert!(
+        line.contains(&format!(
+            "tracefs at /sys/kernel/tracing is not open to uid {} (mode 0700)",
+            owner.uid
+        )) && line.contains("cap_dac_read_search"),
+        "{line}"
+    );
+    assert!(!line.contains("not mounted"), "{line}");
+}

@@ -52,6 +52,33 @@ fn mounting_twice_on_one_directory_is_refused() {
     assert!(std::fs::read_dir(&mount.path).is_ok());
 }
 
+/// Values that cannot work are refused at start, saying what would.
+#[test]
+fn bad_option_values_are_refused_at_start_saying_what_is_valid() {
+    let scratch = ScratchDir::new("values");
+    let mountpoint = scratch.0.to_str().unwrap();
+    assert_one_line_error(
+        &run(&[mountpoint, "--interface", "nosuch0"]),
+        "no interface \"nosuch0\" here (there are: lo",
+    );
+    assert!(!mounted_at(&scratch.0));
+    for args in [
+        &[mountpoint, "--cache-ttl", "-1"][..],
+        &[mountpoint, "-o", "cache_ttl=-1"][..],
+        &[mountpoint, "--max-delay", "soon"][..],
+    ] {
+        let output = run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}");
+        assert!(
+            stderr.contains("a duration is a number of seconds (0.5) or a number with a unit"),
+            "{args:?}: {stderr}"
+        );
+        // Not clap's guess that -1 was meant as a value after `--`.
+        assert!(!stderr.contains("-- -1"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_missing_dev_fuse_is_one_line_error() {
     // In a private mount namespace with an empty /dev.

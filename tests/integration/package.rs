@@ -96,7 +96,9 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         String::from_utf8_lossy(&man.stderr)
     );
     assert!(String::from_utf8_lossy(&man.stdout).contains("/usr/share/man/man1/netstatfs.1"));
-    let page = run("man", &["netstatfs"]);
+    // The installed page itself: man-db's cache of formatted pages may
+    // hold an older install's (the package's files have a fixed mtime).
+    let page = run("man", &["-l", "/usr/share/man/man1/netstatfs.1.gz"]);
     let page = String::from_utf8_lossy(&page.stdout);
     for section in [
         "OPTIONS",
@@ -106,9 +108,34 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
         "STREAMS",
         "SECURITY",
         "EXIT STATUS",
+        "FILES",
+        "EXAMPLES",
+        "CAVEATS",
+        "SEE ALSO",
     ] {
         assert!(page.contains(section), "the man page lacks {section}");
     }
+    // Options with their values' names; every mount option in MOUNTING.
+    let flat = page.split_whitespace().collect::<Vec<_>>().join(" ");
+    for said in [
+        "[--cache-ttl DURATION]",
+        "[-o OPTIONS]",
+        "[--kernel-buffer SIZE]",
+    ] {
+        assert!(flat.contains(said), "the synopsis lacks {said}");
+    }
+    for said in [
+        "max_delay=DURATION",
+        "max_streams_per_user=N",
+        "log=stderr|syslog",
+        "no_kernel_events",
+    ] {
+        assert!(flat.contains(said), "MOUNTING lacks {said}");
+    }
+    assert!(
+        flat.contains("grep -r"),
+        "CAVEATS warns of recursive readers"
+    );
     // Only root and the netstatfs group may run the capability-granted
     // binary, as wireshark-common does for dumpcap.
     let group = String::from_utf8_lossy(&run("getent", &["group", "netstatfs"]).stdout)
@@ -165,10 +192,24 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     ] {
         let text = std::fs::read_to_string(completion).unwrap_or_default();
         assert!(
-            text.contains("cache-ttl"),
-            "{completion} completes the options"
+            text.contains("cache-ttl") && text.contains("kernel_buffer= max_delay=")
+                || text.contains("kernel_buffer=\\nmax_delay="),
+            "{completion} completes the options and the mount options"
         );
     }
+    // bash offers the mount options after -o, in a comma-separated list.
+    let complete = |words: &str| {
+        let script = format!(
+            "source /usr/share/bash-completion/completions/netstatfs; \
+             COMP_WORDS=(netstatfs -o {words}); COMP_CWORD=2; \
+             _netstatfs netstatfs {words} -o; echo \"${{COMPREPLY[*]}}\""
+        );
+        String::from_utf8_lossy(&run("bash", &["-c", &script]).stdout)
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(complete("all"), "allow_other all_processes");
+    assert_eq!(complete("allow_other,kern"), "allow_other,kernel_buffer=");
     let verify = run(
         "systemd-analyze",
         &["verify", "/usr/lib/systemd/system/netstatfs.service"],

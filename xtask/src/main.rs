@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 use clap_complete::{Shell, generate_to};
-use netstatfs::cli::Cli;
+use netstatfs::cli::{Cli, MOUNT_OPTIONS};
 use netstatfs::extcap::ExtcapArgs;
 use roff::{Roff, bold, italic, roman};
 
@@ -23,7 +23,9 @@ fn assets(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir.join("completions"))?;
     let mut command = Cli::command();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        generate_to(shell, &mut command, "netstatfs", dir.join("completions"))?;
+        let path = generate_to(shell, &mut command, "netstatfs", dir.join("completions"))?;
+        let script = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, complete_mount_options(shell, &script)?)?;
     }
     let page = man_page()?;
     let path: PathBuf = dir.join("netstatfs.1");
@@ -37,16 +39,107 @@ fn assets(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The mount options as completions offer them: `name` or `name=`.
+fn mount_option_words() -> Vec<String> {
+    MOUNT_OPTIONS
+        .iter()
+        .map(|(name, value)| match value {
+            Some(_) => format!("{name}="),
+            None => (*name).to_owned(),
+        })
+        .collect()
+}
+
+/// clap completes `-o` with file names: offer the mount options instead,
+/// in a comma-separated list as mount(8) takes them.
+fn complete_mount_options(shell: Shell, script: &str) -> Result<String, String> {
+    let words = mount_option_words().join(" ");
+    let (generated, ours) = match shell {
+        Shell::Bash => (
+            "                -o)\n                    COMPREPLY=($(compgen -f \"${cur}\"))\n"
+                .to_owned(),
+            format!(
+                "                -o)\n                    local head=\"\"\n                    \
+                 [[ \"${{cur}}\" == *,* ]] && head=\"${{cur%,*}},\"\n                    \
+                 COMPREPLY=($(compgen -P \"${{head}}\" -W \"{words}\" -- \"${{cur##*,}}\"))\n                    \
+                 compopt -o nospace 2>/dev/null\n"
+            ),
+        ),
+        Shell::Zsh => (
+            ":OPTIONS:_default' \\\n".to_owned(),
+            format!(":OPTIONS:_sequence compadd - {words}' \\\n"),
+        ),
+        Shell::Fish => {
+            let line = script
+                .lines()
+                .find(|line| line.starts_with("complete -c netstatfs -s o "))
+                .ok_or("fish: no completion of -o")?;
+            let lines = words.replace(' ', "\\n");
+            (
+                format!("{line}\n"),
+                format!(
+                    "{} -x -a \"(__fish_complete_list , 'printf \\'{lines}\\n\\'')\"\n",
+                    line.trim_end_matches(" -r")
+                ),
+            )
+        }
+        _ => return Ok(script.to_owned()),
+    };
+    if !script.contains(&generated) {
+        return Err(format!("{shell}: clap's completion of -o has changed"));
+    }
+    Ok(script.replacen(&generated, &ours, 1))
+}
+
+/// The synopsis, each option with its value's name (clap_mangen's leaves
+/// them out).
+fn synopsis(command: &clap::Command) -> Roff {
+    let mut roff = Roff::new();
+    roff.control("SH", ["SYNOPSIS"]);
+    let mut parts = vec![bold(command.get_name().to_owned())];
+    for arg in command.get_arguments() {
+        if arg.is_hide_set() {
+            continue;
+        }
+        let value = arg
+            .get_value_names()
+            .and_then(|names| names.first())
+            .map(ToString::to_string);
+        let takes_value = arg.get_action().takes_values();
+        if arg.is_positional() {
+            parts.push(roman(" ["));
+            parts.push(italic(value.unwrap_or_default()));
+            parts.push(roman("]"));
+            continue;
+        }
+        let flag = match (arg.get_long(), arg.get_short()) {
+            (Some(long), _) => format!("--{long}"),
+            (None, Some(short)) => format!("-{short}"),
+            (None, None) => continue,
+        };
+        parts.push(roman(" ["));
+        parts.push(bold(flag));
+        if let (true, Some(value)) = (takes_value, value) {
+            parts.push(roman(" "));
+            parts.push(italic(value));
+        }
+        parts.push(roman("]"));
+    }
+    roff.control("PP", []).text(parts);
+    roff
+}
+
 /// A clap-generated page: title, name, synopsis, description, options,
 /// then `extra`, then the version.
 fn page(command: clap::Command, extra: Roff) -> Result<Vec<u8>, std::io::Error> {
+    let synopsis = synopsis(&command);
     let man = clap_mangen::Man::new(command)
         .section("1")
         .manual("User Commands");
     let mut out = Vec::new();
     man.render_title(&mut out)?;
     man.render_name_section(&mut out)?;
-    man.render_synopsis_section(&mut out)?;
+    synopsis.to_writer(&mut out)?;
     man.render_description_section(&mut out)?;
     man.render_options_section(&mut out)?;
     extra.to_writer(&mut out)?;
@@ -114,11 +207,20 @@ fn extra_sections() -> Roff {
     roff.control("PP", []).text([roman(
         "netstatfs /mnt/net fuse.netstatfs allow_other 0 0    (an /etc/fstab line)",
     )]);
-    roff.control("PP", []).text([roman(
-        "Mount options: allow_other, all_processes, cache_ttl=DURATION, interface=NAME, snaplen=BYTES, \
-         buffer=SIZE, kernel_buffer=SIZE, format=pcap|pcapng; the generic ones (rw, nosuid, noauto, x-..., ...) \
-         change nothing; any other option is an error naming it. umount stops the daemon.",
-    )]);
+    let listed: Vec<String> = MOUNT_OPTIONS
+        .iter()
+        .map(|(name, value)| match value {
+            Some(value) => format!("{name}={value}"),
+            None => (*name).to_owned(),
+        })
+        .collect();
+    roff.control("PP", []).text([roman(format!(
+        "Mount options, each the option of the same name above: {}. The generic ones (rw, nosuid, \
+         noauto, x-..., ...) change nothing; any other option is an error naming it. umount stops the \
+         daemon, which gives the mount point back at once. Started this way it logs to syslog (/dev/log, \
+         ident netstatfs) once it has detached; log=stderr keeps stderr.",
+        listed.join(", ")
+    ))]);
     section(
         &mut roff,
         "FILES AND NAMES",
@@ -217,6 +319,53 @@ fn extra_sections() -> Roff {
             "0 after Ctrl-C, SIGTERM or SIGHUP, or when someone else unmounts it; 1 when it cannot start (a \
              missing mountpoint, an existing mount, no /dev/fuse, a refused mount), with one line saying why; \
              2 for a command line it does not understand.",
+        ],
+    );
+    section(
+        &mut roff,
+        "FILES",
+        &[
+            "/dev/fuse: the FUSE device. /etc/fuse.conf: user_allow_other lets a user who is not root \
+             mount with --allow-other. /proc: processes, their fds and sockets. /sys/kernel/tracing: the \
+             tracepoints that tell who owns a flow. /dev/log: where a daemon started by mount(8) logs. \
+             /etc/fstab: a line of type fuse.netstatfs mounts it at boot or with mount MOUNTPOINT.",
+        ],
+    );
+    section(
+        &mut roff,
+        "EXAMPLES",
+        &[
+            "mkdir -p m && netstatfs m &    (mount; Ctrl-C or umount m stops it)",
+            "ls m; ls m/$(pidof -s nginx)_nginx/    (who holds sockets; one process's sockets)",
+            "find m -name 'tcp_*:443_*'    (every socket on port 443, without reading a stream)",
+            "getfattr -d m/1234_nginx/tcp_127.0.0.1:80_0.0.0.0:0    (its state, queues, RTT)",
+            "tcpdump -n -r m/1234_nginx/tcp_127.0.0.1:80_0.0.0.0:0    (its live traffic)",
+            "wireshark -k -i <(cat m/1234_nginx/all)    (everything the process sends and receives)",
+            "cat m/$$_bash/tree > shell.pcap &    (then everything the shell's commands do on the network)",
+            "mount -t fuse.netstatfs netstatfs /mnt/net -o allow_other    (as mount(8) does)",
+        ],
+    );
+    section(
+        &mut roff,
+        "CAVEATS",
+        &[
+            "Streams never end while their socket or process lives, as /sys/kernel/tracing/trace_pipe \
+             never does: a tool that reads every file of a tree, grep -r, cp -r, or find m -type f | xargs \
+             wc -c, waits forever. Walk the tree without reading the files: ls -R m, find m -name \
+             'tcp_*', getfattr -R -d m, tar and du are fine.",
+            "Each open stream holds a kernel packet ring (1 MiB until its first packets, then \
+             --kernel-buffer) and up to --buffer of queue; limits on open streams per user and in all \
+             (--max-streams-per-user, --max-streams) keep a careless script from exhausting memory.",
+            "A stream's closing line in the log says how many packets it delivered and what it missed, \
+             with why; a pcapng stream ends with a statistics block saying the same.",
+        ],
+    );
+    section(
+        &mut roff,
+        "SEE ALSO",
+        &[
+            "netstatfs-extcap(1), ss(8), lsof(8), tcpdump(8), wireshark(1), tshark(1), mount(8), \
+             fusermount3(1), fstab(5), getfattr(1), pcap-filter(7)",
         ],
     );
     roff
