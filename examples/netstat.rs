@@ -4,17 +4,39 @@
 //!
 //! ```text
 //! cargo run --example netstat -- m
-//! Proto  Local Address                 Foreign Address               State        Recv-Q  Send-Q    RTT(ms)  Retrans  PID/Program          Container
-//! tcp    127.0.0.1:8080                0.0.0.0:0                     LISTEN            0       0      0.000        0  1290/python3         -
-//! tcp    10.0.0.5:443                  10.0.0.9:51234                ESTABLISHED       0       0     12.481        3  2211/nginx           docker 3f2a0e57c1d9
 //! ```
+//!
+//! Sockets of other network namespaces (containers, `ip netns`) are listed
+//! with their namespace's inode in the Netns column; the host's (this
+//! program's own namespace) with `-`.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::Parser;
 use netstatfs::names::{SocketFileName, parse_process_dir_name};
+
+/// Print a netstat-like table of every socket in a netstatfs mount.
+#[derive(Parser)]
+#[command(name = "netstat")]
+struct Args {
+    /// The netstatfs mount point.
+    #[arg(value_name = "MOUNTPOINT", default_value = "m")]
+    mount: PathBuf,
+}
+
+/// The inode of this program's own network namespace: the host's, as the
+/// table calls it.
+fn own_netns() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/net").ok()?;
+    // "net:[4026531833]"
+    let text = link.to_string_lossy().into_owned();
+    text.strip_prefix("net:[")?
+        .strip_suffix(']')
+        .map(str::to_owned)
+}
 
 /// One extended attribute as text, or "-" where it cannot be read (the
 /// socket closed meanwhile, say).
@@ -42,10 +64,8 @@ fn xattr(path: &Path, name: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let mount = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "m".into());
+    let mount = Args::parse().mount;
+    let host = own_netns();
     let processes = match std::fs::read_dir(&mount) {
         Ok(entries) => entries,
         Err(err) => {
@@ -81,7 +101,12 @@ fn main() -> ExitCode {
                 continue;
             };
             let path = socket.path();
+            let netns = match xattr(&path, "user.netstatfs.netns") {
+                netns if Some(&netns) == host.as_ref() => "-".to_owned(),
+                netns => netns,
+            };
             rows.push((
+                netns,
                 name.proto.to_string(),
                 name.local.to_string(),
                 name.remote.to_string(),
@@ -97,7 +122,8 @@ fn main() -> ExitCode {
     }
     rows.sort();
     println!(
-        "{:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  {:>9}  {:>7}  {:<20} Container",
+        "{:<10} {:<6} {:<29} {:<29} {:<12} {:>6}  {:>6}  {:>9}  {:>7}  {:<20} Container",
+        "Netns",
         "Proto",
         "Local Address",
         "Foreign Address",
@@ -108,9 +134,9 @@ fn main() -> ExitCode {
         "Retrans",
         "PID/Program"
     );
-    for (proto, local, remote, state, rx, tx, rtt, retrans, program, container) in rows {
+    for (netns, proto, local, remote, state, rx, tx, rtt, retrans, program, container) in rows {
         println!(
-            "{proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {rtt:>9}  {retrans:>7}  {program:<20} {container}"
+            "{netns:<10} {proto:<6} {local:<29} {remote:<29} {state:<12} {rx:>6}  {tx:>6}  {rtt:>9}  {retrans:>7}  {program:<20} {container}"
         );
     }
     ExitCode::SUCCESS

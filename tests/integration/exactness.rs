@@ -411,9 +411,11 @@ fn a_tree_across_two_namespaces_holds_each_packet_once_in_time_order() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(shim.stdout.take().unwrap()).lines();
-    let _server: u32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
     let shim_pid = shim.id();
+    let mut started = crate::common::KillOnDrop(vec![shim_pid]);
+    let mut lines = std::io::BufReader::new(shim.stdout.take().unwrap()).lines();
+    let server: u32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    started.0.push(server);
     let truth = Tcpdump::start(Some(&container.name), "any", &format!("tcp port {port}"));
     let tree = open_stream(&mount, shim_pid, "python3", "tree");
     // Both namespaces are captured before the traffic starts.

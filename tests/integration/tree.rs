@@ -531,33 +531,28 @@ fn the_netstat_example_prints_a_table_from_the_mount() {
     let listener = peer.cmd("tcp-listen 127.0.0.1:0");
     let dir = mount.dir(peer.pid, "example-peer");
     wait_for_listing(&dir, &[format!("tcp_{}_0.0.0.0:0", listener[1])]);
-    // Examples are built by `cargo test`, next to the test binaries' deps/.
-    let example = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/netstat");
-    let output = std::process::Command::new(&example)
+    let output = std::process::Command::new(netstat_example())
         .arg(&mount.path)
         .output()
         .unwrap();
     assert!(output.status.success());
     let table = String::from_utf8(output.stdout).unwrap();
-    assert!(table.starts_with("Proto  Local Address"), "{table}");
+    assert!(
+        table.starts_with("Netns      Proto  Local Address"),
+        "{table}"
+    );
     let row = table
         .lines()
         .find(|line| line.contains(&format!("{}/example-peer", peer.pid)))
         .unwrap_or_else(|| panic!("no row for the peer in:\n{table}"));
     let fields: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(
-        fields[..4],
-        ["tcp", listener[1].as_str(), "0.0.0.0:0", "LISTEN"]
+        fields[..5],
+        ["-", "tcp", listener[1].as_str(), "0.0.0.0:0", "LISTEN"]
     );
     // rtt and retransmits from socket diagnostics: a listener has them.
-    assert!(fields[6].parse::<f64>().is_ok(), "rtt in {row}");
-    assert_eq!(fields[7], "0", "retransmits in {row}");
+    assert!(fields[7].parse::<f64>().is_ok(), "rtt in {row}");
+    assert_eq!(fields[8], "0", "retransmits in {row}");
     assert!(
         row.ends_with(&format!(
             "docker {}",
@@ -618,4 +613,62 @@ fn a_process_directory_says_its_program_user_cgroup_and_container() {
         "{dump}"
     );
     assert!(!dump.contains("container"), "{dump}");
+}
+
+/// The netstat example (what a user's script over the mount looks like):
+/// `--help` says how to call it; a socket of another network namespace is
+/// listed with that namespace's inode, the host's with `-`.
+#[test]
+fn the_netstat_example_tells_namespaces_apart() {
+    let example = netstat_example();
+    let help = std::process::Command::new(&example)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{help:?}");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: netstat [MOUNTPOINT]"));
+
+    let mount = Mount::start(&[]);
+    let netns = Netns::new("nst");
+    let mut inside = Peer::spawn_in_netns(&netns.name);
+    inside.cmd("comm in-netns");
+    let there = inside.cmd("udp-bind 127.0.0.1:0");
+    let mut outside = Peer::spawn();
+    outside.cmd("comm on-host");
+    let here = outside.cmd("udp-bind 127.0.0.1:0");
+    let file = mount
+        .dir(inside.pid, "in-netns")
+        .join(format!("udp_{}_0.0.0.0:0", there[1]));
+    wait_until(WAIT, "the namespace's socket listed", || file.exists());
+    let inode = xattr(&file, "user.netstatfs.netns").unwrap();
+    let output = std::process::Command::new(&example)
+        .arg(&mount.path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let row = |program: &str| {
+        table
+            .lines()
+            .find(|line| line.contains(program))
+            .unwrap_or_else(|| panic!("no row of {program}:\n{table}"))
+            .to_owned()
+    };
+    let inside_row = row(&format!("{}/in-netns", inside.pid));
+    assert!(inside_row.starts_with(&format!("{inode} ")), "{inside_row}");
+    assert!(inside_row.contains(&there[1]), "{inside_row}");
+    let outside_row = row(&format!("{}/on-host", outside.pid));
+    assert!(outside_row.starts_with("- "), "{outside_row}");
+    assert!(outside_row.contains(&here[1]), "{outside_row}");
+}
+
+/// The netstat example's binary: `cargo test` builds the examples next to
+/// the test binaries' deps/.
+fn netstat_example() -> std::path::PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("examples/netstat"))
+        .unwrap()
 }

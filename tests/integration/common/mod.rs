@@ -115,3 +115,20 @@ pub fn open_stream(
     wait_until(STREAM_WAIT, &label, || mount.log().contains(&label));
     reading
 }
+
+/// Kills processes a test started outside [`peer::Peer`] (a script's
+/// children) however the test ends.
+pub struct KillOnDrop(pub Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
