@@ -298,10 +298,32 @@ impl FlowOwners {
                 };
                 openings.within(local, remote, seen, at)
             };
-            let before = claims
-                .iter()
-                .rev()
-                .find(|claim| claim.at <= at + SKEW && same_connection(claim));
+            // The claim nearest the packet among those up to the skew
+            // after it: within the skew a claim after the packet may be
+            // the one that speaks for it (a worker's reply route lookup
+            // 13 us after the request it got), and the next exchange's,
+            // 300 us later, is not (taking the latest there gave a whole
+            // exchange to the worker of the next).
+            let distance = |claim: &Claim| {
+                claim
+                    .at
+                    .duration_since(at)
+                    .or_else(|_| at.duration_since(claim.at))
+                    .unwrap_or_default()
+            };
+            let mut before: Option<&Claim> = None;
+            for claim in claims.iter().rev() {
+                if claim.at > at + SKEW || !same_connection(claim) {
+                    continue;
+                }
+                if before.is_none_or(|nearest| distance(claim) < distance(nearest)) {
+                    before = Some(claim);
+                }
+                // Older claims are only farther.
+                if claim.at <= at {
+                    break;
+                }
+            }
             let after = claims.iter().find(|claim| {
                 claim.at > at + SKEW
                     && claim.at.duration_since(at).unwrap_or_default() <= REACH_BACK
@@ -328,6 +350,53 @@ impl FlowOwners {
             }
         }
         owners
+    }
+
+    /// What the claims of a flow's two ends say around `at`, for a log
+    /// line about a packet nobody claimed: each end's claims within a
+    /// second of it (pid, offset from the packet, whether a route lookup).
+    pub fn describe(&self, flow: &Flow, at: SystemTime) -> String {
+        let mut said = Vec::new();
+        for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
+            let near: Vec<String> = self
+                .claims
+                .get(&(flow.transport, local.port(), remote))
+                .map(|claims| {
+                    claims
+                        .iter()
+                        .filter(|claim| {
+                            let distance = claim
+                                .at
+                                .duration_since(at)
+                                .or_else(|_| at.duration_since(claim.at))
+                                .unwrap_or_default();
+                            distance <= REACH_BACK
+                        })
+                        .map(|claim| {
+                            let offset = match claim.at.duration_since(at) {
+                                Ok(after) => format!("+{}us", after.as_micros()),
+                                Err(before) => format!("-{}us", before.duration().as_micros()),
+                            };
+                            format!(
+                                "pid {} {offset}{}",
+                                claim.pid,
+                                if claim.routed { " (route)" } else { "" }
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            said.push(format!(
+                "port {}: {}",
+                local.port(),
+                if near.is_empty() {
+                    "no claim".to_owned()
+                } else {
+                    near.join(", ")
+                }
+            ));
+        }
+        said.join("; ")
     }
 
     /// The time up to which events must have been applied before
@@ -881,6 +950,32 @@ mod tests {
         // exchange before.
         assert_eq!(owners.owners(&request, at(10_050), &none), [500, 402]);
         assert_eq!(owners.owners(&reply, at(10_350), &none), [402, 500]);
+    }
+
+    #[test]
+    fn exchanges_closer_than_the_skew_are_each_their_workers() {
+        // Recorded in the accuracy harness: the dialer (8778) on port 43107
+        // sent to workers 8767 and 8771 sharing port 40702; 8767 got the
+        // first datagram and replied 13 us later, 8771 the second 270 us
+        // after the first. Both replies' claims are within the skew of the
+        // first request: the first exchange is 8767's, not 8771's.
+        let mut owners = FlowOwners::default();
+        replay(
+            &mut owners,
+            &[
+                (0, 8778, fib_record(0, 17, 43107, LO, 40702)),
+                (17, 8767, fib_record(0, 17, 40702, LO, 43107)),
+                (270, 8778, fib_record(0, 17, 43107, LO, 40702)),
+                (288, 8771, fib_record(0, 17, 40702, LO, 43107)),
+            ],
+        );
+        let none = Openings::default();
+        let request = udp("127.0.0.1:43107", "127.0.0.1:40702");
+        let reply = udp("127.0.0.1:40702", "127.0.0.1:43107");
+        assert_eq!(owners.owners(&request, at(4), &none), [8778, 8767]);
+        assert_eq!(owners.owners(&reply, at(20), &none), [8767, 8778]);
+        assert_eq!(owners.owners(&request, at(274), &none), [8778, 8771]);
+        assert_eq!(owners.owners(&reply, at(290), &none), [8771, 8778]);
     }
 
     #[test]

@@ -887,6 +887,20 @@ impl ProcessSink {
             });
         } else if events_lost {
             self.stream.missed(Miss::EventsLost);
+        } else if let Some(events) = &self.events
+            && self.is_local(flow.src.ip())
+            && self.is_local(flow.dst.ip())
+        {
+            // Both ends on this host and nobody claimed either: whose it
+            // was is unknown, and the claims near it say why.
+            debug!(
+                "{}: {:?} {} > {} at {at:?}: nobody claimed it ({})",
+                self.stream.label(),
+                flow.transport,
+                flow.src,
+                flow.dst,
+                events.owners().describe(flow, at)
+            );
         }
     }
 
