@@ -79,14 +79,18 @@ fn main() -> ExitCode {
         let Some((pid, comm)) = dir_name.to_str().and_then(parse_process_dir_name) else {
             continue;
         };
-        // The container, as `docker ps` shortens its id ("-" on the host).
+        // The container by its runtime's name for it, else as `docker ps`
+        // shortens its id ("-" on the host).
         let container = match xattr(&process.path(), "user.netstatfs.container.runtime") {
             runtime if runtime == "-" => "-".to_owned(),
-            runtime => {
-                let id = xattr(&process.path(), "user.netstatfs.container.id");
-                let short: String = id.chars().take(12).collect();
-                format!("{runtime} {short}")
-            }
+            runtime => match xattr(&process.path(), "user.netstatfs.container.name") {
+                name if name != "-" => format!("{runtime} {name}"),
+                _ => {
+                    let id = xattr(&process.path(), "user.netstatfs.container.id");
+                    let short: String = id.chars().take(12).collect();
+                    format!("{runtime} {short}")
+                }
+            },
         };
         // Processes and sockets come and go while we walk: skip what vanished.
         let Ok(sockets) = std::fs::read_dir(process.path()) else {

@@ -21,6 +21,10 @@ if [ "$profile" = test ]; then
     # A local user's reader of many streams at once (Debian's, which any
     # user may run, not a toolchain's under /root).
     packages+=(python3)
+    # Real containers: a test starts its own dockerd (its own data root,
+    # bridge and socket; no service is started here) and imports a busybox
+    # image made from busybox-static (no registry is reachable).
+    packages+=(docker.io busybox-static tar)
 fi
 
 if [ "$profile" = bench ]; then

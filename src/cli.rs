@@ -41,8 +41,8 @@ pub struct Cli {
     /// allow_other, all_processes, cache_ttl=DURATION, interface=NAME,
     /// snaplen=BYTES, buffer=SIZE, kernel_buffer=SIZE, max_delay=DURATION,
     /// format=pcap|pcapng, no_kernel_events, unix, max_streams_per_user=N,
-    /// max_streams=N, log=stderr|syslog, syslog_socket=PATH
-    /// (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
+    /// max_streams=N, log=stderr|syslog, syslog_socket=PATH, docker_root=DIR,
+    /// containerd_state=DIR (and the generic ones, rw, nosuid, noauto, ..., which change nothing).
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
 
@@ -120,6 +120,17 @@ pub struct Cli {
     #[arg(long)]
     pub no_kernel_events: bool,
 
+    /// docker's data root, where its containers' names are
+    /// (`<DIR>/containers/<id>/config.v2.json`). By default /var/lib/docker
+    /// and any running dockerd's --data-root.
+    #[arg(long, value_name = "DIR")]
+    pub docker_root: Option<PathBuf>,
+
+    /// containerd's state directory, where Kubernetes' CRI keeps each
+    /// container's bundle with its container and pod names.
+    #[arg(long, value_name = "DIR", default_value = crate::inventory::runtimes::CONTAINERD_STATE)]
+    pub containerd_state: PathBuf,
+
     /// Where log lines go: stderr, or syslog (/dev/log, ident netstatfs).
     /// By default stderr, and syslog once a daemon started by mount(8)
     /// detaches from the terminal.
@@ -174,6 +185,8 @@ pub const MOUNT_OPTIONS: &[(&str, Option<&str>)] = &[
     ("max_streams", Some("N")),
     ("log", Some("stderr|syslog")),
     ("syslog_socket", Some("PATH")),
+    ("docker_root", Some("DIR")),
+    ("containerd_state", Some("DIR")),
 ];
 
 /// Mount options mount(8) or mount.fuse3 may pass that mean nothing here
@@ -273,6 +286,8 @@ impl Cli {
                     })
                 }
                 "syslog_socket" => self.syslog_socket = PathBuf::from(needs()?),
+                "docker_root" => self.docker_root = Some(PathBuf::from(needs()?)),
+                "containerd_state" => self.containerd_state = PathBuf::from(needs()?),
                 "fsname" | "subtype" => {}
                 generic if GENERIC_OPTIONS.contains(&generic) || generic.starts_with("x-") => {}
                 unknown => {

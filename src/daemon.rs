@@ -20,6 +20,7 @@ use signal_hook::iterator::Signals;
 use crate::capture::source::CaptureSettings;
 use crate::cli::Cli;
 use crate::fs::{FsOptions, NetstatFs};
+use crate::inventory::containers::RuntimeOptions;
 use crate::stream::quota::StreamLimits;
 use crate::stream::table::StreamTable;
 
@@ -69,6 +70,10 @@ pub fn run(cli: &Cli, on_mounted: impl FnOnce(&str)) -> Result<(), String> {
         allow_other: cli.allow_other,
         kernel_events: !cli.no_kernel_events,
         unix: cli.unix,
+        runtimes: RuntimeOptions {
+            docker_root: cli.docker_root.clone(),
+            containerd_state: Some(cli.containerd_state.clone()),
+        },
     };
     let fs = NetstatFs::new(options, streams.clone());
     let (processes, sockets) = {

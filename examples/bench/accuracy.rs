@@ -856,7 +856,18 @@ fn count_flows(
                 record.start.saturating_sub(FLOW_SLACK_NS) <= *at
                     && *at <= record.end + FLOW_SLACK_NS
             })
-            .min_by_key(|i| records[**i].start.abs_diff(*at));
+            // The flow whose lifetime holds the packet; else the nearest
+            // (a port reused 76 ms after a 1 s flow on it ended gave the
+            // old flow's last exchange to the new one's record, whose
+            // start was nearer than the old one's).
+            .min_by_key(|i| {
+                let record = &records[**i];
+                if (record.start..=record.end).contains(at) {
+                    0
+                } else {
+                    record.start.abs_diff(*at).min(record.end.abs_diff(*at))
+                }
+            });
         if let Some(i) = owner {
             *counts.entry(*i).or_insert(0) += 1;
             flow_packets

@@ -64,7 +64,9 @@ fn full_ring(request: &CaptureRequest, settings: &CaptureSettings) -> usize {
     // A process's stream takes every TCP and UDP packet of the namespace,
     // far more than one socket's.
     match request.filter {
-        CaptureFilter::TcpAndUdp => settings.kernel_buffer.max(PROCESS_RING),
+        CaptureFilter::TcpAndUdp | CaptureFilter::Everything => {
+            settings.kernel_buffer.max(PROCESS_RING)
+        }
         CaptureFilter::Socket(..) | CaptureFilter::Exact(_) => settings.kernel_buffer,
     }
 }
@@ -173,6 +175,8 @@ pub enum CaptureFilter {
     TcpAndUdp,
     /// This filter, as a capture that replaces another had it last.
     Exact(String),
+    /// Every packet of the namespace: a container's or a pod's `all`.
+    Everything,
 }
 
 /// A packet's capture time.
@@ -314,8 +318,9 @@ pub(super) fn open(
             .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
         CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
         CaptureFilter::Exact(filter) => filter.clone(),
+        CaptureFilter::Everything => String::new(),
     };
-    debug!("{}: capture filter: {filter}", request.label);
+    debug!("{}: capture filter: {filter:?}", request.label);
     let linktype = capture.get_datalink().0;
     attach_filter(&mut capture, &filter, linktype)
         .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
@@ -396,7 +401,12 @@ fn kernel_program(
     let cooked = linktype == LINKTYPE_LINUX_SLL;
     let text = if cooked {
         // Packet type 4 is outgoing; device type 772 loopback.
-        format!("({filter}) and not (outbound and link[2:2] == 772)")
+        let loopback_copy = "outbound and link[2:2] == 772";
+        if filter.is_empty() {
+            format!("not ({loopback_copy})")
+        } else {
+            format!("({filter}) and not ({loopback_copy})")
+        }
     } else {
         filter.to_owned()
     };

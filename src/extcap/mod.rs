@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::inventory::container::container_of;
 use protocol::{Argument, ConfigView, ProcessChoice, Stream};
 
 /// Wireshark runs the extcap modes while its window or tshark waits: a
@@ -348,7 +347,15 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
         return view;
     };
     let listed = with_deadline(move || {
-        let processes = processes(&mount)?;
+        // The container's label as the mount names it (the daemon knows
+        // where the runtimes keep their names), read in time too.
+        let processes: Vec<(i32, String, Option<String>)> = processes(&mount)?
+            .into_iter()
+            .map(|(pid, name)| {
+                let label = container_label(&mount.join(&name));
+                (pid, name, label)
+            })
+            .collect();
         let streams = match chosen_pid {
             Some(pid) => streams_of(&process_directory(&mount, &pid.to_string())?)?,
             None => Vec::new(),
@@ -358,16 +365,13 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
     if let Ok((processes, streams)) = listed {
         view.processes = processes
             .into_iter()
-            .map(|(pid, name)| ProcessChoice {
+            .map(|(pid, name, container)| ProcessChoice {
                 pid,
                 comm: name.split_once('_').map_or("", |(_, comm)| comm).to_owned(),
                 command: std::fs::read(format!("/proc/{pid}/cmdline"))
                     .ok()
                     .and_then(|cmdline| protocol::short_command(&cmdline)),
-                container: std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                    .ok()
-                    .and_then(|cgroup| container_of(&cgroup))
-                    .map(|container| container.named()),
+                container,
             })
             .collect();
         if !streams.is_empty() {
@@ -375,6 +379,25 @@ fn config_view(args: &ExtcapArgs) -> ConfigView {
         }
     }
     view
+}
+
+/// `docker web`: a process directory's container, by the runtime's name
+/// for it where the mount has one, else by its short id.
+fn container_label(directory: &Path) -> Option<String> {
+    let runtime = xattr_text(directory, "user.netstatfs.container.runtime")?;
+    let name = xattr_text(directory, "user.netstatfs.container.name").or_else(|| {
+        xattr_text(directory, "user.netstatfs.container.id").map(|id| id.chars().take(12).collect())
+    })?;
+    Some(format!("{runtime} {name}"))
+}
+
+/// An extended attribute's value as text, if it is there and readable.
+fn xattr_text(path: &Path, name: &str) -> Option<String> {
+    let mut value = [0u8; 256];
+    let length = rustix::fs::getxattr(path, name, &mut value).ok()?;
+    std::str::from_utf8(&value[..length])
+        .ok()
+        .map(str::to_owned)
 }
 
 /// A process directory's streams: `all`, `tree`, then its socket files
@@ -391,15 +414,7 @@ fn streams_of(directory: &Path) -> Result<Vec<Stream>, Failure> {
     Ok(names
         .into_iter()
         .map(|name| {
-            let mut value = [0u8; 32];
-            let state =
-                rustix::fs::getxattr(directory.join(&name), "user.netstatfs.state", &mut value)
-                    .ok()
-                    .and_then(|length| {
-                        std::str::from_utf8(&value[..length])
-                            .ok()
-                            .map(str::to_owned)
-                    });
+            let state = xattr_text(&directory.join(&name), "user.netstatfs.state");
             Stream { name, state }
         })
         .collect())

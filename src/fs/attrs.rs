@@ -21,6 +21,7 @@ use std::time::SystemTime;
 use fuser::{FileAttr, FileType, INodeNo};
 
 use super::tree::{FileSocket, Node, ROOT_INO, Tree, Whole};
+use super::views::ViewKind;
 
 /// The block size socket files report: readers size their reads by it
 /// (cat, and stdio under libpcap's `tcpdump -r`), and one 1 MiB read is one
@@ -40,8 +41,10 @@ pub struct MountIdentity {
 pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
     match node {
         Node::Root => FileAttr {
-            nlink: 2 + u32::try_from(tree.dirs.iter().filter(|dir| dir.listed).count())
-                .unwrap_or(u32::MAX - 2),
+            nlink: 2 + u32::try_from(
+                tree.dirs.iter().filter(|dir| dir.listed).count() + tree.views.top.len(),
+            )
+            .unwrap_or(u32::MAX - 2),
             perm: if mount.shared { 0o555 } else { 0o500 },
             ..directory(
                 ROOT_INO,
@@ -72,6 +75,37 @@ pub fn attr_of(tree: &Tree, node: Node, mount: &MountIdentity) -> FileAttr {
             FileAttr {
                 uid: process.uid,
                 ..stream_file(ino, process.started, process.gid)
+            }
+        }
+        Node::View(index) => {
+            let entry = &tree.views.entries[index];
+            match &entry.kind {
+                ViewKind::Dir(children) => FileAttr {
+                    nlink: 2 + u32::try_from(children.len()).unwrap_or(u32::MAX - 2),
+                    perm: if mount.shared && entry.listing {
+                        0o555
+                    } else {
+                        0o500
+                    },
+                    ..directory(
+                        entry.ino,
+                        entry.uid,
+                        entry.gid,
+                        entry.born,
+                        tree.snapshot.taken_wall,
+                    )
+                },
+                ViewKind::Link(target) => FileAttr {
+                    kind: FileType::Symlink,
+                    perm: 0o777,
+                    size: target.len() as u64,
+                    uid: entry.uid,
+                    ..stream_file(entry.ino, entry.born, entry.gid)
+                },
+                ViewKind::All(_) => FileAttr {
+                    uid: entry.uid,
+                    ..stream_file(entry.ino, entry.born, entry.gid)
+                },
             }
         }
         Node::File(dir_index, file_index) => {
@@ -133,9 +167,14 @@ fn directory(ino: u64, uid: u32, gid: u32, born: SystemTime, changed: SystemTime
     }
 }
 
-pub fn file_type_of(node: Node) -> FileType {
+pub fn file_type_of(tree: &Tree, node: Node) -> FileType {
     match node {
         Node::Root | Node::Dir(_) => FileType::Directory,
         Node::File(..) | Node::Whole(..) => FileType::RegularFile,
+        Node::View(index) => match tree.views.entries[index].kind {
+            ViewKind::Dir(_) => FileType::Directory,
+            ViewKind::Link(_) => FileType::Symlink,
+            ViewKind::All(_) => FileType::RegularFile,
+        },
     }
 }

@@ -9,6 +9,10 @@
 //! most every [`MISS_REFRESH`]), so a process started a moment ago can be
 //! entered at once.
 //!
+//! Beside the process directories, [`views`] groups them (`containers/`,
+//! `pods/`): its directories, symlinks and group streams are one kind of
+//! node here ([`Node::View`]), whatever the grouping.
+//!
 //! The mount is read-only: everything that would modify it is EROFS.
 //! Streams (open/read/release) are handed to `crate::stream`; this module
 //! only maps them to file handles and errors to errno. A unix socket's file
@@ -17,6 +21,7 @@
 pub mod attrs;
 pub mod diagnostics;
 pub mod tree;
+pub mod views;
 pub mod xattrs;
 
 use std::collections::HashMap;
@@ -39,9 +44,10 @@ use crate::capture::filter::{FilterTarget, bpf_filter_for, is_connected};
 use crate::capture::source::{
     CaptureError, CaptureFilter, CaptureRequest, CaptureSettings, Opened, PacketSink, RingStage,
 };
+use crate::inventory::containers::{ContainerIndex, RuntimeOptions};
 use crate::inventory::live::ProcessWatch;
 use crate::inventory::probe::SocketOwner;
-use crate::inventory::{Inventory, Netns, NetnsId, SocketInfo, UnixSocketInfo};
+use crate::inventory::{Inventory, Netns, NetnsId, ProcessInfo, SocketInfo, UnixSocketInfo};
 use crate::names::Proto;
 use crate::stream::neighbours::Neighbours;
 use crate::stream::process::{ProcessSink, ProcessStreamSpec, Scope};
@@ -52,6 +58,7 @@ use crate::stream::table::Ticket;
 use crate::stream::{Answer, Format, Stream};
 use attrs::{MountIdentity, attr_of, file_type_of};
 use tree::{FileSocket, InodeTable, Node, ROOT_INO, Tree, Whole};
+use views::{Group, ViewKind};
 use xattrs::{MountFacts, Subject};
 
 /// The shortest interval between snapshots that a lookup miss may force.
@@ -72,12 +79,25 @@ pub struct FsOptions {
     pub kernel_events: bool,
     /// Unix sockets are listed too (`--unix`).
     pub unix: bool,
+    /// Where the container runtimes keep their names.
+    pub runtimes: RuntimeOptions,
 }
 
 /// What makes snapshots and gives inode numbers; one at a time.
 struct Refresher {
     inventory: Inventory,
     inodes: InodeTable,
+    containers: ContainerIndex,
+}
+
+impl Refresher {
+    /// A new snapshot's tree; the views' directories of directories are
+    /// `owner`'s.
+    fn tree(&mut self, all_processes: bool, owner: (u32, u32)) -> Tree {
+        let snapshot = self.inventory.snapshot();
+        let containers = self.containers.containers(&snapshot);
+        Tree::build(snapshot, &mut self.inodes, all_processes, containers, owner)
+    }
 }
 
 pub struct NetstatFs {
@@ -110,12 +130,15 @@ impl NetstatFs {
         let mut refresher = Refresher {
             inventory: Inventory::new().with_unix(options.unix),
             inodes: InodeTable::default(),
+            containers: ContainerIndex::new(options.runtimes.clone()),
         };
-        let first = Tree::build(
-            refresher.inventory.snapshot(),
-            &mut refresher.inodes,
-            options.all_processes,
-        );
+        let identity = MountIdentity {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            mounted_at: SystemTime::now(),
+            shared,
+        };
+        let first = refresher.tree(options.all_processes, (identity.uid, identity.gid));
         let facts = MountFacts {
             format: match options.format {
                 Format::Pcap => "pcap",
@@ -128,12 +151,7 @@ impl NetstatFs {
             facts,
             diagnostics: diagnostics::Diagnostics::default(),
             options,
-            identity: MountIdentity {
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-                mounted_at: SystemTime::now(),
-                shared,
-            },
+            identity,
             home: Netns::of_current_thread()
                 .inspect_err(|err| warn!("cannot open the daemon's own network namespace: {err}"))
                 .ok(),
@@ -162,11 +180,9 @@ impl NetstatFs {
         if current.snapshot.age() < max_age {
             return current;
         }
-        let Refresher { inventory, inodes } = &mut *refresher;
-        let tree = Arc::new(Tree::build(
-            inventory.snapshot(),
-            inodes,
+        let tree = Arc::new(refresher.tree(
             self.options.all_processes,
+            (self.identity.uid, self.identity.gid),
         ));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&tree);
         tree
@@ -193,7 +209,7 @@ impl NetstatFs {
         let mut tree = self.tree();
         for attempt in 0..2 {
             let parent_node = tree.node(parent).ok_or(Errno::ENOENT)?;
-            if matches!(parent_node, Node::File(..) | Node::Whole(..)) {
+            if !tree.is_dir(parent_node) {
                 return Err(Errno::ENOTDIR);
             }
             if let Some(node) = tree.lookup(parent_node, name) {
@@ -225,7 +241,10 @@ impl NetstatFs {
     ) -> Subject<'t> {
         match node {
             Node::Root => Subject::Root(&self.facts),
-            Node::Dir(dir) => Subject::Process(tree.process_of(&tree.dirs[dir])),
+            Node::Dir(dir) => {
+                let dir = &tree.dirs[dir];
+                Subject::Process(tree.process_of(dir), tree.container_of(dir))
+            }
             Node::File(dir, file) => {
                 let dir = &tree.dirs[dir];
                 let pid = tree.process_of(dir).pid;
@@ -243,7 +262,7 @@ impl NetstatFs {
                     }
                 }
             }
-            Node::Whole(..) => Subject::Whole,
+            Node::Whole(..) | Node::View(_) => Subject::Whole,
         }
     }
 
@@ -306,6 +325,24 @@ impl NetstatFs {
                         .filter(|(_, d)| d.listed)
                         .map(|(index, d)| (d.ino, d.name.as_str(), Node::Dir(index))),
                 );
+                entries.extend(tree.views.top.iter().map(|&top| {
+                    let entry = &tree.views.entries[top];
+                    (entry.ino, entry.name.as_str(), Node::View(top))
+                }));
+                entries
+            }
+            Node::View(index) => {
+                let ViewKind::Dir(children) = &tree.views.entries[index].kind else {
+                    return Vec::new();
+                };
+                let mut entries = vec![
+                    (tree.views.entries[index].ino, ".", dir),
+                    (ROOT_INO, "..", Node::Root),
+                ];
+                entries.extend(children.iter().map(|&child| {
+                    let entry = &tree.views.entries[child];
+                    (entry.ino, entry.name.as_str(), Node::View(child))
+                }));
                 entries
             }
             Node::Dir(dir_index) => {
@@ -390,6 +427,12 @@ impl NetstatFs {
             Some(Node::Whole(dir, which)) => {
                 self.open_process(&tree, dir, which, reader, ticket, reply)
             }
+            Some(Node::View(index)) => match &tree.views.entries[index].kind {
+                ViewKind::All(group) => self.open_group(&tree, group, reader, ticket, reply),
+                ViewKind::Dir(_) => reply.error(Errno::EISDIR),
+                // The kernel follows a symlink before it opens.
+                ViewKind::Link(_) => reply.error(Errno::ELOOP),
+            },
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -615,6 +658,109 @@ impl NetstatFs {
         );
     }
 
+    /// A group's `all` (a container's, a pod's): every packet of its
+    /// network namespace, captured there, until its oldest member ends.
+    /// A reader who is not root must own every member, as they would need
+    /// to for each member's own `all`.
+    fn open_group(
+        &self,
+        tree: &Tree,
+        group: &Group,
+        reader: Option<u32>,
+        ticket: Ticket,
+        reply: ReplyOpen,
+    ) {
+        let members: Vec<&ProcessInfo> = group
+            .members
+            .iter()
+            .map(|&index| &tree.snapshot.processes[index])
+            .collect();
+        if let Some(reader) = reader
+            && members.iter().any(|member| member.uid != reader)
+        {
+            return reply.error(Errno::EACCES);
+        }
+        let Some(first) = members.first() else {
+            return reply.error(Errno::ENOENT);
+        };
+        // The namespace's packets are the group's only where no process
+        // outside it holds a socket there (a container on the host's
+        // network shares the host's with everything else).
+        let netns_id = group
+            .netns
+            .or(first.netns)
+            .or_else(|| crate::inventory::netns_of(first.pid));
+        let outsiders: Vec<String> = tree
+            .snapshot
+            .processes
+            .iter()
+            .enumerate()
+            .filter(|(index, process)| {
+                !group.members.contains(index)
+                    && process.netns == netns_id
+                    && !process.sockets.is_empty()
+            })
+            .map(|(_, process)| process.pid.to_string())
+            .collect();
+        if !outsiders.is_empty() {
+            info!(
+                "{}/all: its network namespace is shared with {} processes outside it (pid {}{}), \
+                 as on the host's network: its packets cannot be told from theirs; read its \
+                 processes' own all files instead",
+                group.label,
+                outsiders.len(),
+                outsiders[..outsiders.len().min(3)].join(", "),
+                if outsiders.len() > 3 { ", ..." } else { "" }
+            );
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        // Followed from now on, as a process's `all` is: gone is ENOENT.
+        if let Err(err) = ProcessWatch::open(first.pid, first.start_ticks) {
+            debug!("{}/all: its first process is gone ({err})", group.label);
+            return reply.error(Errno::ENOENT);
+        }
+        let netns = match self.netns_of(first.pid, netns_id) {
+            Ok(netns) => netns,
+            Err(errno) => return reply.error(errno),
+        };
+        let label = format!("{}/all", group.label);
+        let owner = SocketOwner {
+            pid: first.pid,
+            start_ticks: first.start_ticks,
+            inode: None,
+            fds: Vec::new(),
+            reader,
+        };
+        let comment = (self.options.format == Format::PcapNg).then(|| label.clone());
+        let stream = Stream::start(
+            label.clone(),
+            owner,
+            self.options.stream_buffer,
+            self.options.format,
+            comment,
+        );
+        let sink: Arc<dyn PacketSink> = stream.clone();
+        let opened_stream = Arc::clone(&stream);
+        let request = CaptureRequest {
+            netns,
+            filter: CaptureFilter::Everything,
+            label,
+            prompt: false,
+            stage: RingStage::Sprout,
+        };
+        self.launch(
+            request,
+            sink,
+            stream,
+            move |opened| {
+                opened_stream.opened(opened);
+                Ok(())
+            },
+            ticket,
+            reply,
+        );
+    }
+
     /// Starts the capture; once it runs, the stream gets a file handle and
     /// the open is answered (from the capture opener: the session loop does
     /// not wait for libpcap).
@@ -690,6 +836,8 @@ fn could_be_new(parent: Node, name: &OsStr, unix: bool) -> bool {
                     && name.len() > crate::names::UNIX_PREFIX.len()
                     && name.starts_with(crate::names::UNIX_PREFIX))
         }
+        // A container that started a moment ago.
+        Node::View(_) => true,
         Node::File(..) | Node::Whole(..) => false,
     }
 }
@@ -761,7 +909,7 @@ impl Filesystem for NetstatFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let tree = self.tree();
         match tree.node(ino.0) {
-            Some(Node::File(..) | Node::Whole(..)) => reply.error(Errno::ENOTDIR),
+            Some(node) if !tree.is_dir(node) => reply.error(Errno::ENOTDIR),
             Some(_) => {
                 let handle = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dir_handles).insert(handle, tree);
@@ -792,7 +940,7 @@ impl Filesystem for NetstatFs {
             if reply.add(
                 INodeNo(entry_ino),
                 index as u64 + 1,
-                file_type_of(node),
+                file_type_of(&tree, node),
                 name,
             ) {
                 break;
@@ -924,6 +1072,18 @@ impl Filesystem for NetstatFs {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let tree = self.tree();
+        match tree.node(ino.0) {
+            Some(Node::View(index)) => match &tree.views.entries[index].kind {
+                ViewKind::Link(target) => reply.data(target.as_bytes()),
+                _ => reply.error(Errno::EINVAL),
+            },
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::time::SystemTime;
 
+use super::views::{ViewKind, Views};
+use crate::inventory::containers::ContainerInfo;
 use crate::inventory::{ProcessInfo, Snapshot, SocketInfo, UnixSocketInfo};
 use crate::names;
 
@@ -34,11 +36,19 @@ pub enum NodeKey {
         start_ticks: u64,
         which: Whole,
     },
+    /// An entry of the views beside the process directories
+    /// ([`super::views`]): its group (a hash of what it groups) and, for a
+    /// link to a process, that process.
+    View {
+        group: u64,
+        pid: i32,
+        start_ticks: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Assigned {
-    ino: u64,
+pub(super) struct Assigned {
+    pub(super) ino: u64,
     first_seen: SystemTime,
     /// The build that last saw the object alive.
     generation: u64,
@@ -64,7 +74,7 @@ impl Default for InodeTable {
 }
 
 impl InodeTable {
-    fn assign(&mut self, key: NodeKey, now: SystemTime) -> Assigned {
+    pub(super) fn assign(&mut self, key: NodeKey, now: SystemTime) -> Assigned {
         let generation = self.generation;
         let next_ino = &mut self.next_ino;
         let assigned = self.by_key.entry(key).or_insert_with(|| {
@@ -110,6 +120,9 @@ pub enum Node {
     File(usize, usize),
     /// A directory's `all` or `tree` file.
     Whole(usize, Whole),
+    /// An entry of the views beside the process directories (index into
+    /// [`Views::entries`]).
+    View(usize),
 }
 
 /// The files of a process directory that stream more than one socket.
@@ -187,14 +200,26 @@ pub struct Tree {
     pub snapshot: Snapshot,
     /// Sorted by pid.
     pub dirs: Vec<ProcessDir>,
+    /// The containers of the snapshot's processes.
+    pub containers: Vec<ContainerInfo>,
+    /// By process index: the container it runs in.
+    container_of: HashMap<usize, usize>,
+    pub views: Views,
     by_ino: HashMap<u64, Node>,
 }
 
 impl Tree {
     /// Builds the tree: one directory per process of the snapshot, listed
     /// if it holds a socket (every one with `all_processes`), found by its
-    /// exact name either way.
-    pub fn build(snapshot: Snapshot, inodes: &mut InodeTable, all_processes: bool) -> Tree {
+    /// exact name either way; and the views of `containers`, whose
+    /// directories of directories are `owner`'s.
+    pub fn build(
+        snapshot: Snapshot,
+        inodes: &mut InodeTable,
+        all_processes: bool,
+        containers: Vec<ContainerInfo>,
+        owner: (u32, u32),
+    ) -> Tree {
         inodes.start_build();
         let now = snapshot.taken_wall;
         let mut dirs = Vec::new();
@@ -222,6 +247,7 @@ impl Tree {
                 listed,
             });
         }
+        let views = Views::build(&snapshot, &containers, inodes, owner);
         inodes.finish_build();
 
         let mut by_ino = HashMap::with_capacity(dirs.len() + snapshot.socket_count());
@@ -233,10 +259,23 @@ impl Tree {
                 by_ino.insert(file.ino, Node::File(dir_index, file_index));
             }
         }
+        for (index, entry) in views.entries.iter().enumerate() {
+            by_ino.insert(entry.ino, Node::View(index));
+        }
         by_ino.insert(ROOT_INO, Node::Root);
+        let container_of = containers
+            .iter()
+            .enumerate()
+            .flat_map(|(container, info)| {
+                info.members.iter().map(move |&member| (member, container))
+            })
+            .collect();
         Tree {
             snapshot,
             dirs,
+            containers,
+            container_of,
+            views,
             by_ino,
         }
     }
@@ -249,6 +288,8 @@ impl Tree {
     pub fn lookup(&self, parent: Node, name: &OsStr) -> Option<Node> {
         let name = name.to_str()?;
         match parent {
+            Node::Root if let Some(top) = self.views.top_named(name) => Some(Node::View(top)),
+            Node::View(dir) => self.views.child(dir, name).map(Node::View),
             Node::Root => {
                 let (pid, _) = names::parse_process_dir_name(name)?;
                 let index = self
@@ -268,6 +309,22 @@ impl Tree {
                 Some(Node::File(dir_index, index))
             }
             Node::File(..) | Node::Whole(..) => None,
+        }
+    }
+
+    /// The container a process directory's process runs in.
+    pub fn container_of(&self, dir: &ProcessDir) -> Option<&ContainerInfo> {
+        self.container_of
+            .get(&dir.process)
+            .map(|&index| &self.containers[index])
+    }
+
+    /// Whether a node is a directory.
+    pub fn is_dir(&self, node: Node) -> bool {
+        match node {
+            Node::Root | Node::Dir(_) => true,
+            Node::File(..) | Node::Whole(..) => false,
+            Node::View(index) => matches!(self.views.entries[index].kind, ViewKind::Dir(_)),
         }
     }
 
@@ -364,6 +421,11 @@ mod tests {
         }
     }
 
+    /// A tree without containers.
+    fn build(snapshot: Snapshot, inodes: &mut InodeTable, all_processes: bool) -> Tree {
+        Tree::build(snapshot, inodes, all_processes, Vec::new(), (0, 0))
+    }
+
     fn snapshot(processes: Vec<ProcessInfo>) -> Snapshot {
         Snapshot {
             taken: Instant::now(),
@@ -379,7 +441,7 @@ mod tests {
             process(10, 1, "quiet", &[]),
             process(20, 1, "server", &[(500, "127.0.0.1:80")]),
         ];
-        let tree = Tree::build(snapshot(processes.clone()), &mut inodes, false);
+        let tree = build(snapshot(processes.clone()), &mut inodes, false);
         let listed: Vec<&str> = tree
             .dirs
             .iter()
@@ -392,7 +454,7 @@ mod tests {
             tree.lookup(Node::Root, std::ffi::OsStr::new("10_quiet")),
             Some(Node::Dir(_))
         ));
-        let all = Tree::build(snapshot(processes), &mut inodes, true);
+        let all = build(snapshot(processes), &mut inodes, true);
         assert!(all.dirs.iter().all(|dir| dir.listed));
     }
 
@@ -418,7 +480,7 @@ mod tests {
         let mut only_unix = process(31, 1, "dbus", &[]);
         only_unix.unix = vec![unix(702, UnixName::Abstract("bus".into()))];
         let mut inodes = InodeTable::default();
-        let tree = Tree::build(snapshot(vec![with_unix, only_unix]), &mut inodes, false);
+        let tree = build(snapshot(vec![with_unix, only_unix]), &mut inodes, false);
         let names: Vec<&str> = tree.dirs[0].files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             names,
@@ -436,7 +498,7 @@ mod tests {
     #[test]
     fn lookup_needs_pid_and_name() {
         let mut inodes = InodeTable::default();
-        let tree = Tree::build(
+        let tree = build(
             snapshot(vec![process(20, 1, "a/b c", &[(500, "127.0.0.1:80")])]),
             &mut inodes,
             false,
@@ -458,14 +520,14 @@ mod tests {
     #[test]
     fn inodes_are_stable_and_never_reused() {
         let mut inodes = InodeTable::default();
-        let first = Tree::build(
+        let first = build(
             snapshot(vec![process(20, 1, "server", &[(500, "127.0.0.1:80")])]),
             &mut inodes,
             false,
         );
         let (dir_ino, file_ino) = (first.dirs[0].ino, first.dirs[0].files[0].ino);
         // Same objects: same numbers.
-        let second = Tree::build(
+        let second = build(
             snapshot(vec![process(20, 1, "server", &[(500, "127.0.0.1:80")])]),
             &mut inodes,
             false,
@@ -475,7 +537,7 @@ mod tests {
             (dir_ino, file_ino)
         );
         // The pid reused by a new process: new numbers, old ones forgotten.
-        let third = Tree::build(
+        let third = build(
             snapshot(vec![process(20, 99, "server", &[(501, "127.0.0.1:80")])]),
             &mut inodes,
             false,
@@ -484,8 +546,8 @@ mod tests {
         assert!(third.node(dir_ino).is_none());
         assert_eq!(
             inodes.len(),
-            4,
-            "the directory, its all and tree files, the socket"
+            6,
+            "the directory, its all and tree files, the socket, containers/ and pods/"
         );
     }
 
@@ -493,9 +555,9 @@ mod tests {
     fn a_process_between_sockets_keeps_its_number() {
         let mut inodes = InodeTable::default();
         let with = snapshot(vec![process(20, 1, "s", &[(500, "127.0.0.1:80")])]);
-        let ino = Tree::build(with, &mut inodes, false).dirs[0].ino;
-        Tree::build(snapshot(vec![process(20, 1, "s", &[])]), &mut inodes, false);
+        let ino = build(with, &mut inodes, false).dirs[0].ino;
+        build(snapshot(vec![process(20, 1, "s", &[])]), &mut inodes, false);
         let again = snapshot(vec![process(20, 1, "s", &[(600, "127.0.0.1:81")])]);
-        assert_eq!(Tree::build(again, &mut inodes, false).dirs[0].ino, ino);
+        assert_eq!(build(again, &mut inodes, false).dirs[0].ino, ino);
     }
 }

@@ -11,13 +11,17 @@
 //! `user.netstatfs.{pid,comm,uid,netns,sockets}` and, read from /proc when
 //! asked, `user.netstatfs.{exe,cmdline,user,cgroup}` and, where the cgroup
 //! names one, `user.netstatfs.container.{runtime,id}` and
-//! `user.netstatfs.pod.uid`; the root carries what a
+//! `user.netstatfs.pod.uid`, and where the runtime's state names them,
+//! `user.netstatfs.container.name` and `user.netstatfs.pod.{name,namespace}`;
+//! the root carries what a
 //! reader of the streams needs before opening one,
 //! `user.netstatfs.{format,interface,linktype}` (the Wireshark extcap
 //! reads the link type). Values are plain text, as `getfattr -d` shows
 //! them.
 
+use crate::inventory::containers::ContainerInfo;
 use crate::inventory::details::ProcessDetails;
+use crate::inventory::runtimes::Names;
 use crate::inventory::{ProcessInfo, SocketInfo, UnixSocketInfo};
 
 type SocketGetter = fn(&SocketInfo) -> String;
@@ -94,6 +98,20 @@ const DETAIL_ATTRIBUTES: &[(&str, DetailGetter)] = &[
     }),
 ];
 
+type NamesGetter = fn(&Names) -> Option<String>;
+
+/// What the container's runtime says of it (see
+/// [`crate::inventory::runtimes`]); absent where it says nothing.
+const NAME_ATTRIBUTES: &[(&str, NamesGetter)] = &[
+    ("user.netstatfs.container.name", |n| n.name.clone()),
+    ("user.netstatfs.pod.name", |n| {
+        n.pod.as_ref().map(|pod| pod.name.clone())
+    }),
+    ("user.netstatfs.pod.namespace", |n| {
+        n.pod.as_ref().map(|pod| pod.namespace.clone())
+    }),
+];
+
 fn join(fds: &[i32]) -> String {
     fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -107,7 +125,8 @@ pub enum Subject<'a> {
     Root(&'a MountFacts),
     /// `all` and `tree`: no attributes of their own.
     Whole,
-    Process(&'a ProcessInfo),
+    /// A process directory, with the container it runs in.
+    Process(&'a ProcessInfo, Option<&'a ContainerInfo>),
     /// A socket file, with what socket diagnostics said of it (names
     /// under `user.netstatfs.`).
     Socket(&'a SocketInfo, &'a [(String, String)]),
@@ -127,8 +146,9 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
     let names: Vec<&str> = match subject {
         Subject::Root(_) => MOUNT_ATTRIBUTES.iter().map(|(name, _)| *name).collect(),
         Subject::Whole => Vec::new(),
-        Subject::Process(process) => {
+        Subject::Process(process, container) => {
             let details = ProcessDetails::read(process.pid, process.uid);
+            let names = container.map(|container| &container.names);
             PROCESS_ATTRIBUTES
                 .iter()
                 .map(|(name, _)| *name)
@@ -136,6 +156,12 @@ pub fn list(subject: &Subject<'_>) -> Vec<u8> {
                     DETAIL_ATTRIBUTES
                         .iter()
                         .filter(|(_, getter)| getter(&details).is_some())
+                        .map(|(name, _)| *name),
+                )
+                .chain(
+                    NAME_ATTRIBUTES
+                        .iter()
+                        .filter(|(_, getter)| names.and_then(getter).is_some())
                         .map(|(name, _)| *name),
                 )
                 .collect()
@@ -170,10 +196,16 @@ pub fn get(subject: &Subject<'_>, name: &[u8]) -> Option<Vec<u8>> {
             .find(|(known, _)| known.as_bytes() == name)
             .map(|(_, getter)| getter(facts)),
         Subject::Whole => None,
-        Subject::Process(process) => PROCESS_ATTRIBUTES
+        Subject::Process(process, container) => PROCESS_ATTRIBUTES
             .iter()
             .find(|(known, _)| known.as_bytes() == name)
             .map(|(_, getter)| getter(process))
+            .or_else(|| {
+                let (_, getter) = NAME_ATTRIBUTES
+                    .iter()
+                    .find(|(known, _)| known.as_bytes() == name)?;
+                getter(&(*container)?.names)
+            })
             .or_else(|| {
                 let (_, getter) = DETAIL_ATTRIBUTES
                     .iter()

@@ -14,7 +14,7 @@
 //! systemd slice names). cgroup v2's line (`0::`) and v1's lines are all
 //! looked at; the innermost container named wins.
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Container {
     /// docker, podman, containerd, cri-o, cri (a Kubernetes pod under the
     /// cgroupfs driver, whose path does not name the runtime) or lxc.
@@ -38,32 +38,15 @@ impl Container {
 }
 
 impl Container {
-    /// `docker web-1`: the runtime and the container's name where the
-    /// runtime's state says it and may be read (docker's, as root), else
+    /// `docker web-1`: the runtime and the container's name where its
+    /// runtime's state says it (see [`super::runtimes`]), else
     /// [`Container::short`].
-    pub fn named(&self) -> String {
-        let name = match self.runtime {
-            "docker" if is_hex_id(&self.id) => std::fs::read_to_string(format!(
-                "/var/lib/docker/containers/{}/config.v2.json",
-                self.id
-            ))
-            .ok()
-            .and_then(|config| docker_name(&config)),
-            "lxc" => Some(self.id.clone()),
-            _ => None,
-        };
+    pub fn labelled(&self, name: Option<&str>) -> String {
         match name {
             Some(name) => format!("{} {name}", self.runtime),
             None => self.short(),
         }
     }
-}
-
-/// The `"Name":"/web-1"` of docker's config.v2.json, without its slash.
-fn docker_name(config: &str) -> Option<String> {
-    let after = config.split_once("\"Name\":\"")?.1;
-    let name = after.split('"').next()?.trim_start_matches('/');
-    (!name.is_empty()).then(|| name.to_owned())
 }
 
 /// The container a process with this `/proc/<pid>/cgroup` runs in.
@@ -143,13 +126,6 @@ mod tests {
 
     const ID: &str = "3f2a0e57c1d94b6e8a7f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
 
-    #[test]
-    fn dockers_config_names_the_container() {
-        let config = r#"{"StreamConfig":{},"State":{"Running":true},"ID":"3f2a","Name":"/web-1","Driver":"overlay2"}"#;
-        assert_eq!(docker_name(config).as_deref(), Some("web-1"));
-        assert_eq!(docker_name(r#"{"Name":""}"#), None);
-        assert_eq!(docker_name("{}"), None);
-    }
     const POD: &str = "5c3b2a1d-0e9f-4a8b-9c7d-6e5f4a3b2c1d";
 
     fn container(cgroup: &str) -> Option<(&'static str, String, Option<String>)> {

@@ -11,11 +11,13 @@
 //! lookup.
 
 pub mod container;
+pub mod containers;
 pub mod details;
 pub mod diag;
 pub mod live;
 pub mod netns;
 pub mod probe;
+pub mod runtimes;
 pub mod tables;
 pub mod unix;
 

@@ -9,6 +9,7 @@ mod common;
 mod access;
 mod attribution;
 mod capture;
+mod containers;
 mod diagnostics;
 mod exactness;
 mod extcap;

@@ -664,7 +664,7 @@ fn the_netstat_example_tells_namespaces_apart() {
 
 /// The netstat example's binary: `cargo test` builds the examples next to
 /// the test binaries' deps/.
-fn netstat_example() -> std::path::PathBuf {
+pub fn netstat_example() -> std::path::PathBuf {
     std::env::current_exe()
         .unwrap()
         .parent()

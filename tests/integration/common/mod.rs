@@ -6,6 +6,7 @@
 //! process or namespace behind.
 
 pub mod cgroup;
+pub mod docker;
 pub mod mount;
 pub mod netns;
 pub mod nginx;

@@ -21,12 +21,26 @@ impl Tcpdump {
     /// of 2 KiB frames: every packet of a test's traffic fits, and none
     /// waits in an unfilled block when it stops.
     pub fn start(netns: Option<&str>, interface: &str, filter: &str) -> Tcpdump {
+        match netns {
+            Some(netns) => Self::start_through(&["ip", "netns", "exec", netns], interface, filter),
+            None => Self::start_through(&[], interface, filter),
+        }
+    }
+
+    /// The same inside process `pid`'s network namespace (a container's),
+    /// as `nsenter -t PID -n tcpdump` does.
+    pub fn start_in_netns_of(pid: u32, interface: &str, filter: &str) -> Tcpdump {
+        let pid = pid.to_string();
+        Self::start_through(&["nsenter", "-t", &pid, "-n"], interface, filter)
+    }
+
+    fn start_through(wrapper: &[&str], interface: &str, filter: &str) -> Tcpdump {
         let scratch = ScratchDir::new("truth");
         let path = scratch.0.join("truth.pcap");
-        let mut command = match netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns, "tcpdump"]);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg("tcpdump");
                 command
             }
             None => Command::new("tcpdump"),
@@ -62,6 +76,12 @@ impl Tcpdump {
     /// Stops it; what it captured, checked to be whole (0 dropped by the
     /// kernel).
     pub fn stop(mut self) -> Vec<Seen> {
+        read_pcap_file(&self.stop_to_file()).1
+    }
+
+    /// Stops it, checked as [`Tcpdump::stop`]; where its capture is (kept
+    /// until this is dropped).
+    pub fn stop_to_file(&mut self) -> PathBuf {
         let child = self.child.take().expect("running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -76,7 +96,7 @@ impl Tcpdump {
                 .any(|line| line.trim() == "0 packets dropped by kernel"),
             "tcpdump lost packets: {summary}"
         );
-        read_pcap_file(&self.path).1
+        self.path.clone()
     }
 }
 

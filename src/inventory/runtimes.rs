@@ -1,0 +1,308 @@
+//! Containers' names, as their runtimes keep them on disk: read from the
+//! runtime's own state files, never by asking its API socket (which may
+//! hang, needs a group the daemon need not be in, and differs per runtime).
+//!
+//! | runtime | where | what |
+//! |---|---|---|
+//! | docker | `<data root>/containers/<id>/config.v2.json` | `"Name":"/web"` |
+//! | containerd (Kubernetes' CRI) | `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/config.json` | the OCI annotations `io.kubernetes.cri.container-name`, `…sandbox-name`, `…sandbox-namespace` |
+//! | LXC | the cgroup path | the name itself |
+//!
+//! The data root is `/var/lib/docker` unless `--docker-root` says, or a
+//! running dockerd's `--data-root`; the state directory `/run/containerd`
+//! unless `--containerd-state` says. Podman keeps its names in a database
+//! (`bolt_state.db` or `db.sql`), not in files this module reads: its
+//! containers have no name here (their directories are named by id).
+//!
+//! Parsing is pure (the `*_names` functions); [`RuntimeDirs::names`] reads.
+
+use std::path::{Path, PathBuf};
+
+use super::container::Container;
+
+/// docker's default data root.
+pub const DOCKER_ROOT: &str = "/var/lib/docker";
+/// containerd's default state directory.
+pub const CONTAINERD_STATE: &str = "/run/containerd";
+
+/// The annotations containerd's CRI plugin writes into each container's
+/// OCI bundle (containerd `pkg/cri/annotations/annotations.go`).
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+const CRI_SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+const CRI_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+
+/// Where the runtimes keep their state.
+#[derive(Clone, Debug)]
+pub struct RuntimeDirs {
+    /// docker's data roots, in the order tried: the one given, or the
+    /// default and those running dockerds were started with.
+    pub docker_roots: Vec<PathBuf>,
+    pub containerd_state: PathBuf,
+}
+
+impl Default for RuntimeDirs {
+    fn default() -> RuntimeDirs {
+        RuntimeDirs {
+            docker_roots: vec![PathBuf::from(DOCKER_ROOT)],
+            containerd_state: PathBuf::from(CONTAINERD_STATE),
+        }
+    }
+}
+
+/// A container's names, where its runtime says them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    pub name: Option<String>,
+    pub pod: Option<Pod>,
+}
+
+/// A Kubernetes pod, as its CRI annotations name it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl RuntimeDirs {
+    /// The roots given (`--docker-root`), or the default root and every
+    /// running dockerd's `--data-root`, found among `processes` (pid and
+    /// comm).
+    pub fn find(
+        docker_root: Option<&Path>,
+        containerd_state: Option<&Path>,
+        processes: impl IntoIterator<Item = (i32, String)>,
+    ) -> RuntimeDirs {
+        let docker_roots = match docker_root {
+            Some(root) => vec![root.to_path_buf()],
+            None => {
+                let mut roots = vec![PathBuf::from(DOCKER_ROOT)];
+                for (pid, comm) in processes {
+                    if comm != "dockerd" {
+                        continue;
+                    }
+                    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                        continue;
+                    };
+                    if let Some(root) = docker_data_root(&cmdline)
+                        && !roots.contains(&root)
+                    {
+                        roots.push(root);
+                    }
+                }
+                roots
+            }
+        };
+        RuntimeDirs {
+            docker_roots,
+            containerd_state: containerd_state
+                .map_or_else(|| PathBuf::from(CONTAINERD_STATE), Path::to_path_buf),
+        }
+    }
+
+    /// What the runtime's state files say of `container`; nothing where
+    /// they are missing or unreadable.
+    pub fn names(&self, container: &Container) -> Names {
+        match container.runtime {
+            "docker" => self
+                .docker_roots
+                .iter()
+                .find_map(|root| {
+                    std::fs::read_to_string(
+                        root.join("containers")
+                            .join(&container.id)
+                            .join("config.v2.json"),
+                    )
+                    .ok()
+                })
+                .map(|config| Names {
+                    name: docker_name(&config),
+                    pod: None,
+                })
+                .unwrap_or_default(),
+            "containerd" | "cri" => {
+                let tasks = self.containerd_state.join("io.containerd.runtime.v2.task");
+                let Ok(namespaces) = std::fs::read_dir(&tasks) else {
+                    return Names::default();
+                };
+                namespaces
+                    .flatten()
+                    .find_map(|namespace| {
+                        std::fs::read_to_string(
+                            namespace.path().join(&container.id).join("config.json"),
+                        )
+                        .ok()
+                    })
+                    .map(|config| cri_names(&config))
+                    .unwrap_or_default()
+            }
+            "lxc" => Names {
+                name: Some(container.id.clone()),
+                pod: None,
+            },
+            _ => Names::default(),
+        }
+    }
+}
+
+/// dockerd's `--data-root DIR` or `--data-root=DIR` (or the old `-g`), from
+/// its NUL-separated command line.
+pub fn docker_data_root(cmdline: &[u8]) -> Option<PathBuf> {
+    let arguments: Vec<&str> = cmdline
+        .split(|&b| b == 0)
+        .filter_map(|argument| std::str::from_utf8(argument).ok())
+        .collect();
+    arguments.iter().enumerate().find_map(|(i, argument)| {
+        let value = match *argument {
+            "--data-root" | "-g" | "--graph" => arguments.get(i + 1).copied(),
+            _ => argument
+                .strip_prefix("--data-root=")
+                .or_else(|| argument.strip_prefix("--graph=")),
+        }?;
+        (!value.is_empty()).then(|| PathBuf::from(value))
+    })
+}
+
+/// The `"Name":"/web-1"` of docker's config.v2.json, without its slash.
+pub fn docker_name(config: &str) -> Option<String> {
+    let name = json_string(config, "Name")?;
+    let name = name.trim_start_matches('/');
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// A CRI container's names from its bundle's config.json: the container's
+/// name and its pod. A pod's sandbox (its pause container) has the pod but
+/// no container name of its own: it is named `POD`, as the kubelet calls
+/// it.
+pub fn cri_names(config: &str) -> Names {
+    let pod = match (
+        json_string(config, CRI_SANDBOX_NAMESPACE),
+        json_string(config, CRI_SANDBOX_NAME),
+    ) {
+        (Some(namespace), Some(name)) if !namespace.is_empty() && !name.is_empty() => {
+            Some(Pod { namespace, name })
+        }
+        _ => None,
+    };
+    let name = match json_string(config, CRI_CONTAINER_TYPE).as_deref() {
+        Some("sandbox") => pod.as_ref().map(|_| "POD".to_owned()),
+        _ => json_string(config, CRI_CONTAINER_NAME).filter(|name| !name.is_empty()),
+    };
+    Names { name, pod }
+}
+
+/// The string value of the first `"key": "…"` in a JSON text, unescaped.
+/// (A search, not a parser: the files read here are the runtimes' own,
+/// and a key's first occurrence is the one meant.)
+fn json_string(text: &str, key: &str) -> Option<String> {
+    let quoted = format!("\"{key}\"");
+    let mut rest = text;
+    loop {
+        let at = rest.find(&quoted)?;
+        rest = &rest[at + quoted.len()..];
+        let after_colon = rest.trim_start().strip_prefix(':')?;
+        if let Some(value) = after_colon.trim_start().strip_prefix('"') {
+            return unescape(value);
+        }
+    }
+}
+
+/// The JSON string starting at `text` (after its opening quote), up to its
+/// closing quote.
+fn unescape(text: &str) -> Option<String> {
+    let mut value = String::new();
+    let mut chars = text.chars();
+    loop {
+        match chars.next()? {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                't' => value.push('\t'),
+                'r' => value.push('\r'),
+                'b' => value.push('\u{8}'),
+                'f' => value.push('\u{c}'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let code = u32::from_str_radix(&hex, 16).ok()?;
+                    value.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+                }
+                other => value.push(other),
+            },
+            other => value.push(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockers_config_names_the_container() {
+        let config = r#"{"StreamConfig":{},"State":{"Running":true},"ID":"3f2a","Name":"/web-1","Driver":"overlay2"}"#;
+        assert_eq!(docker_name(config).as_deref(), Some("web-1"));
+        assert_eq!(docker_name(r#"{"Name":""}"#), None);
+        assert_eq!(docker_name("{}"), None);
+        assert_eq!(docker_name(r#"{"Name": "/a\"b"}"#).as_deref(), Some("a\"b"));
+    }
+
+    /// As containerd's CRI plugin writes a bundle's annotations (abridged:
+    /// `pkg/cri/server/container_create_linux.go` and
+    /// `sandbox_run_linux.go` set them through `pkg/cri/annotations`).
+    const CRI_CONTAINER: &str = r#"{"ociVersion":"1.0.2-dev","process":{"args":["nginx"]},
+      "annotations":{"io.kubernetes.cri.container-name":"web","io.kubernetes.cri.container-type":"container",
+      "io.kubernetes.cri.image-name":"docker.io/library/nginx:1.25","io.kubernetes.cri.sandbox-id":"5d0c",
+      "io.kubernetes.cri.sandbox-name":"shop-7c9f","io.kubernetes.cri.sandbox-namespace":"prod",
+      "io.kubernetes.cri.sandbox-uid":"5c3b2a1d-0e9f-4a8b-9c7d-6e5f4a3b2c1d"}}"#;
+    const CRI_SANDBOX: &str = r#"{"annotations":{"io.kubernetes.cri.container-type":"sandbox",
+      "io.kubernetes.cri.sandbox-id":"5d0c","io.kubernetes.cri.sandbox-log-directory":"/var/log/pods/x",
+      "io.kubernetes.cri.sandbox-name":"shop-7c9f","io.kubernetes.cri.sandbox-namespace":"prod"}}"#;
+
+    #[test]
+    fn cri_bundles_name_the_container_and_its_pod() {
+        let pod = Pod {
+            namespace: "prod".into(),
+            name: "shop-7c9f".into(),
+        };
+        assert_eq!(
+            cri_names(CRI_CONTAINER),
+            Names {
+                name: Some("web".into()),
+                pod: Some(pod.clone())
+            }
+        );
+        assert_eq!(
+            cri_names(CRI_SANDBOX),
+            Names {
+                name: Some("POD".into()),
+                pod: Some(pod)
+            }
+        );
+        assert_eq!(cri_names(r#"{"annotations":{}}"#), Names::default());
+        assert_eq!(cri_names("not json at all"), Names::default());
+    }
+
+    #[test]
+    fn dockerds_data_root_from_its_command_line() {
+        assert_eq!(
+            docker_data_root(b"/usr/sbin/dockerd\0--data-root\0/srv/docker\0-H\0fd://\0"),
+            Some(PathBuf::from("/srv/docker"))
+        );
+        assert_eq!(
+            docker_data_root(b"dockerd\0--data-root=/tmp/d\0"),
+            Some(PathBuf::from("/tmp/d"))
+        );
+        assert_eq!(docker_data_root(b"dockerd\0-H\0fd://\0"), None);
+        assert_eq!(docker_data_root(b"dockerd\0--data-root\0"), None);
+    }
+
+    #[test]
+    fn json_strings_are_unescaped_and_other_values_skipped() {
+        assert_eq!(
+            json_string(r#"{"a":1,"b":{"a":"x\u00e9\n"}}"#, "a").as_deref(),
+            Some("xé\n")
+        );
+        assert_eq!(json_string(r#"{"a":"unterminated"#, "a"), None);
+        assert_eq!(json_string(r#"{"a""#, "a"), None);
+    }
+}

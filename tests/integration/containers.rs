@@ -1,0 +1,384 @@
+//! Containers and pods as directories: a real Docker engine of the test's
+//! own (`web` serving httpd, `cli` fetching from it and talking to itself
+//! on its loopback), checked against `docker inspect` and, packet for
+//! packet, against `nsenter -t PID -n tcpdump -i any`; and Kubernetes'
+//! names from a containerd CRI bundle laid out as containerd writes it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::cgroup::{CONTAINER_ID, Cgroup, POD_UID};
+use crate::common::docker::Dockerd;
+use crate::common::mount::Mount;
+use crate::common::peer::Peer;
+use crate::common::tcpdump::Tcpdump;
+use crate::common::users::TestUser;
+use crate::common::{ScratchDir, heavy, list, read_to_eof, try_list, wait_for, wait_until, xattr};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A capture's records: capture time (µs) and the packet from its network
+/// header on (the link headers of our LINUX_SLL and tcpdump's LINUX_SLL2
+/// differ; the packets do not).
+fn records(path: &Path) -> Vec<(i64, Vec<u8>)> {
+    let mut capture = pcap::Capture::from_file_with_precision(path, pcap::Precision::Nano)
+        .expect("a valid pcap file");
+    let header = match capture.get_datalink().0 {
+        113 => 16,
+        276 => 20,
+        1 => 14,
+        other => panic!("unexpected link type {other}"),
+    };
+    let mut records = Vec::new();
+    loop {
+        match capture.next_packet() {
+            // In microseconds: tcpdump writes them, our streams nanoseconds.
+            Ok(packet) => records.push((
+                packet.header.ts.tv_sec * 1_000_000 + packet.header.ts.tv_usec / 1000,
+                packet.data[header.min(packet.data.len())..].to_vec(),
+            )),
+            Err(pcap::Error::NoMorePackets) => return records,
+            Err(err) => panic!("bad record: {err}"),
+        }
+    }
+}
+
+/// Each packet's IPv4 source and destination, if it is one.
+fn ipv4_ends(packet: &[u8]) -> Option<([u8; 4], [u8; 4])> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| {
+        (
+            packet[12..16].try_into().unwrap(),
+            packet[16..20].try_into().unwrap(),
+        )
+    })
+}
+
+fn ipv4(text: &str) -> [u8; 4] {
+    text.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}
+
+/// Whether a TCP packet has `flag` (0x02 SYN, 0x01 FIN).
+fn tcp_flag(packet: &[u8], flag: u8) -> bool {
+    let header = usize::from(packet[0] & 0x0f) * 4;
+    packet.len() > header + 13 && packet[9] == 6 && packet[header + 13] & flag != 0
+}
+
+#[test]
+fn a_docker_containers_directory_and_all_are_its_own_packet_for_packet() {
+    let _heavy = heavy();
+    let docker = match Dockerd::start() {
+        Ok(docker) => docker,
+        Err(why) => {
+            eprintln!("skipped: docker cannot run here: {why}");
+            return;
+        }
+    };
+    docker.run("web", "exec httpd -f -p 80 -h /www");
+    let web_ip = docker.ip_of("web");
+    // cli: a fetch every 50 ms, a connection held open, and traffic of its
+    // own on its loopback (none of which is web's).
+    docker.run(
+        "cli",
+        &format!(
+            "httpd -p 127.0.0.1:8080 -h /www; (sleep 3600 | nc {web_ip} 80) & \
+             while true; do wget -q -O /dev/null http://{web_ip}/; \
+             wget -q -O /dev/null http://127.0.0.1:8080/; sleep 0.05; done"
+        ),
+    );
+    let web_pid = docker.pid_of("web");
+    let web_id = docker.id_of("web");
+
+    // No --docker-root: found from the running dockerd's --data-root.
+    let mount = Mount::start(&[]);
+    let web = mount.path.join("containers/web");
+    let link = format!("{web_pid}_httpd");
+    wait_until(WAIT, "containers/web with its httpd", || {
+        try_list(&web).is_some_and(|names| names.contains(&link))
+    });
+    assert!(list(&mount.path.join("containers")).contains(&"cli".to_owned()));
+    assert_eq!(
+        std::fs::read_link(web.join(&link)).unwrap(),
+        Path::new(&format!("../../{link}"))
+    );
+    assert!(
+        web.join(&link).join("all").exists(),
+        "the link leads to the process"
+    );
+    let process = mount.dir(web_pid, "httpd");
+    assert_eq!(
+        xattr(&process, "user.netstatfs.container.name").as_deref(),
+        Some("web")
+    );
+    assert_eq!(
+        xattr(&process, "user.netstatfs.container.id"),
+        Some(web_id.clone())
+    );
+    assert_eq!(
+        xattr(&process, "user.netstatfs.container.runtime").as_deref(),
+        Some("docker")
+    );
+    // The netstat example names the container.
+    let table = std::process::Command::new(crate::tree::netstat_example())
+        .arg(&mount.path)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|row| row.contains(&format!("{web_pid}/httpd")) && row.ends_with("docker web")),
+        "{table}"
+    );
+
+    // web's all against tcpdump in web's namespace, across a restart: the
+    // stream ends with EOF when the container's first process does.
+    let truth = Tcpdump::start_in_netns_of(web_pid, "any", "");
+    let (bytes, reader) = read_to_eof(&web.join("all"));
+    wait_until(WAIT, "the container's capture", || {
+        mount.log().contains("containers/web/all: capture running")
+    });
+    wait_until(WAIT, "some of cli's fetches", || {
+        bytes.lock().unwrap().len() > 20_000
+    });
+    docker.docker(&["restart", "-t", "1", "web"]);
+    wait_until(WAIT, "web's all to end with the restart", || {
+        reader.is_finished()
+    });
+    reader.join().unwrap();
+    let mut truth = truth;
+    let truth = records(&truth.stop_to_file());
+    let scratch = ScratchDir::new("container");
+    let ours_path = scratch.0.join("web.pcap");
+    std::fs::write(&ours_path, &*bytes.lock().unwrap()).unwrap();
+    let ours = records(&ours_path);
+    // Each record once (the same time and bytes twice is one packet
+    // delivered twice).
+    let mut distinct = std::collections::HashSet::new();
+    for record in &ours {
+        assert!(distinct.insert(record), "a record twice: {record:02x?}");
+    }
+    assert!(ours.len() > 30, "only {} packets", ours.len());
+    // Each packet once: no packet twice (the same packet seen on two
+    // interfaces would be).
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for (_, packet) in &ours {
+        *counts.entry(packet).or_default() += 1;
+    }
+    let mut truth_counts: HashMap<&[u8], usize> = HashMap::new();
+    for (_, packet) in &truth {
+        *truth_counts.entry(packet).or_default() += 1;
+    }
+    for (packet, count) in &counts {
+        let there = truth_counts.get(packet).copied().unwrap_or(0);
+        assert!(
+            *count <= there,
+            "{count} copies in web's all, {there} in tcpdump's: {packet:02x?}"
+        );
+    }
+    // Everything tcpdump saw while the stream ran is in it, in order.
+    let (first, last) = (ours[0].0, ours[ours.len() - 1].0);
+    let window: Vec<&[u8]> = truth
+        .iter()
+        .filter(|(at, _)| (first..=last).contains(at))
+        .map(|(_, packet)| packet.as_slice())
+        .collect();
+    let ours_packets: Vec<&[u8]> = ours.iter().map(|(_, packet)| packet.as_slice()).collect();
+    assert_eq!(
+        ours_packets.len(),
+        window.len(),
+        "web's all has {} packets, tcpdump {} in the same window",
+        ours_packets.len(),
+        window.len()
+    );
+    assert!(
+        ours_packets == window,
+        "the same packets, in the same order"
+    );
+    // Whole connections: opened and closed.
+    let web_address = ipv4(&web_ip);
+    assert!(ours_packets.iter().any(|p| tcp_flag(p, 0x02)), "a SYN");
+    assert!(ours_packets.iter().any(|p| tcp_flag(p, 0x01)), "a FIN");
+    // Nothing of cli's own loopback traffic (what else web's namespace
+    // sent, multicast joins of its interface coming up, is its own).
+    assert!(
+        ours_packets
+            .iter()
+            .filter_map(|packet| ipv4_ends(packet))
+            .any(|(src, dst)| src == web_address || dst == web_address),
+        "web's own traffic"
+    );
+    for packet in &ours_packets {
+        if let Some((src, dst)) = ipv4_ends(packet) {
+            assert!(
+                src[0] != 127 && dst[0] != 127,
+                "loopback traffic of another namespace: {src:?} > {dst:?}"
+            );
+        }
+    }
+
+    // Restarted: the same directory, its new first process.
+    let restarted = docker.pid_of("web");
+    assert_ne!(restarted, web_pid);
+    let new_link = format!("{restarted}_httpd");
+    wait_until(WAIT, "containers/web with the new httpd", || {
+        try_list(&web).is_some_and(|names| names.contains(&new_link) && !names.contains(&link))
+    });
+
+    // Stopped: its directory goes.
+    docker.docker(&["stop", "-t", "1", "web"]);
+    wait_until(WAIT, "containers/web to go", || {
+        try_list(&mount.path.join("containers"))
+            .is_some_and(|names| !names.contains(&"web".to_owned()))
+    });
+}
+
+/// As containerd's CRI plugin lays out a task's bundle: the shim's state
+/// directory `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/`
+/// (containerd `runtime/v2/bundle.go`) holding the OCI `config.json`, with
+/// the annotations of `pkg/cri/annotations/annotations.go` that
+/// `pkg/cri/server/container_create_linux.go` and `sandbox_run_linux.go`
+/// set.
+fn write_cri_bundle(state: &Path, id: &str, annotations: &[(&str, &str)]) {
+    let bundle = state
+        .join("io.containerd.runtime.v2.task")
+        .join("k8s.io")
+        .join(id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    let annotations: Vec<String> = annotations
+        .iter()
+        .map(|(key, value)| format!("\"{key}\": \"{value}\""))
+        .collect();
+    std::fs::write(
+        bundle.join("config.json"),
+        format!(
+            "{{\"ociVersion\": \"1.1.0\", \"process\": {{\"args\": [\"/pause\"]}},\n \"annotations\": {{\n  {}\n }}\n}}",
+            annotations.join(",\n  ")
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_kubernetes_pods_containers_are_named_by_their_cri_bundles() {
+    let state = ScratchDir::new("containerd-state");
+    write_cri_bundle(
+        &state.0,
+        CONTAINER_ID,
+        &[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.container-name", "api"),
+            ("io.kubernetes.cri.sandbox-id", "5d0c"),
+            ("io.kubernetes.cri.sandbox-name", "shop-7c9f"),
+            ("io.kubernetes.cri.sandbox-namespace", "prod"),
+            ("io.kubernetes.cri.sandbox-uid", POD_UID),
+        ],
+    );
+    let container = Cgroup::kubernetes_like();
+    let mut peer = Peer::spawn();
+    peer.cmd("comm pod-api");
+    container.enter(peer.pid);
+    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
+    let mount = Mount::start(&["--containerd-state", state.0.to_str().unwrap()]);
+    let process = mount.dir(peer.pid, "pod-api");
+    let named = wait_for(WAIT, "the container's name", || {
+        xattr(&process, "user.netstatfs.container.name")
+    });
+    assert_eq!(named, "api");
+    assert_eq!(
+        xattr(&process, "user.netstatfs.pod.name").as_deref(),
+        Some("shop-7c9f")
+    );
+    assert_eq!(
+        xattr(&process, "user.netstatfs.pod.namespace").as_deref(),
+        Some("prod")
+    );
+    assert_eq!(
+        xattr(&process, "user.netstatfs.pod.uid").as_deref(),
+        Some(POD_UID)
+    );
+    let pod = mount.path.join("pods/prod/shop-7c9f");
+    assert_eq!(list(&pod), ["all", "api"]);
+    assert_eq!(
+        std::fs::read_link(pod.join("api")).unwrap(),
+        Path::new("../../../containers/api")
+    );
+    let link = format!("{}_pod-api", peer.pid);
+    assert_eq!(list(&pod.join("api")), [link.as_str(), "all"]);
+    assert!(
+        pod.join("api")
+            .join(&link)
+            .join(format!("tcp_{}_0.0.0.0:0", listener[1]))
+            .exists()
+    );
+    // Without the bundle, no name: the directory is the short id.
+    drop(mount);
+    let mount = Mount::start(&[]);
+    wait_until(WAIT, "the container by its short id", || {
+        try_list(&mount.path.join("containers"))
+            .is_some_and(|names| names.contains(&CONTAINER_ID[..12].to_owned()))
+    });
+    assert_eq!(
+        xattr(
+            &mount.dir(peer.pid, "pod-api"),
+            "user.netstatfs.container.name"
+        ),
+        None
+    );
+    assert!(list(&mount.path.join("pods")).is_empty());
+}
+
+#[test]
+fn a_containers_directory_is_its_users_and_the_hosts_network_is_not_its_own() {
+    // One id under two runtimes' names: a user's process in a docker-like
+    // cgroup, root's in a containerd-like one; both on the host's network.
+    let user = TestUser::new("ctr");
+    let docker_like = Cgroup::docker_like();
+    let mut theirs = user.peer();
+    theirs.cmd("comm ctr-user");
+    docker_like.enter(theirs.pid);
+    theirs.cmd("udp-bind 127.0.0.1:0");
+    let kubernetes_like = Cgroup::kubernetes_like();
+    let mut roots = Peer::spawn();
+    roots.cmd("comm ctr-root");
+    kubernetes_like.enter(roots.pid);
+    let mount = Mount::start(&["--allow-other"]);
+    let short = &CONTAINER_ID[..12];
+    let (user_dir, root_dir) = (format!("docker_{short}"), format!("containerd_{short}"));
+    let containers = mount.path.join("containers");
+    wait_until(WAIT, "both containers, told apart by runtime", || {
+        try_list(&containers)
+            .is_some_and(|names| names.contains(&user_dir) && names.contains(&root_dir))
+    });
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(containers.join(&user_dir)).unwrap();
+    assert_eq!((metadata.uid(), metadata.mode() & 0o777), (user.uid, 0o500));
+    // The user lists the containers and enters their own, not root's.
+    let listed = user.run(&["ls", containers.to_str().unwrap()]);
+    assert!(listed.status.success(), "{listed:?}");
+    let own = user.run(&["ls", containers.join(&user_dir).to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&own.stdout).contains(&format!("{}_ctr-user", theirs.pid)),
+        "{own:?}"
+    );
+    let others = user.run(&["ls", containers.join(&root_dir).to_str().unwrap()]);
+    assert!(
+        !others.status.success()
+            && String::from_utf8_lossy(&others.stderr).contains("Permission denied"),
+        "{others:?}"
+    );
+    // On the host's network, a container's packets cannot be told from
+    // everyone else's: its all is refused, and the log says why.
+    let opened = std::fs::File::open(containers.join(&root_dir).join("all"));
+    assert_eq!(
+        opened.map(drop).map_err(|err| err.raw_os_error()),
+        Err(Some(nix::libc::EOPNOTSUPP))
+    );
+    assert!(
+        mount.log().contains(&format!(
+            "containers/{root_dir}/all: its network namespace is shared with"
+        )),
+        "{}",
+        mount.log()
+    );
+}
