@@ -414,7 +414,13 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), String> {
         }
         Err(err) => return Err(format!("mountpoint {shown}: {err}")),
     }
-    if let Some(fs_type) = mounted_fs_type(mountpoint) {
+    // Another FUSE file system there (another netstatfs, mostly) is a
+    // mistake; any other mount is a place to mount on, as mount(8) takes
+    // it: in a container the mount point is the bind of the node's
+    // directory that carries the mount out.
+    if let Some(fs_type) = mounted_fs_type(mountpoint)
+        && (fs_type == "fuse" || fs_type.starts_with("fuse."))
+    {
         return Err(format!(
             "{shown} is already a mount point ({fs_type}); unmount it first (umount {shown})"
         ));

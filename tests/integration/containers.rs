@@ -382,3 +382,254 @@ fn a_containers_directory_is_its_users_and_the_hosts_network_is_not_its_own() {
         mount.log()
     );
 }
+
+/// The shared libraries `binary` loads, as ldd lists them (the loader
+/// included).
+fn libraries_of(binary: &Path) -> Vec<std::path::PathBuf> {
+    let output = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, after)) => after.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/')
+                .then(|| std::path::PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// The file system type mounted at `path` (the topmost), if any.
+fn fs_type_at(path: &Path) -> Option<String> {
+    let wanted = path.to_str()?;
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.split(' ').nth(4) == Some(wanted))
+        .filter_map(|line| Some(line.split_once(" - ")?.1.split(' ').next()?.to_owned()))
+        .last()
+}
+
+/// A mount point of the host's made shared, as the kubelet's /run is, so
+/// that a mount made under it inside a container shows on the host.
+struct SharedDir {
+    scratch: ScratchDir,
+}
+
+impl SharedDir {
+    fn new() -> SharedDir {
+        let scratch = ScratchDir::new("agent-mount");
+        use nix::mount::{MsFlags, mount};
+        mount(
+            Some(&scratch.0),
+            &scratch.0,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &scratch.0,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .unwrap();
+        SharedDir { scratch }
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        // The agent's mount first, if it is still there, then the bind.
+        for _ in 0..2 {
+            let _ = nix::mount::umount2(&self.scratch.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[test]
+fn the_node_agent_image_serves_the_node_through_a_shared_mount() {
+    let _heavy = heavy();
+    let docker = match Dockerd::start() {
+        Ok(docker) => docker,
+        Err(why) => {
+            eprintln!("skipped: docker cannot run here: {why}");
+            return;
+        }
+    };
+    docker.run("web", "exec httpd -f -p 80 -h /www");
+    let web_ip = docker.ip_of("web");
+    docker.run(
+        "cli",
+        &format!("while true; do wget -q -O /dev/null http://{web_ip}/; sleep 0.05; done"),
+    );
+    // The image, built offline: this build's binary, the libraries it and
+    // fusermount3 load (deploy/Dockerfile installs the same from Debian).
+    let root = ScratchDir::new("agent-root");
+    let binary = Path::new(crate::common::mount::BINARY);
+    let fusermount = Path::new("/usr/bin/fusermount3");
+    let mut files = vec![
+        (binary.to_path_buf(), root.0.join("usr/local/bin/netstatfs")),
+        (fusermount.to_path_buf(), root.0.join("usr/bin/fusermount3")),
+    ];
+    for library in libraries_of(binary)
+        .into_iter()
+        .chain(libraries_of(fusermount))
+    {
+        let inside = root.0.join(library.strip_prefix("/").unwrap());
+        files.push((library, inside));
+    }
+    for (from, to) in files {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap_or_else(|err| panic!("{}: {err}", from.display()));
+    }
+    for dir in ["run/netstatfs", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(root.0.join(dir)).unwrap();
+    }
+    std::fs::write(root.0.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    docker.import(
+        &root.0,
+        "netstatfs-agent:test",
+        Some("/usr/local/bin/netstatfs"),
+    );
+
+    // Run the way deploy/netstatfs-daemonset.yaml runs it, with the
+    // capabilities it lists rather than --privileged (which asks for every
+    // capability, and this machine's bounding set lacks CAP_SYS_RESOURCE);
+    // Debian 12's docker predates CAP_PERFMON, whose part CAP_SYS_ADMIN
+    // holds too.
+    let shared = SharedDir::new();
+    let host_path = shared.scratch.0.clone();
+    let data_root = docker.data_root();
+    let data_root = data_root.to_str().unwrap();
+    docker.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "agent",
+        "--cap-add=NET_RAW",
+        "--cap-add=NET_ADMIN",
+        "--cap-add=SYS_PTRACE",
+        "--cap-add=DAC_READ_SEARCH",
+        "--cap-add=SYS_ADMIN",
+        "--security-opt=apparmor=unconfined",
+        "--security-opt=seccomp=unconfined",
+        "--device=/dev/fuse",
+        "--pid=host",
+        "--network=host",
+        "-v",
+        "/sys/kernel/tracing:/sys/kernel/tracing",
+        "-v",
+        &format!("{}:/run/netstatfs:rshared", host_path.display()),
+        "-v",
+        &format!("{data_root}:{data_root}:ro"),
+        "netstatfs-agent:test",
+        "/run/netstatfs",
+        "--allow-other",
+        "--log",
+        "stderr",
+        "--cache-ttl",
+        "100ms",
+    ]);
+    let web = host_path.join("containers/web");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !try_list(&web).is_some_and(|names| names.contains(&"all".to_owned())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent's mount did not show on the node within {WAIT:?}: {}",
+            docker.logs("agent")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs_type_at(&host_path).as_deref(), Some("fuse.netstatfs"));
+    let (bytes, reader) = read_to_eof(&web.join("all"));
+    wait_until(WAIT, "web's packets through the agent", || {
+        bytes.lock().unwrap().len() > 10_000
+    });
+    // The agent stops as a pod's container is stopped: reads end with EOF
+    // and the node's mount goes.
+    docker.docker(&["stop", "-t", "10", "agent"]);
+    wait_until(WAIT, "web's all to end", || reader.is_finished());
+    reader.join().unwrap();
+    let logs = docker.logs("agent");
+    let scratch = ScratchDir::new("agent-stream");
+    let path = scratch.0.join("web.pcap");
+    std::fs::write(&path, &*bytes.lock().unwrap()).unwrap();
+    let ours = records(&path);
+    let mut distinct = std::collections::HashSet::new();
+    for record in &ours {
+        assert!(distinct.insert(record), "a record twice: {record:02x?}");
+    }
+    let web_address = ipv4(&web_ip);
+    let webs = ours
+        .iter()
+        .filter_map(|(_, packet)| ipv4_ends(packet))
+        .filter(|(src, dst)| *src == web_address || *dst == web_address)
+        .count();
+    assert!(webs > 20, "{webs} of web's packets\n{logs}");
+    wait_until(WAIT, "the node's mount to go", || {
+        fs_type_at(&host_path).as_deref() != Some("fuse.netstatfs")
+    });
+    assert!(logs.contains("mounted at /run/netstatfs"), "{logs}");
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_as_the_readme_says() {
+    // kubectl cannot check a manifest without a cluster (its client-side
+    // dry run still asks the server for its kinds): the manifest is read
+    // as YAML and its promises checked.
+    let manifest = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/netstatfs-daemonset.yaml"
+    );
+    let script = r#"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+print(json.dumps(docs))
+"#;
+    let output = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script, manifest])
+        .output()
+        .expect("Debian's python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let has = |needle: &str| assert!(text.contains(needle), "the manifest lacks {needle}: {text}");
+    has(r#""kind": "Namespace""#);
+    has(r#""kind": "DaemonSet""#);
+    has(r#""apiVersion": "apps/v1""#);
+    has(r#""hostPID": true"#);
+    has(r#""hostNetwork": true"#);
+    has(r#""privileged": true"#);
+    for capability in [
+        "NET_RAW",
+        "NET_ADMIN",
+        "SYS_PTRACE",
+        "DAC_READ_SEARCH",
+        "PERFMON",
+        "SYS_ADMIN",
+    ] {
+        has(&format!("\"{capability}\""));
+    }
+    has(r#""mountPath": "/run/netstatfs", "mountPropagation": "Bidirectional""#);
+    has(r#""path": "/dev/fuse", "type": "CharDevice""#);
+    has(r#""args": ["/run/netstatfs", "--allow-other""#);
+    has(r#""livenessProbe""#);
+    has(r#""limits": {"cpu": "1", "memory": "1Gi"}"#);
+    // The command the README gives works against this layout.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains("kubectl exec -n netstatfs"),
+        "README's On Kubernetes"
+    );
+}

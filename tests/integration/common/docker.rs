@@ -116,6 +116,11 @@ impl Dockerd {
         Ok(dockerd)
     }
 
+    /// The engine's data root (where its containers' names are).
+    pub fn data_root(&self) -> PathBuf {
+        self.scratch.0.join("root")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.scratch.0.join("dockerd.log")).unwrap_or_default()
     }
@@ -133,6 +138,23 @@ impl Dockerd {
         } else {
             Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
         }
+    }
+
+    /// A container's output, stdout and stderr together.
+    pub fn logs(&self, name: &str) -> String {
+        let output = Command::new(DOCKER)
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["logs", name])
+            .output()
+            .map(|output| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            });
+        output.unwrap_or_else(|err| err.to_string())
     }
 
     pub fn docker(&self, args: &[&str]) -> String {
@@ -180,6 +202,28 @@ impl Dockerd {
         ])
     }
 
+    /// Imports `root` (a directory) as image `name`, running `entrypoint`
+    /// with the arguments `docker run` gives, if set.
+    pub fn import(&self, root: &Path, name: &str, entrypoint: Option<&str>) {
+        let tar = root.with_extension("tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar failed");
+        let change = entrypoint.map(|entrypoint| format!("ENTRYPOINT [\"{entrypoint}\"]"));
+        let mut args = vec!["import"];
+        if let Some(change) = &change {
+            args.extend(["--change", change]);
+        }
+        args.extend([tar.to_str().unwrap(), name]);
+        self.docker(&args);
+    }
+
     /// A root file system of busybox and its applets' links, imported.
     fn import_busybox(&self) {
         let root = self.scratch.0.join("busybox-root");
@@ -193,17 +237,7 @@ impl Dockerd {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         std::fs::write(root.join("www/index.html"), "hello from web\n").unwrap();
-        let tar = root.with_extension("tar");
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(status.success(), "tar failed");
-        self.docker(&["import", tar.to_str().unwrap(), IMAGE]);
+        self.import(&root, IMAGE, None);
     }
 }
 
