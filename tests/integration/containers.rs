@@ -409,9 +409,9 @@ fn fs_type_at(path: &Path) -> Option<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
+        .rev()
         .filter(|line| line.split(' ').nth(4) == Some(wanted))
-        .filter_map(|line| Some(line.split_once(" - ")?.1.split(' ').next()?.to_owned()))
-        .last()
+        .find_map(|line| Some(line.split_once(" - ")?.1.split(' ').next()?.to_owned()))
 }
 
 /// A mount point of the host's made shared, as the kubelet's /run is, so
