@@ -6,16 +6,17 @@
 //! |---|---|---|
 //! | docker | `<data root>/containers/<id>/config.v2.json` | `"Name":"/web"` |
 //! | containerd (Kubernetes' CRI) | `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/config.json` | the OCI annotations `io.kubernetes.cri.container-name`, `…sandbox-name`, `…sandbox-namespace` |
+//! | Podman, CRI-O | the command line of the container's `conmon` | `-n NAME` (`--name`), for the id of `-c` (`--cid`); CRI-O's is the kubelet's `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>` |
 //! | LXC | the cgroup path | the name itself |
 //!
 //! The data root is `/var/lib/docker` unless `--docker-root` says, or a
 //! running dockerd's `--data-root`; the state directory `/run/containerd`
-//! unless `--containerd-state` says. Podman keeps its names in a database
-//! (`bolt_state.db` or `db.sql`), not in files this module reads: its
-//! containers have no name here (their directories are named by id).
+//! unless `--containerd-state` says. (Podman keeps its names in a
+//! database, `bolt_state.db` or `db.sql`; its monitor process says them.)
 //!
 //! Parsing is pure (the `*_names` functions); [`RuntimeDirs::names`] reads.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::container::Container;
@@ -39,6 +40,9 @@ pub struct RuntimeDirs {
     /// default and those running dockerds were started with.
     pub docker_roots: Vec<PathBuf>,
     pub containerd_state: PathBuf,
+    /// Names by container id, as running conmons were told them (podman's
+    /// and CRI-O's).
+    pub conmon_names: HashMap<String, String>,
 }
 
 impl Default for RuntimeDirs {
@@ -46,6 +50,7 @@ impl Default for RuntimeDirs {
         RuntimeDirs {
             docker_roots: vec![PathBuf::from(DOCKER_ROOT)],
             containerd_state: PathBuf::from(CONTAINERD_STATE),
+            conmon_names: HashMap::new(),
         }
     }
 }
@@ -66,37 +71,41 @@ pub struct Pod {
 
 impl RuntimeDirs {
     /// The roots given (`--docker-root`), or the default root and every
-    /// running dockerd's `--data-root`, found among `processes` (pid and
-    /// comm).
+    /// running dockerd's `--data-root`; and the names running conmons were
+    /// given: found among `processes` (pid and comm).
     pub fn find(
         docker_root: Option<&Path>,
         containerd_state: Option<&Path>,
         processes: impl IntoIterator<Item = (i32, String)>,
     ) -> RuntimeDirs {
-        let docker_roots = match docker_root {
+        let mut docker_roots = match docker_root {
             Some(root) => vec![root.to_path_buf()],
-            None => {
-                let mut roots = vec![PathBuf::from(DOCKER_ROOT)];
-                for (pid, comm) in processes {
-                    if comm != "dockerd" {
-                        continue;
-                    }
-                    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                        continue;
-                    };
-                    if let Some(root) = docker_data_root(&cmdline)
-                        && !roots.contains(&root)
-                    {
-                        roots.push(root);
-                    }
-                }
-                roots
-            }
+            None => vec![PathBuf::from(DOCKER_ROOT)],
         };
+        let mut conmon_names = HashMap::new();
+        for (pid, comm) in processes {
+            let wanted = (comm == "dockerd" && docker_root.is_none()) || comm == "conmon";
+            if !wanted {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            if comm == "conmon" {
+                if let Some((id, name)) = conmon_name(&cmdline) {
+                    conmon_names.insert(id, name);
+                }
+            } else if let Some(root) = docker_data_root(&cmdline)
+                && !docker_roots.contains(&root)
+            {
+                docker_roots.push(root);
+            }
+        }
         RuntimeDirs {
             docker_roots,
             containerd_state: containerd_state
                 .map_or_else(|| PathBuf::from(CONTAINERD_STATE), Path::to_path_buf),
+            conmon_names,
         }
     }
 
@@ -140,6 +149,15 @@ impl RuntimeDirs {
                 name: Some(container.id.clone()),
                 pod: None,
             },
+            "podman" => Names {
+                name: self.conmon_names.get(&container.id).cloned(),
+                pod: None,
+            },
+            "cri-o" => self
+                .conmon_names
+                .get(&container.id)
+                .map(|name| kubelet_names(name))
+                .unwrap_or_default(),
             _ => Names::default(),
         }
     }
@@ -161,6 +179,54 @@ pub fn docker_data_root(cmdline: &[u8]) -> Option<PathBuf> {
         }?;
         (!value.is_empty()).then(|| PathBuf::from(value))
     })
+}
+
+/// The container id (`-c`, `--cid`) and name (`-n`, `--name`) a conmon
+/// monitors, from its NUL-separated command line.
+pub fn conmon_name(cmdline: &[u8]) -> Option<(String, String)> {
+    let arguments: Vec<&str> = cmdline
+        .split(|&b| b == 0)
+        .filter_map(|argument| std::str::from_utf8(argument).ok())
+        .collect();
+    let value = |short: &str, long: &str| {
+        arguments.iter().enumerate().find_map(|(i, argument)| {
+            if *argument == short || *argument == long {
+                arguments.get(i + 1).map(|value| (*value).to_owned())
+            } else {
+                argument
+                    .strip_prefix(long)
+                    .and_then(|rest| rest.strip_prefix('='))
+                    .map(str::to_owned)
+            }
+        })
+    };
+    let id = value("-c", "--cid").filter(|id| !id.is_empty())?;
+    let name = value("-n", "--name").filter(|name| !name.is_empty())?;
+    Some((id, name))
+}
+
+/// A container named as the kubelet names it for CRI-O,
+/// `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>` (the pod's sandbox
+/// is the container `POD`); any other name as it is.
+pub fn kubelet_names(name: &str) -> Names {
+    let parts: Vec<&str> = name.split('_').collect();
+    match parts.as_slice() {
+        ["k8s", container, pod, namespace, _uid, _attempt]
+            if !container.is_empty() && !pod.is_empty() && !namespace.is_empty() =>
+        {
+            Names {
+                name: Some((*container).to_owned()),
+                pod: Some(Pod {
+                    namespace: (*namespace).to_owned(),
+                    name: (*pod).to_owned(),
+                }),
+            }
+        }
+        _ => Names {
+            name: Some(name.to_owned()),
+            pod: None,
+        },
+    }
 }
 
 /// The `"Name":"/web-1"` of docker's config.v2.json, without its slash.
@@ -294,6 +360,39 @@ mod tests {
         );
         assert_eq!(docker_data_root(b"dockerd\0-H\0fd://\0"), None);
         assert_eq!(docker_data_root(b"dockerd\0--data-root\0"), None);
+    }
+
+    #[test]
+    fn conmon_says_podmans_and_cri_os_names() {
+        // As podman starts it (libpod/oci_conmon_linux.go).
+        let podman = b"/usr/bin/conmon\0--api-version\x001\0-c\0abc123\0-u\0abc123\0-r\0/usr/bin/crun\0-n\0web\0--exit-dir\0/run/libpod/exits\0";
+        assert_eq!(
+            conmon_name(podman),
+            Some(("abc123".to_owned(), "web".to_owned()))
+        );
+        assert_eq!(
+            conmon_name(b"conmon\0--cid=abc\0--name=db\0"),
+            Some(("abc".to_owned(), "db".to_owned()))
+        );
+        assert_eq!(conmon_name(b"conmon\0-c\0abc\0"), None);
+        // CRI-O's container names are the kubelet's.
+        assert_eq!(
+            kubelet_names("k8s_web_shop-7c9f_prod_5c3b2a1d-0e9f-4a8b-9c7d-6e5f4a3b2c1d_0"),
+            Names {
+                name: Some("web".into()),
+                pod: Some(Pod {
+                    namespace: "prod".into(),
+                    name: "shop-7c9f".into()
+                })
+            }
+        );
+        assert_eq!(
+            kubelet_names("plain"),
+            Names {
+                name: Some("plain".into()),
+                pod: None
+            }
+        );
     }
 
     #[test]
