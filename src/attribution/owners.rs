@@ -434,17 +434,21 @@ impl FlowOwners {
     /// Whether `pid` is an ancestor (by `is_ancestor`) or descends from one
     /// by forks seen lately.
     pub fn descends_from(&self, pid: u32, is_ancestor: impl Fn(u32) -> bool) -> bool {
+        self.nearest_ancestor(pid, |pid| is_ancestor(pid).then_some(()))
+            .is_some()
+    }
+
+    /// The first of `pid` and its ancestors, as the fork events tell
+    /// them, for which `found` says something, nearest first.
+    pub fn nearest_ancestor<T>(&self, pid: u32, found: impl Fn(u32) -> Option<T>) -> Option<T> {
         let mut current = pid;
         for _ in 0..64 {
-            if is_ancestor(current) {
-                return true;
+            if let Some(said) = found(current) {
+                return Some(said);
             }
-            match self.parents.get(&current) {
-                Some(&(parent, _)) => current = parent,
-                None => return false,
-            }
+            current = self.parents.get(&current)?.0;
         }
-        false
+        None
     }
 
     /// Forgets what is too old to matter: claims older than
@@ -1023,6 +1027,11 @@ mod tests {
         assert!(owners.descends_from(402, root));
         assert!(!owners.descends_from(403, root));
         assert!(!owners.descends_from(400, |pid| pid == 401), "not upwards");
+        // A worker gone already has its nearest known ancestor's namespace
+        // (here 401's, the next one up that says one).
+        let namespace_of = |pid| (pid == 401 || pid == 400).then_some(pid * 10);
+        assert_eq!(owners.nearest_ancestor(402, namespace_of), Some(4010));
+        assert_eq!(owners.nearest_ancestor(403, namespace_of), None);
     }
 
     #[test]

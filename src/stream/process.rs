@@ -928,11 +928,20 @@ impl ProcessSink {
                 return None;
             }
             let events = self.events.as_ref()?;
-            let descends = {
+            let (descends, inherited) = {
                 let members = read(&self.members);
-                events
-                    .owners()
-                    .descends_from(claimant.pid, |pid| members.contains_key(&pid))
+                let owners = events.owners();
+                (
+                    owners.descends_from(claimant.pid, |pid| members.contains_key(&pid)),
+                    // A process gone already (a worker forked to serve one
+                    // request) had the namespace of its nearest known
+                    // ancestor, as a fork keeps it: without one, its
+                    // claims would speak of every namespace's copies.
+                    owners.nearest_ancestor(claimant.pid, |pid| {
+                        crate::inventory::netns_of(pid as i32)
+                            .or_else(|| members.get(&pid).and_then(|member| member.netns))
+                    }),
+                )
             };
             if !descends {
                 return None;
@@ -945,7 +954,7 @@ impl ProcessSink {
                 // the reader's by now it would have changed them, which the
                 // tracker sees at its next look.
                 uid: self.reader.unwrap_or(0),
-                netns: crate::inventory::netns_of(claimant.pid as i32),
+                netns: inherited,
             };
             write(&self.members).insert(claimant.pid, member.clone());
             Some(member)
