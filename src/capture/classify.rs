@@ -7,7 +7,6 @@
 //! rejects loopback packets from the "any" device) and matched against the
 //! process's sockets; packets of no socket of the process are dropped.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -369,7 +368,9 @@ pub struct Bound<'a> {
 /// ends and the next begins. Kept across updates of [`ProcessSockets`].
 #[derive(Debug, Default)]
 pub struct Openings {
-    by_tuple: HashMap<(SocketAddr, SocketAddr), Vec<SystemTime>>,
+    /// Looked up for every packet of the namespace: a hash for speed, as
+    /// [`ProcessSockets`]' are.
+    by_tuple: FxHashMap<(SocketAddr, SocketAddr), Vec<SystemTime>>,
 }
 
 /// How long an opening is remembered.
