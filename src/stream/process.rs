@@ -267,6 +267,9 @@ pub struct ProcessSink {
     looked_ns: AtomicU64,
     /// Sockets sharing a port with a member's whose holder was looked for.
     rivals_asked: Mutex<HashSet<u64>>,
+    /// Members' sockets that could not be asked their kernel address:
+    /// said once each (the tracker asks again at every look).
+    unaskable: Mutex<HashSet<u64>>,
     /// The namespace tables read since the last update differ from before.
     neighbours_changed: AtomicBool,
 }
@@ -358,6 +361,7 @@ impl ProcessSink {
             excluded: Mutex::new(Vec::new()),
             looked_ns: AtomicU64::new(0),
             rivals_asked: Mutex::new(HashSet::new()),
+            unaskable: Mutex::new(HashSet::new()),
             neighbours_changed: AtomicBool::new(false),
         })
     }
@@ -744,7 +748,16 @@ impl ProcessSink {
         let Some(events) = &self.events else {
             return;
         };
-        if let Err(err) = events.probe(pid, socket.fd, socket.inode, !rivals.is_empty()) {
+        if let Err(err) = events.probe(pid, socket.fd, socket.inode, !rivals.is_empty())
+            && {
+                let mut unaskable = lock(&self.unaskable);
+                // Kept small: a busy client's sockets come and go.
+                if unaskable.len() >= 4096 {
+                    unaskable.clear();
+                }
+                unaskable.insert(socket.inode)
+            }
+        {
             debug!(
                 "{}: cannot ask socket {} its kernel address: {err}",
                 self.stream.label(),
