@@ -826,6 +826,52 @@ fn reader_steps_table(timed: &[CaptureResult], quiet: Option<(f64, f64)>, volume
 
 /// send() to readable from the stream, for `count` small messages.
 fn latency(daemon: &Mount, count: usize) -> Result<(f64, f64, f64), Error> {
+    let (p50, p99, received, _) = trickle(daemon, count, 2000, None)?;
+    Ok((p50, p99, received))
+}
+
+/// A trickle of `count` messages `gap_us` apart, the daemon stopped
+/// (SIGSTOP) for `stall` a second into it: the messages seen, and what the
+/// stream's closing line said.
+fn stalled(
+    daemon: &Mount,
+    count: usize,
+    gap_us: u64,
+    stall: Duration,
+) -> Result<(f64, String), Error> {
+    let since = daemon.log().len();
+    let (_, _, received, _) = trickle(daemon, count, gap_us, Some(stall))?;
+    let closing = (0..200)
+        .find_map(|_| {
+            let log = daemon.log();
+            let line = log
+                .get(since..)
+                .unwrap_or_default()
+                .lines()
+                .find(|line| line.contains("stream closed"))
+                .map(|line| {
+                    line.split_once(": stream closed: ")
+                        .map_or(line, |(_, said)| said)
+                        .to_owned()
+                });
+            if line.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            line
+        })
+        .unwrap_or_else(|| "(no closing line)".to_owned());
+    Ok((received, closing))
+}
+
+/// Sends the messages, the daemon stopped for `stall` a second in if
+/// given; the delays' p50 and p99 (ms), the messages seen, and how many
+/// were sent.
+fn trickle(
+    daemon: &Mount,
+    count: usize,
+    gap_us: u64,
+    stall: Option<Duration>,
+) -> Result<(f64, f64, f64, usize), Error> {
     let Flow {
         helper: mut flow,
         file,
@@ -863,8 +909,20 @@ fn latency(daemon: &Mount, count: usize) -> Result<(f64, f64, f64), Error> {
         }
     });
     std::thread::sleep(Duration::from_millis(200));
-    flow.send(&format!("ping {count} 2000"))?;
+    let stopper = stall.map(|stall| {
+        let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+            std::thread::sleep(stall);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        })
+    });
+    flow.send(&format!("ping {count} {gap_us}"))?;
     let sent = flow.read_line()?;
+    if let Some(stopper) = stopper {
+        let _ = stopper.join();
+    }
     let sent_at: Vec<u128> = sent
         .strip_prefix("sent ")
         .ok_or("ping failed")?
@@ -892,7 +950,7 @@ fn latency(daemon: &Mount, count: usize) -> Result<(f64, f64, f64), Error> {
             .copied()
             .unwrap_or(f64::NAN)
     };
-    Ok((at(0.5), at(0.99), received))
+    Ok((at(0.5), at(0.99), received, sent_at.len()))
 }
 
 /// Ten streams read by cat while their connections carry `command`
@@ -1410,6 +1468,17 @@ fn run(
         println!("| p50 ms | p99 ms | messages seen |");
         println!("|---:|---:|---:|");
         println!("| {p50:.3} | {p99:.3} | {received} |\n");
+        println!(
+            "A trickle of 3,000 messages at 1,000 a second, the daemon stopped (SIGSTOP) a \
+             second into it, as a starved machine would stall it:\n"
+        );
+        println!("| daemon stopped | messages seen of 3000 | the stream's closing line |");
+        println!("|---:|---:|---|");
+        for stall in [Duration::from_millis(200), Duration::from_secs(1)] {
+            let (received, closing) = stalled(&daemon, 3000, 1000, stall)?;
+            println!("| {} ms | {received} | {closing} |", stall.as_millis());
+        }
+        println!();
     }
 
     if wanted(Section::Memory) {
