@@ -127,26 +127,15 @@ impl Views {
                     },
                 ));
             }
-            children.push(views.push(
+            children.push(views.all(
                 inodes,
-                NodeKey::View {
-                    group,
-                    pid: ALL_FILE,
-                    start_ticks: 0,
+                group,
+                Group {
+                    label: format!("{CONTAINERS}/{dir_name}"),
+                    members: members.clone(),
+                    netns: info.netns,
                 },
-                ViewEntry {
-                    ino: 0,
-                    name: "all".to_owned(),
-                    kind: ViewKind::All(Group {
-                        label: format!("{CONTAINERS}/{dir_name}"),
-                        members: members.clone(),
-                        netns: info.netns,
-                    }),
-                    uid,
-                    gid,
-                    born,
-                    listing: false,
-                },
+                Whose::group((uid, gid), born),
             ));
             let dir = views.dir(
                 inodes,
@@ -217,26 +206,15 @@ impl Views {
                 names::safe_comm(&pod.namespace),
                 names::safe_comm(&pod.name)
             );
-            children.push(views.push(
+            children.push(views.all(
                 inodes,
-                NodeKey::View {
-                    group,
-                    pid: ALL_FILE,
-                    start_ticks: 0,
+                group,
+                Group {
+                    label,
+                    members,
+                    netns,
                 },
-                ViewEntry {
-                    ino: 0,
-                    name: "all".to_owned(),
-                    kind: ViewKind::All(Group {
-                        label,
-                        members,
-                        netns,
-                    }),
-                    uid,
-                    gid,
-                    born,
-                    listing: false,
-                },
+                Whose::group((uid, gid), born),
             ));
             let pod_dir = views.dir(
                 inodes,
@@ -276,6 +254,27 @@ impl Views {
         entry.ino = inodes.assign(key, entry.born).ino;
         self.entries.push(entry);
         self.entries.len() - 1
+    }
+
+    /// Adds a group's `all`.
+    fn all(&mut self, inodes: &mut InodeTable, group: u64, of: Group, whose: Whose) -> usize {
+        self.push(
+            inodes,
+            NodeKey::View {
+                group,
+                pid: ALL_FILE,
+                start_ticks: 0,
+            },
+            ViewEntry {
+                ino: 0,
+                name: "all".to_owned(),
+                kind: ViewKind::All(of),
+                uid: whose.ids.0,
+                gid: whose.ids.1,
+                born: whose.born,
+                listing: whose.listing,
+            },
+        )
     }
 
     /// Adds a directory of `children`, sorted by name.

@@ -126,15 +126,31 @@ fn tcp_flag(packet: &[u8], flag: u8) -> bool {
     packet.len() > header + 13 && packet[9] == 6 && packet[header + 13] & flag != 0
 }
 
+/// The test's own docker engine, or None where docker cannot run here
+/// at all, said on stderr.
+fn docker_or_why_not() -> Option<Dockerd> {
+    Dockerd::start()
+        .inspect_err(|why| eprintln!("skipped: docker cannot run here: {why}"))
+        .ok()
+}
+
+/// `web` serving httpd, and `cli` fetching from it every 50 ms; web's
+/// address.
+fn web_and_its_client(docker: &Dockerd) -> String {
+    docker.run("web", "exec httpd -f -p 80 -h /www");
+    let web_ip = docker.ip_of("web");
+    docker.run(
+        "cli",
+        &format!("while true; do wget -q -O /dev/null http://{web_ip}/; sleep 0.05; done"),
+    );
+    web_ip
+}
+
 #[test]
 fn a_docker_containers_directory_and_all_are_its_own_packet_for_packet() {
     let _heavy = heavy();
-    let docker = match Dockerd::start() {
-        Ok(docker) => docker,
-        Err(why) => {
-            eprintln!("skipped: docker cannot run here: {why}");
-            return;
-        }
+    let Some(docker) = docker_or_why_not() else {
+        return;
     };
     docker.run("web", "exec httpd -f -p 80 -h /www");
     let web_ip = docker.ip_of("web");
@@ -484,19 +500,10 @@ impl Drop for SharedDir {
 #[test]
 fn the_node_agent_image_serves_the_node_through_a_shared_mount() {
     let _heavy = heavy();
-    let docker = match Dockerd::start() {
-        Ok(docker) => docker,
-        Err(why) => {
-            eprintln!("skipped: docker cannot run here: {why}");
-            return;
-        }
+    let Some(docker) = docker_or_why_not() else {
+        return;
     };
-    docker.run("web", "exec httpd -f -p 80 -h /www");
-    let web_ip = docker.ip_of("web");
-    docker.run(
-        "cli",
-        &format!("while true; do wget -q -O /dev/null http://{web_ip}/; sleep 0.05; done"),
-    );
+    let web_ip = web_and_its_client(&docker);
     // The image, built offline: this build's binary, the libraries it and
     // fusermount3 load (deploy/Dockerfile installs the same from Debian).
     let root = ScratchDir::new("agent-root");
@@ -677,19 +684,10 @@ fn a_containers_shim_tree_holds_each_of_its_packets_once_in_order() {
     // and the bridge, and must be in the shim's tree once, as the
     // container's namespace saw it.
     let _heavy = heavy();
-    let docker = match Dockerd::start() {
-        Ok(docker) => docker,
-        Err(why) => {
-            eprintln!("skipped: docker cannot run here: {why}");
-            return;
-        }
+    let Some(docker) = docker_or_why_not() else {
+        return;
     };
-    docker.run("web", "exec httpd -f -p 80 -h /www");
-    let web_ip = docker.ip_of("web");
-    docker.run(
-        "cli",
-        &format!("while true; do wget -q -O /dev/null http://{web_ip}/; sleep 0.05; done"),
-    );
+    web_and_its_client(&docker);
     let web_pid = docker.pid_of("web");
     let shim = parent_of(web_pid);
     let shim_comm = std::fs::read_to_string(format!("/proc/{shim}/comm")).unwrap();
