@@ -29,6 +29,9 @@ const BUSY_READS: u32 = 16;
 const MAX_QUIET: usize = 64;
 /// How often the filters change at most, and how long reads are counted.
 const NARROWING_INTERVAL: Duration = Duration::from_millis(50);
+/// How soon a socket leaving the quiet list is read about again (its
+/// address taken by a new socket would hide the new one's first reads).
+const URGENT_NARROWING_INTERVAL: Duration = Duration::from_millis(2);
 const READS_WINDOW: Duration = Duration::from_secs(1);
 
 /// The daemon's one source of kernel events.
@@ -110,6 +113,10 @@ struct Narrowing {
     /// Addresses whose data-ready events are read.
     delivered: Vec<u64>,
     changed: bool,
+    /// A socket left the quiet list: its address may be a new socket's
+    /// next, whose first reads must be told at once, not at the next
+    /// interval.
+    urgent: bool,
     applied: Option<Instant>,
 }
 
@@ -146,6 +153,7 @@ impl Narrowing {
                     if let Some(at) = self.quiet.iter().position(|quiet| *quiet == sock) {
                         self.quiet.swap_remove(at);
                         self.changed = true;
+                        self.urgent = true;
                     }
                 }
                 _ => {}
@@ -162,17 +170,26 @@ impl Narrowing {
         }
     }
 
+    /// Whether the filters should change now, `since_applied` after they
+    /// last did: what is wanted changed, and the interval passed (the short
+    /// one when a socket left the quiet list).
+    fn due(&self, since_applied: Option<Duration>) -> bool {
+        let wait = if self.urgent {
+            URGENT_NARROWING_INTERVAL
+        } else {
+            NARROWING_INTERVAL
+        };
+        self.changed && since_applied.is_none_or(|since| since >= wait)
+    }
+
     /// Asks the kernel for what is wanted now, if it changed (at most every
     /// [`NARROWING_INTERVAL`]); the addresses whose data-ready events are
     /// read from now on, when that changed.
     fn apply(&mut self) -> Option<Vec<u64>> {
-        if !self.changed
-            || self
-                .applied
-                .is_some_and(|at| at.elapsed() < NARROWING_INTERVAL)
-        {
+        if !self.due(self.applied.map(|at| at.elapsed())) {
             return None;
         }
+        self.urgent = false;
         let handle = self.handle.as_mut()?;
         self.changed = false;
         self.applied = Some(Instant::now());
@@ -436,5 +453,50 @@ impl Drop for Live {
         if lost > 0 {
             debug!("kernel events: stopped; {lost} were lost while they ran");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::decode::{Decoded, Event, TCP_CLOSE};
+
+    fn sample(event: Event) -> Sample {
+        Sample {
+            at: SystemTime::now(),
+            pid: 10,
+            tid: 10,
+            decoded: Decoded {
+                event,
+                in_interrupt: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_quiet_socket_that_closes_is_read_about_again_at_once() {
+        // A socket busy enough to be left out of the read events closes;
+        // its kernel address may be the next socket's, whose first reads
+        // say whose it is.
+        let mut narrowing = Narrowing {
+            quiet: vec![0xabc0],
+            ..Narrowing::default()
+        };
+        narrowing.deliver_for(vec![7]);
+        assert!(
+            !narrowing.due(Some(Duration::from_millis(10))),
+            "another change waits for the interval"
+        );
+        let end = "127.0.0.1:80".parse().unwrap();
+        narrowing.note(&[sample(Event::TcpState {
+            sock: 0xabc0,
+            local: end,
+            remote: end,
+            old_state: 1,
+            new_state: TCP_CLOSE,
+        })]);
+        assert!(narrowing.quiet.is_empty());
+        assert!(narrowing.due(Some(URGENT_NARROWING_INTERVAL)));
+        assert!(narrowing.due(None));
     }
 }
