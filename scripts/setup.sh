@@ -25,6 +25,9 @@ if [ "$profile" = test ]; then
     # bridge and socket; no service is started here) and imports a busybox
     # image made from busybox-static (no registry is reachable).
     packages+=(docker.io busybox-static tar)
+    # And a podman container (names from its conmon), with storage of the
+    # test's own.
+    packages+=(podman)
     # The Kubernetes manifest is checked as YAML (kubectl cannot without a
     # cluster).
     packages+=(python3-yaml)

@@ -730,3 +730,142 @@ fn a_containers_shim_tree_holds_each_of_its_packets_once_in_order() {
         types.iter().collect::<std::collections::BTreeSet<_>>()
     );
 }
+
+/// Podman with storage and state of the test's own (the vfs driver: no
+/// mounts to leave behind), removed on drop.
+struct Podman {
+    scratch: ScratchDir,
+}
+
+impl Podman {
+    fn command(&self, args: &[&str]) -> Result<String, String> {
+        let output = std::process::Command::new("podman")
+            .arg("--root")
+            .arg(self.scratch.0.join("root"))
+            .arg("--runroot")
+            .arg(self.scratch.0.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
+            .args(args)
+            .output()
+            .map_err(|err| format!("podman cannot run: {err}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.command(&["rm", "--all", "--force"]);
+    }
+}
+
+#[test]
+fn a_podman_container_is_named_as_its_conmon_was_told() {
+    if !Path::new("/usr/bin/podman").exists() {
+        eprintln!("skipped: podman is not installed (scripts/setup.sh test installs it)");
+        return;
+    }
+    let podman = Podman {
+        scratch: ScratchDir::new("podman"),
+    };
+    let root = podman.scratch.0.join("image");
+    for dir in ["bin", "www"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "httpd", "wget"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello from pweb\n").unwrap();
+    let tar = podman.scratch.0.join("image.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    podman
+        .command(&["import", tar.to_str().unwrap(), "netstatfs-test-busybox:1"])
+        .unwrap();
+    // Limits below the machine's: podman's own defaults raise them, which
+    // this machine's bounding set (no CAP_SYS_RESOURCE) refuses.
+    podman
+        .command(&[
+            "run",
+            "-d",
+            "--name",
+            "pweb",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "netstatfs-test-busybox:1",
+            "/bin/httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:8080",
+            "-h",
+            "/www",
+        ])
+        .unwrap();
+    let pid: u32 = podman
+        .command(&["inspect", "-f", "{{.State.Pid}}", "pweb"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    let id = podman
+        .command(&["inspect", "-f", "{{.Id}}", "pweb"])
+        .unwrap();
+    let mount = Mount::start(&[]);
+    let pweb = mount.path.join("containers/pweb");
+    let link = format!("{pid}_httpd");
+    wait_until(WAIT, "containers/pweb with its httpd", || {
+        try_list(&pweb).is_some_and(|names| names.contains(&link))
+    });
+    let process = mount.dir(pid, "httpd");
+    assert_eq!(
+        xattr(&process, "user.netstatfs.container.name").as_deref(),
+        Some("pweb")
+    );
+    assert_eq!(
+        xattr(&process, "user.netstatfs.container.runtime").as_deref(),
+        Some("podman")
+    );
+    assert_eq!(xattr(&process, "user.netstatfs.container.id"), Some(id));
+    // Its all holds a fetch made inside it, on its own loopback.
+    let (bytes, reader) = read_to_eof(&pweb.join("all"));
+    wait_until(WAIT, "pweb's capture", || {
+        mount.log().contains("containers/pweb/all: capture running")
+    });
+    podman
+        .command(&[
+            "exec",
+            "pweb",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/",
+        ])
+        .unwrap();
+    wait_until(WAIT, "the fetch in pweb's all", || {
+        String::from_utf8_lossy(&bytes.lock().unwrap()).contains("hello from pweb")
+    });
+    podman.command(&["stop", "-t", "1", "pweb"]).unwrap();
+    wait_until(WAIT, "pweb's all to end", || reader.is_finished());
+}
