@@ -215,15 +215,21 @@ fn lost_events(daemon: &Mount, from: usize) -> u64 {
         .sum()
 }
 
-fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Result<Round, Error> {
+/// A redis-server of its own, and a client ready to send it `requests`.
+fn redis_and_client(requests: usize) -> Result<(Redis, Helper), Error> {
     let redis = Redis::start()?;
-    let log_from = daemon.log().len();
     let mut client = Helper::spawn(&[
         "load-client",
         &redis.port.to_string(),
         &requests.to_string(),
     ])?;
     client.read_line()?;
+    Ok((redis, client))
+}
+
+fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Result<Round, Error> {
+    let (redis, mut client) = redis_and_client(requests)?;
+    let log_from = daemon.log().len();
     let mut readers: Vec<Child> = Vec::new();
     let mut tcpdump = None;
     let out = |name: &str| scratch.join(format!("load-{name}.pcap"));
@@ -311,14 +317,8 @@ fn records(path: &Path) -> usize {
 /// Both streams and tcpdump in one window: each stream's records against
 /// tcpdump's.
 fn completeness(daemon: &Mount, requests: usize, scratch: &Path) -> Result<String, Error> {
-    let redis = Redis::start()?;
+    let (redis, mut client) = redis_and_client(requests)?;
     let log_from = daemon.log().len();
-    let mut client = Helper::spawn(&[
-        "load-client",
-        &redis.port.to_string(),
-        &requests.to_string(),
-    ])?;
-    client.read_line()?;
     let truth: PathBuf = scratch.join("load-truth.pcap");
     let tcpdump = Command::new("tcpdump")
         .args([

@@ -26,6 +26,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::SystemTime;
 
 use super::tree::{InodeTable, NodeKey};
+use crate::inventory::container::Container;
 use crate::inventory::containers::ContainerInfo;
 use crate::inventory::runtimes::Pod;
 use crate::inventory::{NetnsId, Snapshot};
@@ -181,7 +182,7 @@ impl Views {
                     .names
                     .name
                     .as_deref()
-                    .map_or_else(|| short_id(&info.container.id), names::safe_comm);
+                    .map_or_else(|| short_id(&info.container), names::safe_comm);
                 children.push(views.push(
                     inodes,
                     NodeKey::View {
@@ -391,13 +392,9 @@ fn members_owner(
     (shared.0, shared.1, born)
 }
 
-/// `3f2a0e57c1d9`: an id as `docker ps` shortens it.
-fn short_id(id: &str) -> String {
-    if id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()) {
-        id.chars().take(12).collect()
-    } else {
-        names::safe_comm(id)
-    }
+/// A container named by its id, for want of a name: made safe as a name.
+fn short_id(container: &Container) -> String {
+    names::safe_comm(&container.short_id())
 }
 
 /// Each container's directory name, unique (see the module's docs).
@@ -408,7 +405,7 @@ fn container_dir_names(containers: &[ContainerInfo]) -> Vec<String> {
             info.names
                 .name
                 .as_deref()
-                .map_or_else(|| short_id(&info.container.id), names::safe_comm)
+                .map_or_else(|| short_id(&info.container), names::safe_comm)
         })
         .collect();
     let mut runtimes_of: HashMap<&str, Vec<&'static str>> = HashMap::new();
@@ -438,7 +435,7 @@ fn container_dir_names(containers: &[ContainerInfo]) -> Vec<String> {
         .zip(containers)
         .map(|(name, info)| {
             if uses[name.as_str()] > 1 {
-                format!("{name}~{}", short_id(&info.container.id))
+                format!("{name}~{}", short_id(&info.container))
             } else {
                 name.clone()
             }

@@ -26,25 +26,13 @@ pub struct Container {
 }
 
 impl Container {
-    /// `docker 0123456789ab`: the runtime and the id as `docker ps` shortens it.
-    pub fn short(&self) -> String {
-        let id: String = if is_hex_id(&self.id) {
+    /// `0123456789ab`: the id as `docker ps` shortens it (an LXC name as
+    /// it is).
+    pub fn short_id(&self) -> String {
+        if is_hex_id(&self.id) {
             self.id.chars().take(12).collect()
         } else {
             self.id.clone()
-        };
-        format!("{} {id}", self.runtime)
-    }
-}
-
-impl Container {
-    /// `docker web-1`: the runtime and the container's name where its
-    /// runtime's state says it (see [`super::runtimes`]), else
-    /// [`Container::short`].
-    pub fn labelled(&self, name: Option<&str>) -> String {
-        match name {
-            Some(name) => format!("{} {name}", self.runtime),
-            None => self.short(),
         }
     }
 }
@@ -138,10 +126,7 @@ mod tests {
         assert_eq!(container(&systemd), Some(("docker", ID.into(), None)));
         let cgroupfs = format!("12:memory:/docker/{ID}\n0::/docker/{ID}\n");
         assert_eq!(container(&cgroupfs), Some(("docker", ID.into(), None)));
-        assert_eq!(
-            container_of(&systemd).unwrap().short(),
-            "docker 3f2a0e57c1d9"
-        );
+        assert_eq!(container_of(&systemd).unwrap().short_id(), "3f2a0e57c1d9");
     }
 
     #[test]

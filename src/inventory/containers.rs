@@ -6,7 +6,7 @@
 //! never leave it), a container's names when it is first seen and every
 //! [`NAMES_KEPT`] after, so a snapshot costs a read only for what is new.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -82,41 +82,48 @@ impl ContainerIndex {
             self.names.clear();
             return Vec::new();
         }
-        let dirs = RuntimeDirs::find(
-            self.options.docker_root.as_deref(),
-            self.options.containerd_state.as_deref(),
-            snapshot
-                .processes
-                .iter()
-                .map(|process| (process.pid, process.comm.clone())),
-        );
         let now = Instant::now();
-        self.names.retain(|(runtime, id), (_, read)| {
-            now.duration_since(*read) < NAMES_KEPT
-                && by_container
-                    .keys()
-                    .any(|container| container.runtime == *runtime && container.id == *id)
-        });
-        let mut containers: Vec<ContainerInfo> = by_container
-            .into_iter()
-            .map(|(container, members)| {
-                let names = self
-                    .names
-                    .entry((container.runtime, container.id.clone()))
-                    .or_insert_with(|| (dirs.names(&container), now))
-                    .0
-                    .clone();
-                let netns = members
-                    .iter()
-                    .find_map(|&index| snapshot.processes[index].netns);
-                ContainerInfo {
-                    container,
-                    names,
-                    members,
-                    netns,
-                }
-            })
+        let live: HashSet<(&'static str, &str)> = by_container
+            .keys()
+            .map(|container| (container.runtime, container.id.as_str()))
             .collect();
+        self.names.retain(|(runtime, id), (_, read)| {
+            now.duration_since(*read) < NAMES_KEPT && live.contains(&(*runtime, id.as_str()))
+        });
+        // Where the runtimes keep their state is looked for only when a
+        // name is to be read (a new container, or one kept too long).
+        let mut dirs: Option<RuntimeDirs> = None;
+        let mut containers = Vec::with_capacity(by_container.len());
+        for (container, members) in by_container {
+            let key = (container.runtime, container.id.clone());
+            let names = match self.names.get(&key) {
+                Some((names, _)) => names.clone(),
+                None => {
+                    let dirs = dirs.get_or_insert_with(|| {
+                        RuntimeDirs::find(
+                            self.options.docker_root.as_deref(),
+                            self.options.containerd_state.as_deref(),
+                            snapshot
+                                .processes
+                                .iter()
+                                .map(|process| (process.pid, process.comm.clone())),
+                        )
+                    });
+                    let names = dirs.names(&container);
+                    self.names.insert(key, (names.clone(), now));
+                    names
+                }
+            };
+            let netns = members
+                .iter()
+                .find_map(|&index| snapshot.processes[index].netns);
+            containers.push(ContainerInfo {
+                container,
+                names,
+                members,
+                netns,
+            });
+        }
         containers.sort_by(|a, b| {
             (a.container.runtime, &a.container.id).cmp(&(b.container.runtime, &b.container.id))
         });

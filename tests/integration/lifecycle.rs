@@ -175,13 +175,7 @@ fn a_daemon_started_as_mount_does_logs_to_syslog_and_remounts_at_once() {
     let pid = pid_in(&line).unwrap_or_else(|| panic!("ident and pid in {line:?}"));
 
     let unmounted = std::time::Instant::now();
-    assert!(
-        Command::new("umount")
-            .arg(&mountpoint)
-            .status()
-            .unwrap()
-            .success()
-    );
+    umount(&mountpoint);
     let again = mount();
     assert!(again.status.success(), "mounted again at once: {again:?}");
     assert!(mounted_at(&mountpoint));
@@ -205,13 +199,7 @@ fn a_daemon_started_as_mount_does_logs_to_syslog_and_remounts_at_once() {
             .filter(|line| line.contains("mounted at"))
             .find_map(|line| pid_in(line).filter(|other| *other != pid))
     });
-    assert!(
-        Command::new("umount")
-            .arg(&mountpoint)
-            .status()
-            .unwrap()
-            .success()
-    );
+    umount(&mountpoint);
     syslog.wait_for(&format!("netstatfs[{second}]: {unmounted_line}"));
 }
 
@@ -402,4 +390,13 @@ fn of_three_daemons_started_at_once_on_one_directory_one_mounts() {
         assert!(daemon.wait().unwrap().success());
     }
     assert!(!mounted_at(&mountpoint));
+}
+
+/// `umount <path>`, which must succeed.
+fn umount(path: &std::path::Path) {
+    assert!(
+        Command::new("umount").arg(path).status().unwrap().success(),
+        "umount {}",
+        path.display()
+    );
 }

@@ -26,6 +26,22 @@ fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|err| panic!("{program} runs: {err}"))
 }
 
+/// `mount -t fuse.netstatfs netstatfs <at> -o <options>`, as mount(8) and
+/// fstab run it.
+fn mount_by_type(at: &Path, options: &str) -> Output {
+    run(
+        "mount",
+        &[
+            "-t",
+            "fuse.netstatfs",
+            "netstatfs",
+            at.to_str().unwrap(),
+            "-o",
+            options,
+        ],
+    )
+}
+
 fn the_package() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
     std::fs::read_dir(&dir)
@@ -234,17 +250,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     // mount -t fuse.netstatfs: returns once mounted, serves in the
     // background, stops on umount.
     let options = format!("allow_other,cache_ttl=2s{log_option}");
-    let mount = run(
-        "mount",
-        &[
-            "-t",
-            "fuse.netstatfs",
-            "netstatfs",
-            by_type.to_str().unwrap(),
-            "-o",
-            &options,
-        ],
-    );
+    let mount = mount_by_type(&by_type, &options);
     assert!(
         mount.status.success(),
         "{}",
@@ -297,17 +303,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     let umount = run("umount", &[by_type.to_str().unwrap()]);
     assert!(umount.status.success());
     assert!(!mounted_at(&by_type));
-    let again = run(
-        "mount",
-        &[
-            "-t",
-            "fuse.netstatfs",
-            "netstatfs",
-            by_type.to_str().unwrap(),
-            "-o",
-            &options,
-        ],
-    );
+    let again = mount_by_type(&by_type, &options);
     assert!(
         again.status.success(),
         "mounting again at once: {}",
@@ -361,17 +357,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     wait_until(WAIT, "the fstab daemon to exit", || daemons().is_empty());
 
     // An unknown mount option is an error naming it.
-    let bad = run(
-        "mount",
-        &[
-            "-t",
-            "fuse.netstatfs",
-            "netstatfs",
-            by_type.to_str().unwrap(),
-            "-o",
-            "colour=blue",
-        ],
-    );
+    let bad = mount_by_type(&by_type, "colour=blue");
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("colour"),
