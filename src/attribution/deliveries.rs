@@ -23,8 +23,10 @@
 //! of a rival both, or of neither, nothing is decided: the packet is
 //! withheld and counted ([`Delivery::Undecided`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
+
+use rustc_hash::FxHashMap;
 
 use crate::capture::classify::Transport;
 use crate::events::Sample;
@@ -81,19 +83,19 @@ pub struct Deliveries {
     own_pid: u32,
     /// Probes asked and not yet seen, by thread, oldest first: the socket
     /// (inode) each asks about, and when.
-    probes: HashMap<u32, VecDeque<(u64, SystemTime)>>,
+    probes: FxHashMap<u32, VecDeque<(u64, SystemTime)>>,
     /// Known sockets by inode, and the inode at each address.
-    known: HashMap<u64, Known>,
-    inode_at: HashMap<u64, u64>,
+    known: FxHashMap<u64, Known>,
+    inode_at: FxHashMap<u64, u64>,
     /// Each known socket's activity, by inode, in time order.
-    activity: HashMap<u64, VecDeque<(SystemTime, Io)>>,
+    activity: FxHashMap<u64, VecDeque<(SystemTime, Io)>>,
     /// The processes that sent or read on each known socket, by inode,
     /// and when they last did: a socket several processes hold (a
     /// prefork server's) is each one's only for what it sent or read.
-    users: HashMap<u64, HashMap<u32, SystemTime>>,
+    users: FxHashMap<u64, FxHashMap<u32, SystemTime>>,
     /// Addresses whose data-ready events the kernel sends, and since when
     /// (it is asked to, socket by socket, as streams need them).
-    watched: HashMap<u64, SystemTime>,
+    watched: FxHashMap<u64, SystemTime>,
     /// Spans in which events were lost: activity there is incomplete.
     lost: Vec<(SystemTime, SystemTime)>,
     /// The newest event time applied.
@@ -105,12 +107,12 @@ impl Deliveries {
     pub fn new(own_pid: u32) -> Deliveries {
         Deliveries {
             own_pid,
-            probes: HashMap::new(),
-            known: HashMap::new(),
-            inode_at: HashMap::new(),
-            activity: HashMap::new(),
-            users: HashMap::new(),
-            watched: HashMap::new(),
+            probes: FxHashMap::default(),
+            known: FxHashMap::default(),
+            inode_at: FxHashMap::default(),
+            activity: FxHashMap::default(),
+            users: FxHashMap::default(),
+            watched: FxHashMap::default(),
             lost: Vec::new(),
             newest: SystemTime::UNIX_EPOCH,
         }

@@ -24,9 +24,10 @@
 //! not carry one), so two processes in two namespaces using the same tuple
 //! at the same moment would be confused.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
+
+use rustc_hash::FxHashMap;
 
 use crate::capture::classify::{Flow, Openings, Transport};
 use crate::events::Sample;
@@ -80,16 +81,16 @@ struct Claim {
 #[derive(Debug, Default)]
 pub struct FlowOwners {
     /// By (transport, local port, remote address): claims in time order.
-    claims: HashMap<Endpoint, Vec<Claim>>,
+    claims: FxHashMap<Endpoint, Vec<Claim>>,
     /// TCP sockets' tuples, by kernel address.
-    tuples: HashMap<u64, (SocketAddr, SocketAddr)>,
+    tuples: FxHashMap<u64, (SocketAddr, SocketAddr)>,
     /// TCP sockets' last user in process context, by kernel address (forgotten
     /// at the socket's close, and when a new socket starts at the address).
-    users: HashMap<u64, u32>,
+    users: FxHashMap<u64, u32>,
     /// TCP sockets (kernel addresses) claimed since they started.
     claimed: std::collections::HashSet<u64>,
     /// Processes and threads forked, with their parent and when.
-    parents: HashMap<u32, (u32, SystemTime)>,
+    parents: FxHashMap<u32, (u32, SystemTime)>,
     newest: Option<SystemTime>,
     /// The daemon's own pid: what runs in its context is never a claim. It
     /// asks a process's new sockets what they are through a copy of their

@@ -8,6 +8,7 @@
 //! process's sockets; packets of no socket of the process are dropped.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
@@ -371,6 +372,8 @@ pub struct Openings {
     /// Looked up for every packet of the namespace: a hash for speed, as
     /// [`ProcessSockets`]' are.
     by_tuple: FxHashMap<(SocketAddr, SocketAddr), Vec<SystemTime>>,
+    /// Changes with every change above (what [`ConnectedCache`] rests on).
+    generation: u64,
 }
 
 /// How long an opening is remembered.
@@ -386,6 +389,7 @@ impl Openings {
         if !flow.opening || flow.transport != Transport::Tcp {
             return;
         }
+        self.generation += 1;
         let times = self
             .by_tuple
             .entry(Self::key(flow.src, flow.dst))
@@ -422,12 +426,103 @@ impl Openings {
     /// open when first seen at `seen` belongs to it: not before the SYN that
     /// opened it, not after a later SYN that opened another.
     pub fn within(&self, a: SocketAddr, b: SocketAddr, seen: SystemTime, at: SystemTime) -> bool {
+        let (opened, reopened) = self.around(a, b, seen);
+        opened.is_none_or(|opened| at >= opened) && reopened.is_none_or(|reopened| at < reopened)
+    }
+
+    /// The SYNs on this 4-tuple around a connection first seen at `seen`:
+    /// the last at or before it, the first after it.
+    fn around(
+        &self,
+        a: SocketAddr,
+        b: SocketAddr,
+        seen: SystemTime,
+    ) -> (Option<SystemTime>, Option<SystemTime>) {
         let Some(times) = self.by_tuple.get(&Self::key(a, b)) else {
-            return true;
+            return (None, None);
         };
-        let opened = times.iter().filter(|t| **t <= seen).max();
-        let reopened = times.iter().filter(|t| **t > seen).min();
-        opened.is_none_or(|opened| at >= *opened) && reopened.is_none_or(|reopened| at < *reopened)
+        let opened = times.iter().filter(|t| **t <= seen).max().copied();
+        let reopened = times.iter().filter(|t| **t > seen).min().copied();
+        (opened, reopened)
+    }
+}
+
+/// [`ProcessSockets::connected_owner`]'s answers, kept per flow: a busy
+/// connection's packets then cost one hash lookup each, not three. An
+/// answer is kept only where one socket could hold the flow, as the span
+/// of capture times it holds it (its lifetime, between the SYNs around
+/// it), and only while the sockets and the SYNs it was worked out from
+/// are the ones now: the same answer, sooner.
+#[derive(Debug, Default)]
+pub struct ConnectedCache {
+    entries: FxHashMap<(u64, Transport, SocketAddr, SocketAddr), Cached>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    /// The [`ProcessSockets::id`] and [`Openings`] generation it rests on.
+    basis: (u64, u64),
+    answer: Connected,
+}
+
+#[derive(Debug)]
+enum Connected {
+    /// No connected socket of this flow, either way.
+    Nobody,
+    /// One socket, for packets from `from` to `until` (inclusive) and
+    /// before `before`.
+    One {
+        owner: Owner,
+        from: SystemTime,
+        until: Option<SystemTime>,
+        before: Option<SystemTime>,
+    },
+    /// More than one (a tuple reused, or a connection to itself): asked
+    /// each time.
+    Several,
+}
+
+/// Entries kept at most (a burst of short connections would otherwise
+/// grow it without end); past it the cache starts over.
+const CONNECTED_CACHE_ENTRIES: usize = 4096;
+
+impl ConnectedCache {
+    /// What `sockets.connected_owner(flow, at, openings)` answers, for a
+    /// packet captured in namespace `space`.
+    pub fn owner(
+        &mut self,
+        space: u64,
+        sockets: &ProcessSockets,
+        flow: &Flow,
+        at: SystemTime,
+        openings: &Openings,
+    ) -> Option<Owner> {
+        let key = (space, flow.transport, flow.src, flow.dst);
+        let basis = (sockets.id, openings.generation);
+        let fresh = self
+            .entries
+            .get(&key)
+            .is_some_and(|cached| cached.basis == basis);
+        if !fresh {
+            if self.entries.len() >= CONNECTED_CACHE_ENTRIES {
+                self.entries.clear();
+            }
+            let answer = sockets.connected_answer(flow, openings);
+            self.entries.insert(key, Cached { basis, answer });
+        }
+        match &self.entries.get(&key)?.answer {
+            Connected::Nobody => None,
+            Connected::One {
+                owner,
+                from,
+                until,
+                before,
+            } => (*from <= at
+                && until.is_none_or(|until| at <= until)
+                && before.is_none_or(|before| at < before))
+            .then(|| owner.clone()),
+            Connected::Several => sockets.connected_owner(flow, at, openings).cloned(),
+        }
     }
 }
 
@@ -436,6 +531,9 @@ impl Openings {
 /// attacker picks, which these are not).
 #[derive(Debug, Default)]
 pub struct ProcessSockets {
+    /// Which index this is (every index has its own), for
+    /// [`ConnectedCache`]; the empty default is 0.
+    id: u64,
     connected: FxHashMap<(Transport, SocketAddr, SocketAddr), Vec<(Owner, Lifetime)>>,
     bound: FxHashMap<(Transport, u16), Vec<BoundSocket>>,
     locals: Vec<LocalNetwork>,
@@ -443,7 +541,9 @@ pub struct ProcessSockets {
 
 impl ProcessSockets {
     pub fn new(sockets: &[KnownSocket], locals: Vec<LocalNetwork>) -> ProcessSockets {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut index = ProcessSockets {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             locals,
             ..ProcessSockets::default()
         };
@@ -513,6 +613,29 @@ impl ProcessSockets {
             }
         }
         None
+    }
+
+    /// What [`Self::connected_owner`] answers for this flow at any time,
+    /// in one piece where one socket could hold it.
+    fn connected_answer(&self, flow: &Flow, openings: &Openings) -> Connected {
+        let forward = self.connected.get(&(flow.transport, flow.src, flow.dst));
+        let backward = self.connected.get(&(flow.transport, flow.dst, flow.src));
+        let (local, remote, sockets) = match (forward, backward) {
+            (None, None) => return Connected::Nobody,
+            (Some(sockets), None) => (flow.src, flow.dst, sockets),
+            (None, Some(sockets)) => (flow.dst, flow.src, sockets),
+            (Some(_), Some(_)) => return Connected::Several,
+        };
+        let [(owner, lifetime)] = sockets.as_slice() else {
+            return Connected::Several;
+        };
+        let (opened, before) = openings.around(local, remote, lifetime.seen);
+        Connected::One {
+            owner: owner.clone(),
+            from: opened.map_or(lifetime.from, |opened| opened.max(lifetime.from)),
+            until: lifetime.until,
+            before,
+        }
     }
 
     /// A listener or unconnected socket bound to one of the flow's ports
@@ -813,6 +936,77 @@ mod tests {
             index.owner_of(&udp, now - Duration::from_secs(60), &none),
             None
         );
+    }
+
+    #[test]
+    fn the_connected_cache_answers_as_the_sockets_do() {
+        let base = SystemTime::now() - Duration::from_secs(5);
+        let ms = |n: u64| base + Duration::from_millis(n);
+        // A client reconnecting from one port: the first connection closed
+        // at 100 ms, the second seen at 300 ms; and a flow held by one
+        // socket, opened at 40 ms.
+        let mut first = known(
+            Transport::Tcp,
+            "127.0.0.1:40000",
+            Some("127.0.0.1:80"),
+            "first",
+            Some(ms(100)),
+        );
+        first.seen = ms(50);
+        let mut second = first.clone();
+        second.name = "second".into();
+        second.seen = ms(300);
+        second.closed = None;
+        let mut lone = known(
+            Transport::Tcp,
+            "127.0.0.1:40001",
+            Some("127.0.0.1:80"),
+            "lone",
+            None,
+        );
+        lone.seen = ms(60);
+        let tcp = |src: &str, dst: &str, opening| Flow {
+            transport: Transport::Tcp,
+            src: addr(src),
+            dst: addr(dst),
+            opening,
+        };
+        let flows = [
+            tcp("127.0.0.1:40000", "127.0.0.1:80", false),
+            tcp("127.0.0.1:80", "127.0.0.1:40001", false),
+            tcp("127.0.0.1:40002", "127.0.0.1:80", false),
+        ];
+        let mut openings = Openings::default();
+        openings.record(&tcp("127.0.0.1:40001", "127.0.0.1:80", true), ms(40));
+        let mut cache = ConnectedCache::default();
+        let mut check = |index: &ProcessSockets, openings: &Openings| {
+            for flow in &flows {
+                for at in (0..3000).step_by(7).map(ms) {
+                    assert_eq!(
+                        cache.owner(1, index, flow, at, openings),
+                        index.connected_owner(flow, at, openings).cloned(),
+                        "{flow:?} at {at:?}"
+                    );
+                }
+            }
+        };
+        let only_first = ProcessSockets::new(&[first.clone(), lone.clone()], Vec::new());
+        check(&only_first, &openings);
+        // The lone connection's tuple opened again at 1 s: packets after
+        // it are no longer its.
+        openings.record(&tcp("127.0.0.1:40001", "127.0.0.1:80", true), ms(1000));
+        check(&only_first, &openings);
+        // A new look at the sockets finds the second connection.
+        let both = ProcessSockets::new(&[first, second, lone], Vec::new());
+        check(&both, &openings);
+        assert_eq!(
+            cache
+                .owner(1, &both, &flows[1], ms(500), &openings)
+                .map(|owner| owner.name.to_string())
+                .as_deref(),
+            Some("lone")
+        );
+        assert_eq!(cache.owner(1, &both, &flows[1], ms(1500), &openings), None);
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! `common_pid` is whoever happened to run. Such events still tell which
 //! socket has which tuple; they never tell whose it is.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use rustc_hash::FxHashMap;
 
 use super::format::{Field, Layout};
 use crate::capture::classify::{Transport, on_the_wire};
@@ -201,7 +202,7 @@ pub struct Decoder {
     common_type: Option<Field>,
     common_flags: Option<Field>,
     /// By tracepoint id (the record's common_type).
-    readers: HashMap<u16, Reader>,
+    readers: FxHashMap<u16, Reader>,
 }
 
 impl Decoder {

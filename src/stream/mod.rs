@@ -122,6 +122,9 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 /// How many spent chunk buffers a stream keeps for reuse.
 const SPARE_CHUNKS: usize = 1;
+/// The least buffer kept for reuse: one a busy stream's chunk grows
+/// through (64 KiB, then four times that).
+const RECYCLED_BYTES: usize = 256 * 1024;
 
 /// Whole pcap records, queued together.
 #[derive(Default)]
@@ -372,9 +375,11 @@ impl Stream {
         out
     }
 
-    /// Keeps a spent chunk-sized buffer for the capture's poller to refill.
+    /// Keeps a spent buffer for the capture's poller to refill.
     fn recycle(&self, mut bytes: Vec<u8>) {
-        if bytes.capacity() >= CHUNK_BYTES {
+        // Any buffer the allocator maps of its own (see crate::memory):
+        // made anew, each of its pages would be faulted in again.
+        if bytes.capacity() >= RECYCLED_BYTES {
             bytes.clear();
             let _ = self.spare_in.try_send(bytes);
         }

@@ -51,8 +51,8 @@ use crate::attribution::Subscription;
 use crate::attribution::deliveries::{self, Io};
 use crate::attribution::{self, Claimant};
 use crate::capture::classify::{
-    Bound, Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, Way, flow_of,
-    packet_identity,
+    Bound, ConnectedCache, Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, Way,
+    flow_of, packet_identity,
 };
 use crate::capture::filter::{
     FilterTarget, ForeignFlow, LocalNetwork, process_filter, rivals_of, taken_from,
@@ -222,6 +222,8 @@ pub struct ProcessSink {
     /// a packet before handing it over.
     order_delay_ns: AtomicU64,
     openings: Mutex<Openings>,
+    /// Whose connected socket a flow's packets are, as last worked out.
+    connected: Mutex<ConnectedCache>,
     /// Packets waiting for their owner, in the order they came.
     candidates: Mutex<Waiting>,
     /// Members' namespace socket tables, by member pid, with when read.
@@ -339,6 +341,7 @@ impl ProcessSink {
             ours: AtomicU64::new(0),
             order_delay_ns: AtomicU64::new(0),
             openings: Mutex::new(Openings::default()),
+            connected: Mutex::new(ConnectedCache::default()),
             candidates: Mutex::new(Waiting::default()),
             neighbour_rows: Mutex::new(HashMap::new()),
             taken_count: AtomicUsize::new(0),
@@ -615,8 +618,9 @@ impl ProcessSink {
         // captured: a container's packet crossing the host's veth and
         // bridge is the container process's there, not on the host.
         let sockets = by_namespace.get(&netns).unwrap_or(&none);
-        if let Some(owner) = sockets.connected_owner(flow, at, openings) {
-            return Verdict::Ours(owner.clone());
+        let connected = lock(&self.connected).owner(netns.inode(), sockets, flow, at, openings);
+        if let Some(owner) = connected {
+            return Verdict::Ours(owner);
         }
         if let Some(events) = &self.events {
             let owners = events.owners();
