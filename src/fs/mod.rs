@@ -1052,6 +1052,13 @@ impl Filesystem for NetstatFs {
 
     // A stream has nothing to write back: flush (every close) and fsync
     // succeed quietly.
+    /// A stream has nothing to write back, and a close must not wait for
+    /// the daemon: ENOSYS tells the kernel to send no more flushes (every
+    /// later close succeeds without asking; only the mount's first close
+    /// asks). A close that waits for the daemon can deadlock it: a process
+    /// execing closes its close-on-exec fds while it holds its exec lock,
+    /// and a listing meanwhile reads that process's /proc stat, which
+    /// waits for that lock, on the FUSE threads the flush waits for.
     fn flush(
         &self,
         _req: &Request,
@@ -1060,7 +1067,7 @@ impl Filesystem for NetstatFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(

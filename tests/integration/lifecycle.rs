@@ -400,3 +400,65 @@ fn umount(path: &std::path::Path) {
         path.display()
     );
 }
+
+/// Processes that exec while holding a stream file (its fd close-on-exec,
+/// as every fd a Rust or Python program opens), beside listings of the
+/// mount: the mount keeps answering. An exec closes those fds while it
+/// holds the process's exec lock; a close that waited for the daemon
+/// (FUSE flush) deadlocked it once a listing read that process's /proc
+/// stat, which waits for the same lock, on the threads the flush needed.
+#[test]
+fn processes_execing_while_holding_a_stream_beside_listings_never_hang_the_mount() {
+    use crate::common::peer::Peer;
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm exec-holder");
+    let socket = peer.cmd("udp-bind 127.0.0.1:0");
+    let path = mount
+        .dir(peer.pid, "exec-holder")
+        .join(format!("udp_{}_0.0.0.0:0", socket[1]));
+    wait_until(Duration::from_secs(20), "the socket file", || path.exists());
+    let held = std::fs::File::open(&path).unwrap();
+    let root = mount.path.clone();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let (done, finished) = crossbeam_channel::unbounded();
+    for index in 0..6 {
+        let (done, root) = (done.clone(), root.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while std::time::Instant::now() < until {
+                if index % 2 == 0 {
+                    // Each child closes its copy of the fd as it execs.
+                    let _ = Command::new("/bin/true").status();
+                } else {
+                    // Names nobody has: each lookup refreshes the listing.
+                    let _ = std::fs::read_dir(&root).map(|dir| dir.count());
+                    let _ = std::fs::metadata(root.join(format!("{}_nobody", 4_000_000 + rounds)));
+                }
+                rounds += 1;
+            }
+            let _ = done.send(rounds);
+        });
+    }
+    drop(done);
+    let mut rounds = Vec::new();
+    for _ in 0..6 {
+        match finished.recv_timeout(Duration::from_secs(30)) {
+            Ok(count) => rounds.push(count),
+            Err(_) => {
+                // The execs wait for a flush no signal ends: the daemon's
+                // death ends it (and this test's own close of the file).
+                let log = mount.log();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(mount.pid() as i32),
+                    Signal::SIGKILL,
+                );
+                panic!(
+                    "the mount stopped answering (execs and listings hung)\nthe daemon's log:\n{log}"
+                )
+            }
+        }
+    }
+    drop(held);
+    assert!(rounds.iter().all(|count| *count > 0), "{rounds:?}");
+}
