@@ -16,7 +16,11 @@ pub struct TestUser {
 
 impl TestUser {
     pub fn new(tag: &str) -> TestUser {
-        let name = format!("nsfs{tag}{}", std::process::id() % 100_000);
+        // Unique within the run too: two tests of one helper (one tag) run
+        // side by side.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("nsfs{tag}{}x{made}", std::process::id() % 100_000);
         let _ = Command::new("userdel").arg(&name).output();
         let status = Command::new("useradd")
             .args([
