@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
 
+use super::bystanders::{Bystanders, Watched};
 use super::deliveries::{Deliveries, Delivery, Io};
 use super::owners::FlowOwners;
 use super::probe;
@@ -62,7 +63,8 @@ impl KernelEvents {
                 reported_lost: 0,
             }),
             interest: Mutex::new(HashMap::new()),
-            narrowing: Mutex::new(Narrowing::default()),
+            narrowing: Mutex::new(Narrowing::new(std::process::id())),
+            watched: Mutex::new(Registry::default()),
             wants_deliveries: Mutex::new(std::collections::HashSet::new()),
         });
         let (reader, filters) = Reader::start(Arc::clone(&shared) as Arc<dyn Consumer>)?;
@@ -96,13 +98,64 @@ struct Shared {
     /// Sockets (inodes) whose deliveries a stream needs: their data-ready
     /// events are read.
     wants_deliveries: Mutex<std::collections::HashSet<u64>>,
+    /// What each stream watches: its processes' UDP events are never left
+    /// out (see [`super::bystanders`]).
+    watched: Mutex<Registry>,
+}
+
+/// The streams' watched processes and sockets, by watcher.
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    by_watcher: HashMap<u64, (Vec<u32>, Vec<u64>)>,
+    /// Changed since the bystanders were last reviewed.
+    changed: bool,
+}
+
+impl Registry {
+    fn union(&self) -> Watched {
+        let mut watched = Watched::default();
+        for (pids, inodes) in self.by_watcher.values() {
+            watched.pids.extend(pids);
+            watched.inodes.extend(inodes);
+        }
+        watched
+    }
+}
+
+/// A stream's say in which processes' events are read: while it lives,
+/// the processes and sockets it last named ([`Watcher::set`]) are never
+/// taken for bystanders.
+pub struct Watcher {
+    live: Subscription,
+    id: u64,
+}
+
+impl Watcher {
+    /// The stream's processes now, and the sockets whose events it needs
+    /// (its own and their rivals).
+    pub fn set(&self, pids: Vec<u32>, inodes: Vec<u64>) {
+        let mut registry = lock(&self.live.shared.watched);
+        let entry = registry.by_watcher.entry(self.id).or_default();
+        if *entry != (pids.clone(), inodes.clone()) {
+            *entry = (pids, inodes);
+            registry.changed = true;
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut registry = lock(&self.live.shared.watched);
+        registry.by_watcher.remove(&self.id);
+        registry.changed = true;
+    }
 }
 
 /// Events the kernel is asked not to send: each busy TCP socket's reads
 /// once it is claimed (a redis connection reads tens of thousands of times
 /// a second, and its first read already told whose it is), and data-ready
 /// events of every socket no stream needs the deliveries of.
-#[derive(Default)]
 struct Narrowing {
     handle: Option<FilterHandle>,
     /// Sockets (kernel addresses) whose reads are left out.
@@ -118,11 +171,70 @@ struct Narrowing {
     /// interval.
     urgent: bool,
     applied: Option<Instant>,
+    /// Busy threads of processes no stream watches: their UDP events are
+    /// left out.
+    bystanders: Bystanders,
+    /// When they were last reviewed.
+    reviewed: Option<Instant>,
+    /// The clause leaving them out, as the filters have it now.
+    bystanders_clause: String,
 }
 
 impl Narrowing {
+    fn new(own_pid: u32) -> Narrowing {
+        Narrowing {
+            handle: None,
+            quiet: Vec::new(),
+            reads: HashMap::new(),
+            window: None,
+            delivered: Vec::new(),
+            changed: false,
+            urgent: false,
+            applied: None,
+            bystanders: Bystanders::new(own_pid),
+            reviewed: None,
+            bystanders_clause: String::new(),
+        }
+    }
+
+    /// Looks at the bystanders again where due (at once where what the
+    /// streams watch changed).
+    fn review_bystanders(&mut self, registry: &Mutex<Registry>) {
+        let now = Instant::now();
+        let watched = {
+            let mut registry = lock(registry);
+            let due = registry.changed
+                || self
+                    .reviewed
+                    .is_none_or(|at| now.duration_since(at) >= NARROWING_INTERVAL);
+            if !due {
+                return;
+            }
+            registry.changed = false;
+            registry.union()
+        };
+        self.reviewed = Some(now);
+        let change = self.bystanders.review(now, &watched, |pid| {
+            crate::inventory::socket_inodes(pid as i32)
+        });
+        if change.changed {
+            let quiet: Vec<u32> = self.bystanders.quiet_threads().collect();
+            if quiet.is_empty() {
+                debug!("kernel events: every thread's UDP events are read again");
+            } else {
+                debug!(
+                    "kernel events: UDP events of threads {quiet:?} left out (busy, and \
+                     holding no socket a stream watches)"
+                );
+            }
+        }
+        self.changed |= change.changed;
+        self.urgent |= change.urgent;
+    }
+
     /// Takes the events just applied into account.
     fn note(&mut self, samples: &[Sample]) {
+        self.bystanders.note(samples, Instant::now());
         if self
             .window
             .is_none_or(|start| start.elapsed() >= READS_WINDOW)
@@ -215,10 +327,25 @@ impl Narrowing {
             )
         };
         let mut watched = None;
-        for (point, filter) in [
+        let mut filters = vec![
             (Tracepoint::RcvSpaceAdjust, reads),
             (Tracepoint::DataReady, delivered),
-        ] {
+        ];
+        let clause = self.bystanders.filter_clause();
+        if clause != self.bystanders_clause {
+            for point in [
+                Tracepoint::FibLookup,
+                Tracepoint::Fib6Lookup,
+                Tracepoint::SendLength,
+                Tracepoint::RecvLength,
+            ] {
+                if let Some(base) = point.kernel_filter() {
+                    filters.push((point, format!("{base}{clause}")));
+                }
+            }
+            self.bystanders_clause = clause;
+        }
+        for (point, filter) in filters {
             if !handle.reads(point) {
                 continue;
             }
@@ -260,6 +387,7 @@ impl Consumer for Shared {
         {
             let mut narrowing = lock(&self.narrowing);
             narrowing.note(samples);
+            narrowing.review_bystanders(&self.watched);
             let wanted: Vec<u64> = lock(&self.wants_deliveries).iter().copied().collect();
             if !wanted.is_empty() || !narrowing.delivered.is_empty() {
                 let deliveries = self
@@ -353,6 +481,16 @@ impl Consumer for Shared {
 }
 
 impl Live {
+    /// A stream's say in whose events are read (see [`Watcher`]).
+    pub fn watcher(self: &Arc<Self>) -> Watcher {
+        let mut registry = lock(&self.shared.watched);
+        registry.next += 1;
+        Watcher {
+            live: Arc::clone(self),
+            id: registry.next,
+        }
+    }
+
     /// The time before which every event has been applied: what they do
     /// not say of a packet older than this, no event yet to be read will
     /// say.
@@ -480,7 +618,7 @@ mod tests {
         // say whose it is.
         let mut narrowing = Narrowing {
             quiet: vec![0xabc0],
-            ..Narrowing::default()
+            ..Narrowing::new(1)
         };
         narrowing.deliver_for(vec![7]);
         assert!(

@@ -8,6 +8,8 @@
 //! - [`deliveries`] (pure): which socket, by its kernel address, a UDP
 //!   datagram was queued to or sent from, and which socket (inode) has
 //!   which kernel address ([`Deliveries`]).
+//! - [`bystanders`] (pure): the busy threads of processes no stream
+//!   watches, whose UDP events the kernel is asked to leave out.
 //! - [`probe`]: the one system call this needs of its own: asking a socket
 //!   its kernel address (a peek through a copy of its fd that takes
 //!   nothing, whose own event names the address).
@@ -16,11 +18,12 @@
 //!
 //! Nothing here knows of FUSE, captures or streams.
 
+pub mod bystanders;
 pub mod deliveries;
 mod live;
 pub mod owners;
 pub mod probe;
 
 pub use deliveries::{Deliveries, Delivery};
-pub use live::{KernelEvents, Subscription};
+pub use live::{KernelEvents, Subscription, Watcher};
 pub use owners::{Claimant, FlowOwners, SKEW};

@@ -37,10 +37,11 @@ pub enum Tracepoint {
 }
 
 impl Tracepoint {
+    /// The first owns each CPU's ring (its filter never changes).
     pub const ALL: [Tracepoint; 8] = [
+        Tracepoint::SetState,
         Tracepoint::FibLookup,
         Tracepoint::Fib6Lookup,
-        Tracepoint::SetState,
         Tracepoint::RcvSpaceAdjust,
         Tracepoint::SendLength,
         Tracepoint::RecvLength,
@@ -70,7 +71,7 @@ impl Tracepoint {
 
     /// Whether a consumer may change its filter while it is read.
     pub fn narrowed(self) -> bool {
-        matches!(self, Tracepoint::RcvSpaceAdjust | Tracepoint::DataReady)
+        !matches!(self, Tracepoint::SetState | Tracepoint::ProcessFork)
     }
 
     /// `events/<system>/<name>` under tracefs.

@@ -142,7 +142,7 @@ impl Reader {
                 _ => format!("perf_event_open failed: {err}"),
             })?;
         // The tracepoints a consumer narrows as it goes; the first (the
-        // route lookups, whose event owns each ring's mapping) never is.
+        // state changes, whose event owns each ring's mapping) never is.
         let mut events = Vec::new();
         for (index, point) in points.iter().enumerate().skip(1) {
             if !point.narrowed() {

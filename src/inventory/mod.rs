@@ -480,6 +480,13 @@ fn socket_fds(proc_pid: &Path) -> std::io::Result<Vec<(u64, i32)>> {
     Ok(sockets)
 }
 
+/// The sockets (inodes) process `pid` holds; None if it is gone or its
+/// fds cannot be read.
+pub fn socket_inodes(pid: i32) -> Option<Vec<u64>> {
+    let fds = socket_fds(&Path::new("/proc").join(pid.to_string())).ok()?;
+    Some(fds.into_iter().map(|(inode, _)| inode).collect())
+}
+
 /// A process holding socket `inode` and its fd there (looked for in every
 /// process's fds: for the few sockets whose holder nothing else names).
 pub fn holder_of(inode: u64) -> Option<(i32, i32)> {

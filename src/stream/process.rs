@@ -47,9 +47,9 @@ use super::ordering::{Copies, Reorder};
 use super::tracking::{self, Poke};
 use super::{Format, Miss, Stream, lock};
 use crate::attribution::Delivery;
-use crate::attribution::Subscription;
 use crate::attribution::deliveries::{self, Io};
 use crate::attribution::{self, Claimant};
+use crate::attribution::{Subscription, Watcher};
 use crate::capture::classify::{
     Bound, ConnectedCache, Flow, KnownSocket, Openings, Owner, ProcessSockets, Transport, Way,
     flow_of, packet_identity,
@@ -200,6 +200,9 @@ pub struct ProcessSink {
     reader: Option<u32>,
     /// Kernel events, where they can be had.
     events: Option<Subscription>,
+    /// Tells the events reader which processes and sockets are the
+    /// stream's: their events are never left out.
+    watcher: Option<Watcher>,
     members: RwLock<HashMap<u32, Member>>,
     linktype: AtomicI32,
     local_networks: Mutex<Vec<LocalNetwork>>,
@@ -328,6 +331,11 @@ impl ProcessSink {
             root,
             scope: spec.scope,
             reader: spec.reader,
+            watcher: spec.events.as_ref().map(|events| {
+                let watcher = events.watcher();
+                watcher.set(vec![root], Vec::new());
+                watcher
+            }),
             events: spec.events,
             members: RwLock::new(HashMap::from([(root, member)])),
             linktype: AtomicI32::new(-1),
@@ -482,6 +490,19 @@ impl ProcessSink {
                     socket.netns,
                 ))
             }));
+        }
+        if let Some(watcher) = &self.watcher {
+            let pids = tracker
+                .all_watches()
+                .map(|watch| watch.pid() as u32)
+                .collect();
+            let inodes = known
+                .iter()
+                .flat_map(|(socket, _)| {
+                    std::iter::once(socket.inode).chain(socket.rivals.iter().copied())
+                })
+                .collect();
+            watcher.set(pids, inodes);
         }
         let taken: usize = known.iter().map(|(socket, _)| socket.taken.len()).sum();
         if self.taken_count.swap(taken, Ordering::Relaxed) != taken {

@@ -25,7 +25,7 @@ use log::debug;
 use super::tracking::{self, Poke};
 use super::{Miss, Stream, lock};
 use crate::attribution::deliveries::Io;
-use crate::attribution::{Delivery, KernelEvents, Subscription};
+use crate::attribution::{Delivery, KernelEvents, Subscription, Watcher};
 use crate::capture::classify::{Transport, flow_of};
 use crate::capture::source::{CaptureStats, PacketSink, Timestamp};
 
@@ -55,6 +55,8 @@ pub struct SharedPortGate {
     /// Events, subscribed once rivals appear.
     source: Arc<KernelEvents>,
     events: Mutex<Option<Subscription>>,
+    /// Keeps the holder's and the rivals' events read.
+    watcher: Mutex<Option<Watcher>>,
     rivals: Mutex<Vec<u64>>,
     rivals_asked: Mutex<HashSet<u64>>,
     waiting: Mutex<VecDeque<Waiting>>,
@@ -87,6 +89,7 @@ impl SharedPortGate {
             linktype: AtomicI32::new(-1),
             source,
             events: Mutex::new(None),
+            watcher: Mutex::new(None),
             rivals: Mutex::new(Vec::new()),
             rivals_asked: Mutex::new(HashSet::new()),
             waiting: Mutex::new(VecDeque::new()),
@@ -129,6 +132,10 @@ impl SharedPortGate {
                 slot.clone()
             };
             if let Some(events) = events {
+                let mut watcher = lock(&self.watcher);
+                let watcher = watcher.get_or_insert_with(|| events.watcher());
+                let inodes = std::iter::once(self.inode).chain(rivals.iter().copied());
+                watcher.set(vec![self.holder.0 as u32], inodes.collect());
                 self.probe(&events, &rivals);
             }
         }

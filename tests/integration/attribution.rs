@@ -483,3 +483,124 @@ fn no_tracepoint_stays_enabled_once_the_last_stream_closes() {
         mount.log()
     );
 }
+
+/// The thread ids the daemon's log says it left out of the UDP events.
+fn left_out_threads(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|line| line.split("UDP events of threads [").nth(1))
+        .filter_map(|rest| rest.split(']').next())
+        .flat_map(|list| list.split(", ").filter_map(|tid| tid.parse().ok()))
+        .collect()
+}
+
+/// A process whose forked child floods through the socket they share,
+/// beside a flood between two processes nobody watches: the busy
+/// bystander's UDP events are left out in the kernel (what keeps the
+/// reader's cost with the watched processes' traffic), the sharer's never
+/// (its claims are what keep its datagrams out of the parent's `all`),
+/// and the parent's `all` holds exactly the parent's datagrams, as tcpdump
+/// saw them.
+#[test]
+fn a_busy_sharer_of_a_watched_socket_is_read_and_a_flood_beside_it_is_left_out() {
+    use crate::common::peer::Peer;
+    use crate::common::tcpdump::Tcpdump;
+    use crate::common::{KillOnDrop, packets::payloads};
+    use std::io::{BufRead, Write};
+
+    let mount = Mount::start(&[]);
+    let mut sinks = Peer::spawn();
+    sinks.cmd("comm flood-sinks");
+    let to_sharer = sinks.cmd("udp-bind 127.0.0.1:0");
+    let to_parent = sinks.cmd("udp-bind 127.0.0.1:0");
+    let port =
+        |answer: &[String]| -> u16 { answer[1].rsplit(':').next().unwrap().parse().unwrap() };
+    let mut bystander = Peer::spawn();
+    bystander.cmd("comm bystander");
+    let from = bystander.cmd("udp-bind 127.0.0.1:0");
+    let into = bystander.cmd("udp-bind 127.0.0.1:0");
+    let script = r#"
+import os, socket, sys, time
+to_sharer = ("127.0.0.1", int(sys.argv[1]))
+to_parent = ("127.0.0.1", int(sys.argv[2]))
+shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+shared.bind(("127.0.0.1", 0))
+go_read, go_write = os.pipe()
+child = os.fork()
+if child == 0:
+    with open("/proc/self/comm", "w") as comm:
+        comm.write("sharer")
+    os.read(go_read, 1)
+    start, sent = time.monotonic(), 0
+    while time.monotonic() - start < 1.5:
+        due = int((time.monotonic() - start) * 4000)
+        while sent < due:
+            shared.sendto(b"flood-%d" % sent, to_sharer)
+            sent += 1
+        time.sleep(0.0005)
+    os._exit(0)
+with open("/proc/self/comm", "w") as comm:
+    comm.write("sock-parent")
+print(child, flush=True)
+sys.stdin.readline()
+os.write(go_write, b"g")
+start = time.monotonic()
+for i in range(60):
+    time.sleep(max(0.0, start + i * 0.025 - time.monotonic()))
+    shared.sendto(b"mine-%d" % i, to_parent)
+os.waitpid(child, 0)
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+    let mut parent = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .args([port(&to_sharer).to_string(), port(&to_parent).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(parent.stdout.take().unwrap()).lines();
+    let sharer: u32 = lines.next().unwrap().unwrap().parse().unwrap();
+    let _cleanup = KillOnDrop(vec![parent.id(), sharer]);
+    let stream = open_stream(&mount, parent.id(), "sock-parent", "all");
+    let truth = Tcpdump::start(None, "lo", &format!("udp port {}", port(&to_parent)));
+    let flood = format!("udp-pace {} {} 6000 4000", from[0], into[1]);
+    std::thread::scope(|scope| {
+        let flooding = scope.spawn(|| bystander.cmd(&flood));
+        writeln!(parent.stdin.as_mut().unwrap(), "go").unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "done");
+        flooding.join().unwrap();
+    });
+    writeln!(parent.stdin.as_mut().unwrap(), "exit").unwrap();
+    assert!(parent.wait().unwrap().success());
+    let expected = payloads(&truth.stop());
+    let mine: Vec<String> = (0..60).map(|i| format!("mine-{i}")).collect();
+    assert_eq!(expected, mine, "tcpdump saw the parent's datagrams");
+    let (bytes, reader) = stream;
+    wait_until(WAIT, "the parent's all to end", || reader.is_finished());
+    reader.join().unwrap();
+    let got = payloads(&read_pcap(&bytes.lock().unwrap()).1);
+    let log = mount.log();
+    assert_eq!(
+        got, mine,
+        "the parent's all, exactly\nthe daemon's log:\n{log}"
+    );
+    let left_out = left_out_threads(&log);
+    let threads_of = |pid: u32| -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let flooding_threads = threads_of(bystander.pid);
+    assert!(
+        left_out.iter().any(|tid| flooding_threads.contains(tid)),
+        "the bystander's flood (threads {flooding_threads:?}) is left out: {left_out:?}"
+    );
+    assert!(
+        !left_out.contains(&sharer) && !left_out.contains(&parent.id()),
+        "the sharer ({sharer}) and the parent are always read: {left_out:?}"
+    );
+}
