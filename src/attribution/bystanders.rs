@@ -60,6 +60,28 @@ struct Quiet {
     looked: Instant,
 }
 
+/// What a review needs to know of the system's processes (the daemon
+/// reads /proc; tests answer from a table).
+pub trait Processes {
+    /// The sockets (inodes) process `pid` holds; None if it is gone or its
+    /// fds cannot be looked at (cheaply).
+    fn socket_inodes(&mut self, pid: u32) -> Option<Vec<u64>>;
+    /// Whether thread `tid` of process `pid` still runs (a thread id comes
+    /// back as another process's once the ids wrap).
+    fn thread_alive(&mut self, pid: u32, tid: u32) -> bool;
+}
+
+/// A table of each process's sockets, whose threads all run.
+impl<F: FnMut(u32) -> Option<Vec<u64>>> Processes for F {
+    fn socket_inodes(&mut self, pid: u32) -> Option<Vec<u64>> {
+        self(pid)
+    }
+
+    fn thread_alive(&mut self, _pid: u32, _tid: u32) -> bool {
+        true
+    }
+}
+
 /// How the left-out threads changed at a review.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Change {
@@ -78,6 +100,9 @@ pub struct Bystanders {
     quiet: Vec<Quiet>,
     /// The watched set the quiet threads were last checked against.
     checked_against: Watched,
+    /// Busy processes found not to be bystanders, and when: not looked at
+    /// again before [`RECHECK`] (a busy server's fds are many).
+    not_bystanders: FxHashMap<u32, Instant>,
 }
 
 impl Bystanders {
@@ -89,6 +114,7 @@ impl Bystanders {
             window: None,
             quiet: Vec::new(),
             checked_against: Watched::default(),
+            not_bystanders: FxHashMap::default(),
         }
     }
 
@@ -117,37 +143,49 @@ impl Bystanders {
 
     /// Looks again at the left-out threads that are due (or all, where
     /// `watched` changed) and leaves out the busy threads of bystanders.
-    /// `socket_inodes(pid)`: the sockets process `pid` holds, None if it
-    /// is gone or cannot be looked at.
     pub fn review(
         &mut self,
         now: Instant,
         watched: &Watched,
-        mut socket_inodes: impl FnMut(u32) -> Option<Vec<u64>>,
+        processes: &mut impl Processes,
     ) -> Change {
         let mut change = Change::default();
         let all_due = *watched != self.checked_against;
         if all_due {
             self.checked_against = watched.clone();
+            self.not_bystanders.clear();
         }
+        self.not_bystanders
+            .retain(|_, looked| now.duration_since(*looked) < RECHECK);
         // A process's fds are looked at once per review, for all its threads.
         let mut looked: FxHashMap<u32, bool> = FxHashMap::default();
-        let mut is_bystander = |pid: u32| {
+        let mut is_bystander = |pid: u32, processes: &mut dyn FnMut(u32) -> Option<Vec<u64>>| {
             *looked.entry(pid).or_insert_with(|| {
                 !watched.pids.contains(&pid)
-                    && socket_inodes(pid).is_some_and(|inodes| {
+                    && processes(pid).is_some_and(|inodes| {
                         !inodes.iter().any(|inode| watched.inodes.contains(inode))
                     })
             })
         };
         let before = self.quiet.len();
+        let mut lifted = Vec::new();
         self.quiet.retain_mut(|quiet| {
             if !all_due && now.duration_since(quiet.looked) < RECHECK {
                 return true;
             }
             quiet.looked = now;
-            is_bystander(quiet.pid)
+            let keep = processes.thread_alive(quiet.pid, quiet.tid)
+                && is_bystander(quiet.pid, &mut |pid| processes.socket_inodes(pid));
+            if !keep {
+                lifted.push(quiet.tid);
+            }
+            keep
         });
+        // A thread read again proves itself busy again before it is left
+        // out again (an ended one never does).
+        for tid in lifted {
+            self.counts.remove(&tid);
+        }
         if self.quiet.len() != before {
             change.changed = true;
             change.urgent = true;
@@ -158,6 +196,7 @@ impl Bystanders {
             .filter(|(tid, (pid, count))| {
                 *count >= BUSY_EVENTS
                     && *pid != self.own_pid
+                    && !self.not_bystanders.contains_key(pid)
                     && !self.quiet.iter().any(|quiet| quiet.tid == **tid)
             })
             .map(|(tid, (pid, _))| (*tid, *pid))
@@ -167,13 +206,15 @@ impl Bystanders {
             if self.quiet.len() >= MAX_QUIET {
                 break;
             }
-            if is_bystander(pid) {
+            if is_bystander(pid, &mut |pid| processes.socket_inodes(pid)) {
                 self.quiet.push(Quiet {
                     tid,
                     pid,
                     looked: now,
                 });
                 change.changed = true;
+            } else {
+                self.not_bystanders.insert(pid, now);
             }
         }
         change
@@ -252,7 +293,7 @@ mod tests {
         let mut bystanders = Bystanders::new(1);
         // Members: process 10, socket 100; the flood: 20 sends to 30.
         let members = watched(&[10], &[100]);
-        let fds = |pid: u32| match pid {
+        let mut fds = |pid: u32| match pid {
             10 => Some(vec![100]),
             20 => Some(vec![200]),
             30 => Some(vec![300]),
@@ -265,7 +306,7 @@ mod tests {
         samples.extend(vec![udp_send(40, 40); BUSY_EVENTS as usize - 1]);
         samples.extend(burst(udp_read(1, 1)));
         bystanders.note(&samples, start);
-        let change = bystanders.review(start, &members, fds);
+        let change = bystanders.review(start, &members, &mut fds);
         assert_eq!(
             change,
             Change {
@@ -280,7 +321,7 @@ mod tests {
         );
         // Nothing new, nothing due: no change.
         assert_eq!(
-            bystanders.review(start + Duration::from_millis(50), &members, fds),
+            bystanders.review(start + Duration::from_millis(50), &members, &mut fds),
             Change::default()
         );
     }
@@ -293,29 +334,84 @@ mod tests {
         samples.extend(burst(udp_send(30, 30)));
         bystanders.note(&samples, start);
         let members = watched(&[10], &[100]);
-        bystanders.review(start, &members, |pid| Some(vec![pid.into()]));
+        bystanders.review(start, &members, &mut |pid: u32| Some(vec![pid.into()]));
         assert_eq!(bystanders.quiet_threads().count(), 2);
         // Process 20 is handed socket 100: seen at its next look.
-        let looks = |pid: u32| match pid {
+        let mut looks = |pid: u32| match pid {
             20 => Some(vec![200, 100]),
             other => Some(vec![other.into()]),
         };
         assert_eq!(
-            bystanders.review(start + Duration::from_millis(500), &members, looks),
+            bystanders.review(start + Duration::from_millis(500), &members, &mut looks),
             Change::default(),
             "not due yet"
         );
-        let change = bystanders.review(start + RECHECK, &members, looks);
+        let change = bystanders.review(start + RECHECK, &members, &mut looks);
         assert!(change.changed && change.urgent);
         assert_eq!(bystanders.quiet_threads().collect::<Vec<_>>(), [30]);
         // Process 30 becomes a member (a tree adopts it): at once.
         let change = bystanders.review(
             start + RECHECK + Duration::from_millis(1),
             &watched(&[10, 30], &[100]),
-            looks,
+            &mut looks,
         );
         assert!(change.changed && change.urgent);
         assert_eq!(bystanders.quiet_threads().count(), 0);
+    }
+
+    /// Processes as a table: each one's sockets and running threads; how
+    /// often each one's fds were looked at.
+    #[derive(Default)]
+    struct Table {
+        sockets: FxHashMap<u32, Vec<u64>>,
+        threads: FxHashMap<u32, Vec<u32>>,
+        looks: FxHashMap<u32, u32>,
+    }
+
+    impl Processes for Table {
+        fn socket_inodes(&mut self, pid: u32) -> Option<Vec<u64>> {
+            *self.looks.entry(pid).or_default() += 1;
+            self.sockets.get(&pid).cloned()
+        }
+
+        fn thread_alive(&mut self, pid: u32, tid: u32) -> bool {
+            self.threads
+                .get(&pid)
+                .is_some_and(|threads| threads.contains(&tid))
+        }
+    }
+
+    #[test]
+    fn a_thread_that_ends_is_read_again_and_a_busy_sharer_is_looked_at_once_a_second() {
+        let start = Instant::now();
+        let mut bystanders = Bystanders::new(1);
+        let mut table = Table::default();
+        // 20's thread 21 floods; 60 shares the member's socket 100 and is
+        // as busy.
+        table.sockets.insert(20, vec![200]);
+        table.threads.insert(20, vec![20, 21]);
+        table.sockets.insert(60, vec![100]);
+        table.threads.insert(60, vec![60]);
+        let mut samples = burst(udp_send(20, 21));
+        samples.extend(burst(udp_send(60, 60)));
+        bystanders.note(&samples, start);
+        let members = watched(&[10], &[100]);
+        bystanders.review(start, &members, &mut table);
+        assert_eq!(bystanders.quiet_threads().collect::<Vec<_>>(), [21]);
+        for step in 1..20 {
+            let at = start + Duration::from_millis(50 * step);
+            bystanders.review(at, &members, &mut table);
+        }
+        assert_eq!(
+            table.looks[&60], 1,
+            "the sharer's fds, once within a second"
+        );
+        // Thread 21 ends (its id may be another process's next).
+        table.threads.insert(20, vec![20]);
+        let change = bystanders.review(start + RECHECK, &members, &mut table);
+        assert!(change.changed && change.urgent);
+        assert_eq!(bystanders.quiet_threads().count(), 0);
+        assert_eq!(table.looks[&60], 2, "and again after a second");
     }
 
     #[test]
@@ -327,18 +423,22 @@ mod tests {
         samples.extend(burst(udp_send(50, 50)));
         bystanders.note(&samples, start);
         let members = watched(&[10], &[100, 500]);
-        bystanders.review(start, &members, |pid| match pid {
+        bystanders.review(start, &members, &mut |pid: u32| match pid {
             50 => Some(vec![500]),
             other => Some(vec![other.into()]),
         });
         assert_eq!(bystanders.quiet_threads().collect::<Vec<_>>(), [20]);
-        let change = bystanders.review(start + RECHECK, &members, |_| None);
+        let change = bystanders.review(start + RECHECK, &members, &mut |_| None);
         assert!(change.changed && change.urgent);
         assert_eq!(bystanders.quiet_threads().count(), 0);
         // A new window starts the counts over.
         bystanders.note(&[], start + RECHECK + WINDOW);
         assert_eq!(
-            bystanders.review(start + RECHECK + WINDOW, &members, |_| Some(Vec::new())),
+            bystanders.review(
+                start + RECHECK + WINDOW,
+                &members,
+                &mut |_| Some(Vec::new())
+            ),
             Change::default()
         );
     }

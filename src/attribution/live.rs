@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
 
-use super::bystanders::{Bystanders, Watched};
+use super::bystanders::{Bystanders, Processes, Watched};
 use super::deliveries::{Deliveries, Delivery, Io};
 use super::owners::FlowOwners;
 use super::probe;
@@ -101,6 +101,23 @@ struct Shared {
     /// What each stream watches: its processes' UDP events are never left
     /// out (see [`super::bystanders`]).
     watched: Mutex<Registry>,
+}
+
+/// Processes as /proc shows them, for the bystanders' review.
+struct OnProc;
+
+/// A process with more fds than this is not looked at (the events reader
+/// does the looking, and must not stall): its threads are always read.
+const MOST_FDS_LOOKED_AT: usize = 4096;
+
+impl Processes for OnProc {
+    fn socket_inodes(&mut self, pid: u32) -> Option<Vec<u64>> {
+        crate::inventory::socket_inodes(pid as i32, MOST_FDS_LOOKED_AT)
+    }
+
+    fn thread_alive(&mut self, pid: u32, tid: u32) -> bool {
+        std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+    }
 }
 
 /// The streams' watched processes and sockets, by watcher.
@@ -214,9 +231,7 @@ impl Narrowing {
             registry.union()
         };
         self.reviewed = Some(now);
-        let change = self.bystanders.review(now, &watched, |pid| {
-            crate::inventory::socket_inodes(pid as i32)
-        });
+        let change = self.bystanders.review(now, &watched, &mut OnProc);
         if change.changed {
             let quiet: Vec<u32> = self.bystanders.quiet_threads().collect();
             if quiet.is_empty() {

@@ -86,6 +86,10 @@ struct FilteredEvent {
 impl FilterHandle {
     /// Lets only events matching `filter` (an ftrace filter expression) of
     /// `point` into the rings, on every CPU.
+    /// [`decode::NOTHING`] disables the event instead: a tracepoint whose
+    /// event is enabled costs each of its hits a record and a filter run
+    /// (`sk_data_ready` is hit by every TCP segment), a disabled one next
+    /// to nothing.
     pub fn set(&mut self, point: Tracepoint, filter: &str) -> std::io::Result<()> {
         for (_, id, events) in self
             .events
@@ -93,6 +97,10 @@ impl FilterHandle {
             .filter(|(known, _, _)| *known == point)
         {
             for event in events.iter_mut() {
+                if filter == decode::NOTHING {
+                    perf::disable(&event.current);
+                    continue;
+                }
                 let replacement = perf::open_into(*id, event.cpu, filter, &event.ring)?;
                 perf::disable(&event.current);
                 event.current = replacement;
@@ -160,6 +168,15 @@ impl Reader {
             }
             events.push((*point, ids[index].0, on_cpus));
         }
+        let mut handle = FilterHandle { events };
+        for point in &points {
+            if point.kernel_filter() == Some(decode::NOTHING) {
+                // Nothing is wanted yet: not even hit until it is.
+                handle
+                    .set(*point, decode::NOTHING)
+                    .map_err(|err| format!("cannot disable tracepoint {}: {err}", point.path()))?;
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let reader_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -177,7 +194,7 @@ impl Reader {
                 stop,
                 thread: Some(thread),
             },
-            FilterHandle { events },
+            handle,
         ))
     }
 }

@@ -460,15 +460,25 @@ fn scan_process(
 /// readlinkat per fd, relative to the open fd directory (procfs's own fd
 /// iterator costs four system calls per fd).
 fn socket_fds(proc_pid: &Path) -> std::io::Result<Vec<(u64, i32)>> {
+    Ok(socket_fds_at_most(proc_pid, usize::MAX)?.unwrap_or_default())
+}
+
+/// The same, or None where the process has more than `most` fds.
+fn socket_fds_at_most(proc_pid: &Path, most: usize) -> std::io::Result<Option<Vec<(u64, i32)>>> {
     use std::os::fd::AsFd;
     let fd_dir = std::fs::File::open(proc_pid.join("fd"))?;
     let mut entries = nix::dir::Dir::from_fd(fd_dir.try_clone()?.into())?;
     let mut sockets = Vec::new();
+    let mut fds = 0;
     for entry in entries.iter().filter_map(Result::ok) {
         let name = entry.file_name();
         let Some(fd) = name.to_str().ok().and_then(|name| name.parse::<i32>().ok()) else {
             continue;
         };
+        fds += 1;
+        if fds > most {
+            return Ok(None);
+        }
         // An fd closed meanwhile is simply not there.
         let Ok(target) = nix::fcntl::readlinkat(fd_dir.as_fd(), name) else {
             continue;
@@ -477,13 +487,13 @@ fn socket_fds(proc_pid: &Path) -> std::io::Result<Vec<(u64, i32)>> {
             sockets.push((inode, fd));
         }
     }
-    Ok(sockets)
+    Ok(Some(sockets))
 }
 
-/// The sockets (inodes) process `pid` holds; None if it is gone or its
-/// fds cannot be read.
-pub fn socket_inodes(pid: i32) -> Option<Vec<u64>> {
-    let fds = socket_fds(&Path::new("/proc").join(pid.to_string())).ok()?;
+/// The sockets (inodes) process `pid` holds; None if it is gone, its fds
+/// cannot be read, or it has more than `most` fds.
+pub fn socket_inodes(pid: i32, most: usize) -> Option<Vec<u64>> {
+    let fds = socket_fds_at_most(&Path::new("/proc").join(pid.to_string()), most).ok()??;
     Some(fds.into_iter().map(|(inode, _)| inode).collect())
 }
 
