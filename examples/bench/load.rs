@@ -2,8 +2,10 @@
 //!
 //! - redis-server under `redis-benchmark -n N -c 20 -t set,get` at full
 //!   speed, in rounds that alternate: nothing capturing, `tcpdump -w` on
-//!   the port, the server's `all` read by `cat`, and that plus the
-//!   benchmark's `tree` (of a parent that starts it). Requests a second
+//!   the port, the server's `all` read by `cat`, that plus the
+//!   benchmark's `tree` (of a parent that starts it), and an idle
+//!   process's `all` beside it (what capturing at all costs the service,
+//!   whosever its packets are). Requests a second
 //!   (their ratio to nothing capturing in the same round), CPU of the
 //!   daemon and its readers against tcpdump's, kernel events lost, and
 //!   what each stream's closing line says it missed.
@@ -100,6 +102,9 @@ enum Watch {
     Tcpdump,
     All,
     AllAndTree,
+    /// An idle process's `all` (this harness's), beside: what capturing at
+    /// all costs the service, its own packets or not.
+    IdleBeside,
 }
 
 impl Watch {
@@ -109,6 +114,7 @@ impl Watch {
             Watch::Tcpdump => "`tcpdump -i lo -w` on the port",
             Watch::All => "the server's `all` read by `cat`",
             Watch::AllAndTree => "`all` and the benchmark's `tree`",
+            Watch::IdleBeside => "an idle process's `all` beside it",
         }
     }
 }
@@ -232,6 +238,9 @@ fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Resul
     let log_from = daemon.log().len();
     let mut readers: Vec<Child> = Vec::new();
     let mut tcpdump = None;
+    // The idle process's socket (this harness holds it) and its reader,
+    // stopped when the round ends.
+    let mut idle = None;
     let out = |name: &str| scratch.join(format!("load-{name}.pcap"));
     match watch {
         Watch::Nothing => {}
@@ -247,11 +256,17 @@ fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Resul
             std::thread::sleep(Duration::from_millis(300));
             tcpdump = Some(child);
         }
-        Watch::All | Watch::AllAndTree => {
-            let dir = daemon
-                .path
-                .join(format!("{}_redis-server", redis.child.id()));
-            readers.push(cat(&dir.join("all"), &out("all"))?);
+        Watch::All | Watch::AllAndTree | Watch::IdleBeside => {
+            if watch == Watch::IdleBeside {
+                let socket = UdpSocket::bind("127.0.0.1:0")?;
+                let dir = daemon.path.join(format!("{}_bench", std::process::id()));
+                idle = Some((socket, cat(&dir.join("all"), &out("idle"))?));
+            } else {
+                let dir = daemon
+                    .path
+                    .join(format!("{}_redis-server", redis.child.id()));
+                readers.push(cat(&dir.join("all"), &out("all"))?);
+            }
             if watch == Watch::AllAndTree {
                 let dir = daemon
                     .path
@@ -260,7 +275,8 @@ fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Resul
             }
             // The captures run before the benchmark starts.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while daemon.log()[log_from..].matches("capture running").count() < readers.len()
+            let captures = readers.len() + usize::from(idle.is_some());
+            while daemon.log()[log_from..].matches("capture running").count() < captures
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(20));
@@ -287,9 +303,15 @@ fn round(daemon: &Mount, watch: Watch, requests: usize, scratch: &Path) -> Resul
         );
         reader_cpu += reaped_cpu(child);
     }
-    let wanted = readers.len();
+    let mut wanted = readers.len();
     for reader in readers {
         reader_cpu += reaped_cpu(reader);
+    }
+    if let Some((socket, mut reader)) = idle {
+        let _ = reader.kill();
+        reader_cpu += reaped_cpu(reader);
+        drop(socket);
+        wanted += 1;
     }
     let closing = closing_lines(daemon, log_from, wanted);
     Ok(Round {
@@ -471,6 +493,7 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
         Watch::Tcpdump,
         Watch::All,
         Watch::AllAndTree,
+        Watch::IdleBeside,
     ];
     let mut results: Vec<Round> = Vec::new();
     for index in 0..rounds {
@@ -483,7 +506,7 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
     println!("## Under load\n");
     println!(
         "redis-server under `redis-benchmark -n {requests} -c 20 -t set,get` at full speed, \
-         {rounds} rounds, the four ways of watching it alternated within each round. Requests a \
+         {rounds} rounds, the five ways of watching it alternated within each round. Requests a \
          second are SET's and GET's averaged; the ratio is to the same round's run with nothing \
          capturing; CPU is the daemon's and its readers' (`cat`), or tcpdump's.\n"
     );
