@@ -16,16 +16,18 @@
 //! process that shares a socket with a member, or holds a socket sharing a
 //! member's port (a rival, see [`crate::capture::filter::rivals_of`]). So
 //! a thread is left out only once its process was seen to hold none of the
-//! watched sockets, and the process is looked at again every
-//! [`RECHECK`], and at once when what the streams watch changes; a
-//! process that becomes a member, starts holding a watched socket, or
-//! exits (its thread id may be another's next) is read about again at
-//! once.
+//! watched sockets, and the process is looked at again every [`RECHECK`]:
+//! one that has come to hold a watched socket, or whose thread ended (its
+//! id may be another process's next), is read about again then. A process
+//! that becomes a member is read about again at once. (The fds are not
+//! looked at each time the watched sockets change: a busy server's change
+//! every few milliseconds, and a big process's fds take milliseconds to
+//! read, on the events reader's thread.)
 //!
-//! Known limit: a bystander that is handed a watched socket (over a unix
-//! socket) is read about again only at its next look, up to [`RECHECK`]
-//! later; until then its datagrams on that socket may be taken for the
-//! member's.
+//! Known limit: a bystander that comes to share a socket with a member
+//! (one hands the other its fd over a unix socket) is read about again
+//! only at its next look, up to [`RECHECK`] later; until then its
+//! datagrams on that socket may be taken for the member's.
 
 use std::time::{Duration, Instant};
 
@@ -98,8 +100,6 @@ pub struct Bystanders {
     counts: FxHashMap<u32, (u32, u32)>,
     window: Option<Instant>,
     quiet: Vec<Quiet>,
-    /// The watched set the quiet threads were last checked against.
-    checked_against: Watched,
     /// Busy processes found not to be bystanders, and when: not looked at
     /// again before [`RECHECK`] (a busy server's fds are many).
     not_bystanders: FxHashMap<u32, Instant>,
@@ -113,7 +113,6 @@ impl Bystanders {
             counts: FxHashMap::default(),
             window: None,
             quiet: Vec::new(),
-            checked_against: Watched::default(),
             not_bystanders: FxHashMap::default(),
         }
     }
@@ -141,8 +140,9 @@ impl Bystanders {
         }
     }
 
-    /// Looks again at the left-out threads that are due (or all, where
-    /// `watched` changed) and leaves out the busy threads of bystanders.
+    /// Looks again at the left-out threads that are due, reads again those
+    /// of processes that became members, and leaves out the busy threads
+    /// of bystanders.
     pub fn review(
         &mut self,
         now: Instant,
@@ -150,11 +150,6 @@ impl Bystanders {
         processes: &mut impl Processes,
     ) -> Change {
         let mut change = Change::default();
-        let all_due = *watched != self.checked_against;
-        if all_due {
-            self.checked_against = watched.clone();
-            self.not_bystanders.clear();
-        }
         self.not_bystanders
             .retain(|_, looked| now.duration_since(*looked) < RECHECK);
         // A process's fds are looked at once per review, for all its threads.
@@ -170,12 +165,15 @@ impl Bystanders {
         let before = self.quiet.len();
         let mut lifted = Vec::new();
         self.quiet.retain_mut(|quiet| {
-            if !all_due && now.duration_since(quiet.looked) < RECHECK {
-                return true;
-            }
-            quiet.looked = now;
-            let keep = processes.thread_alive(quiet.pid, quiet.tid)
-                && is_bystander(quiet.pid, &mut |pid| processes.socket_inodes(pid));
+            let keep = if watched.pids.contains(&quiet.pid) {
+                false
+            } else if now.duration_since(quiet.looked) < RECHECK {
+                true
+            } else {
+                quiet.looked = now;
+                processes.thread_alive(quiet.pid, quiet.tid)
+                    && is_bystander(quiet.pid, &mut |pid| processes.socket_inodes(pid))
+            };
             if !keep {
                 lifted.push(quiet.tid);
             }
@@ -399,13 +397,14 @@ mod tests {
         bystanders.review(start, &members, &mut table);
         assert_eq!(bystanders.quiet_threads().collect::<Vec<_>>(), [21]);
         for step in 1..20 {
+            // The watched sockets change at every review (a busy server's
+            // connections come and go): nobody's fds are read again for it.
             let at = start + Duration::from_millis(50 * step);
-            bystanders.review(at, &members, &mut table);
+            let churning = watched(&[10], &[100, 1000 + step]);
+            bystanders.review(at, &churning, &mut table);
         }
-        assert_eq!(
-            table.looks[&60], 1,
-            "the sharer's fds, once within a second"
-        );
+        assert_eq!(table.looks[&60], 1, "the sharer's fds, once a second");
+        assert_eq!(table.looks[&20], 1, "the bystander's, once a second");
         // Thread 21 ends (its id may be another process's next).
         table.threads.insert(20, vec![20]);
         let change = bystanders.review(start + RECHECK, &members, &mut table);

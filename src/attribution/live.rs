@@ -125,8 +125,10 @@ impl Processes for OnProc {
 struct Registry {
     next: u64,
     by_watcher: HashMap<u64, (Vec<u32>, Vec<u64>)>,
-    /// Changed since the bystanders were last reviewed.
-    changed: bool,
+    /// The processes changed since the bystanders were last reviewed: a
+    /// new member is read about at once (its sockets, changing every few
+    /// milliseconds on a busy server, wait for the next review).
+    members_changed: bool,
 }
 
 impl Registry {
@@ -154,10 +156,9 @@ impl Watcher {
     pub fn set(&self, pids: Vec<u32>, inodes: Vec<u64>) {
         let mut registry = lock(&self.live.shared.watched);
         let entry = registry.by_watcher.entry(self.id).or_default();
-        if *entry != (pids.clone(), inodes.clone()) {
-            *entry = (pids, inodes);
-            registry.changed = true;
-        }
+        let members_changed = entry.0 != pids;
+        *entry = (pids, inodes);
+        registry.members_changed |= members_changed;
     }
 }
 
@@ -165,7 +166,6 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         let mut registry = lock(&self.live.shared.watched);
         registry.by_watcher.remove(&self.id);
-        registry.changed = true;
     }
 }
 
@@ -214,20 +214,20 @@ impl Narrowing {
         }
     }
 
-    /// Looks at the bystanders again where due (at once where what the
-    /// streams watch changed).
+    /// Looks at the bystanders again where due (at once where the streams'
+    /// processes changed).
     fn review_bystanders(&mut self, registry: &Mutex<Registry>) {
         let now = Instant::now();
         let watched = {
             let mut registry = lock(registry);
-            let due = registry.changed
+            let due = registry.members_changed
                 || self
                     .reviewed
                     .is_none_or(|at| now.duration_since(at) >= NARROWING_INTERVAL);
             if !due {
                 return;
             }
-            registry.changed = false;
+            registry.members_changed = false;
             registry.union()
         };
         self.reviewed = Some(now);
