@@ -1270,7 +1270,11 @@ impl ProcessSink {
 
     /// A packet the capture in namespace `netns` took.
     fn packet_in(&self, netns: NetnsId, timestamp: Timestamp, original_length: u32, data: &[u8]) {
-        let Some(flow) = flow_of(self.linktype.load(Ordering::Relaxed), data) else {
+        let linktype = self.linktype.load(Ordering::Relaxed);
+        if passing_by(linktype, data) {
+            return;
+        }
+        let Some(flow) = flow_of(linktype, data) else {
             return;
         };
         self.seen.fetch_add(1, Ordering::Relaxed);
@@ -1373,6 +1377,23 @@ fn on_loopback(linktype: i32, frame: &[u8]) -> bool {
         _ => None,
     };
     hardware.is_some_and(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]) == ARPHRD_LOOPBACK)
+}
+
+/// Whether a frame only passed through this namespace between two other
+/// hosts (a Linux cooked header's packet type PACKET_OTHERHOST: a bridge
+/// port's view of two containers talking). No socket of the namespace sent
+/// or got it: the kernel gives a socket only frames to this host or from
+/// it, and the same packet is taken where its socket lives.
+fn passing_by(linktype: i32, frame: &[u8]) -> bool {
+    const PACKET_OTHERHOST: u16 = 3;
+    let kind = match linktype {
+        113 => frame
+            .get(0..2)
+            .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]])),
+        276 => frame.get(10).map(|kind| u16::from(*kind)),
+        _ => None,
+    };
+    kind == Some(PACKET_OTHERHOST)
 }
 
 /// How a socket with no peer is named: `0.0.0.0:0` or `[::]:0`.
@@ -1647,4 +1668,34 @@ fn drain(
         return None;
     }
     Some(DRAIN_QUIET / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_a_bridge_port_passes_between_others_is_nobody_s_here() {
+        // Linux cooked headers (v1: packet type in bytes 0-1; v2: byte 10).
+        let sll = |kind: u16| {
+            let mut frame = vec![0u8; 16];
+            frame[0..2].copy_from_slice(&kind.to_be_bytes());
+            frame
+        };
+        let sll2 = |kind: u8| {
+            let mut frame = vec![0u8; 20];
+            frame[10] = kind;
+            frame
+        };
+        assert!(passing_by(113, &sll(3)));
+        assert!(passing_by(276, &sll2(3)));
+        // To this host, broadcast, multicast, from this host: a socket's.
+        for kind in [0, 1, 2, 4] {
+            assert!(!passing_by(113, &sll(kind)));
+            assert!(!passing_by(276, &sll2(kind as u8)));
+        }
+        // No cooked header, or too short to say: kept.
+        assert!(!passing_by(1, &sll(3)));
+        assert!(!passing_by(113, &[0]));
+    }
 }
