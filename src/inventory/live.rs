@@ -35,6 +35,28 @@ pub struct LiveSocket {
     pub uid: u32,
     /// The fd the process held it as when it was first seen.
     pub fd: i32,
+    /// A TCP listener (its view never changes again).
+    pub listening: bool,
+}
+
+/// The most sockets looked into again in one look (see
+/// [`LiveSocket::unsettled`]): a process holding many sockets it never
+/// connects costs no more than this.
+const MOST_LOOKED_AGAIN: usize = 64;
+
+impl LiveSocket {
+    /// Whether what it is may still change: not bound yet, or a TCP
+    /// socket neither listening nor connected (between socket() and
+    /// connect(), or bound to a port before connecting from it).
+    pub fn unsettled(&self) -> bool {
+        let tcp = matches!(self.proto, Proto::Tcp | Proto::Tcp6);
+        self.local.port() == 0 || (tcp && self.remote.is_none() && !self.listening)
+    }
+
+    /// What it is: its protocol and ends.
+    fn view(&self) -> (Proto, SocketAddr, Option<SocketAddr>, bool) {
+        (self.proto, self.local, self.remote, self.listening)
+    }
 }
 
 /// Follows one process.
@@ -44,7 +66,7 @@ pub struct ProcessWatch {
     pidfd: OwnedFd,
     proc_pid: PathBuf,
     /// Every socket inode seen, with what it is (None: not TCP or UDP).
-    sockets: HashMap<u64, Option<LiveSocket>>,
+    sockets: rustc_hash::FxHashMap<u64, Option<LiveSocket>>,
     /// Sockets closed lately, kept for [`LINGER`]: their last packets (a
     /// FIN, its ACK, a retransmission) come after the close.
     closed: Vec<LiveSocket>,
@@ -75,7 +97,7 @@ impl ProcessWatch {
             pid,
             pidfd,
             proc_pid: PathBuf::from(format!("/proc/{pid}")),
-            sockets: HashMap::new(),
+            sockets: rustc_hash::FxHashMap::default(),
             closed: Vec::new(),
             namespaces: HashMap::new(),
         })
@@ -99,25 +121,46 @@ impl ProcessWatch {
             .map(|stat| stat.st_uid)
     }
 
-    /// Looks again; true if the set of TCP and UDP sockets changed. A socket
-    /// is looked into once, when its inode first shows up.
+    /// Looks again; true if the set of TCP and UDP sockets, or what one of
+    /// them is, changed. A socket is looked into when its inode first shows
+    /// up, and again at each look while it is [`LiveSocket::unsettled`].
     pub fn rescan(&mut self) -> bool {
         let Ok(fds) = super::socket_fds(&self.proc_pid) else {
             return false;
         };
         let mut changed = false;
         let mut present: Vec<u64> = Vec::with_capacity(fds.len());
+        let mut looked_again = 0;
         for (inode, fd) in fds {
             present.push(inode);
-            if !self.sockets.contains_key(&inode) {
+            let known = self.sockets.get(&inode);
+            // A socket looked into between its socket() and its connect()
+            // (or bind) is looked into again until it settles: otherwise
+            // its flow is never known (a preempted client, now and then).
+            let again = known.is_some_and(|socket| {
+                socket.as_ref().is_some_and(LiveSocket::unsettled)
+                    && looked_again < MOST_LOOKED_AGAIN
+            });
+            if known.is_none() || again {
+                looked_again += usize::from(again);
                 let socket = self.look_into(inode, fd).map(|(socket, namespace)| {
                     if let Some(namespace) = namespace {
                         self.namespaces.entry(namespace.id()).or_insert(namespace);
                     }
                     socket
                 });
-                changed |= socket.is_some();
-                self.sockets.insert(inode, socket);
+                let before = self.sockets.insert(inode, socket.clone()).flatten();
+                changed |= match (&before, &socket) {
+                    (Some(before), Some(now)) => before.view() != now.view(),
+                    (None, Some(_)) => true,
+                    (_, None) => before.is_some(),
+                };
+                // Still the same: first seen when first seen.
+                if let (Some(before), Some(Some(now))) = (before, self.sockets.get_mut(&inode))
+                    && before.view() == now.view()
+                {
+                    now.seen = before.seen;
+                }
             }
         }
         present.sort_unstable();
@@ -189,6 +232,9 @@ impl ProcessWatch {
             .ok()
             .flatten()
             .and_then(|peer| SocketAddr::try_from(peer).ok());
+        let listening = matches!(proto, Proto::Tcp | Proto::Tcp6)
+            && remote.is_none()
+            && rustix::net::sockopt::socket_acceptconn(&copy).unwrap_or(false);
         let socket = LiveSocket {
             inode,
             proto,
@@ -199,6 +245,7 @@ impl ProcessWatch {
             netns,
             uid: stat.st_uid,
             fd,
+            listening,
         };
         Some((socket, namespace))
     }

@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, warn};
+use rustc_hash::FxHashMap;
 
 use super::ordering::{Copies, Reorder};
 use super::tracking::{self, Poke};
@@ -90,6 +91,9 @@ const TCP_LISTEN: u8 = 10;
 
 /// A row of a namespace's socket table: local, remote, listening, inode.
 type NeighbourRow = (std::net::SocketAddr, std::net::SocketAddr, bool, u64);
+/// What names a socket file: protocol, ends (an unconnected socket's
+/// remote end unspecified) and inode.
+type SocketKey = (Proto, SocketAddr, SocketAddr, u64);
 /// A namespace's table rows, when they were read, and whether a fresher
 /// read has been asked of the table reader.
 type TableRead = (Instant, Arc<Vec<NeighbourRow>>, bool);
@@ -254,6 +258,11 @@ pub struct ProcessSink {
     last_packet: Mutex<Instant>,
     /// Makes the tracker look now: a packet waits for its owner.
     poke: OnceLock<Poke>,
+    /// The members' sockets' plain file names, by what names them: a
+    /// process making a thousand connections a second holds thousands of
+    /// lingering sockets, all named again at every look that finds a new
+    /// one (formatting them was a sixth of the trackers' time).
+    plain_names: Mutex<FxHashMap<SocketKey, String>>,
     /// The process's watch, until the capture opens and the tracker starts.
     first_watch: Mutex<Option<ProcessWatch>>,
     /// How captures are opened, for those started in other namespaces.
@@ -266,7 +275,7 @@ pub struct ProcessSink {
     running: AtomicUsize,
     stats: Mutex<CaptureStats>,
     /// Unclaimed packets by flow, and the flows the kernel filter leaves out.
-    unclaimed_flows: Mutex<HashMap<ForeignFlow, u64>>,
+    unclaimed_flows: Mutex<FxHashMap<ForeignFlow, u64>>,
     excluded: Mutex<Vec<ForeignFlow>>,
     /// When the tracker last looked at the members' fds (wall ns).
     looked_ns: AtomicU64,
@@ -363,12 +372,13 @@ impl ProcessSink {
             newest_packet_ns: AtomicU64::new(0),
             last_packet: Mutex::new(Instant::now()),
             poke: OnceLock::new(),
+            plain_names: Mutex::default(),
             first_watch: Mutex::new(Some(watch)),
             settings: spec.settings,
             capturing: Mutex::new(HashSet::from([spec.first])),
             running: AtomicUsize::new(0),
             stats: Mutex::new(CaptureStats::default()),
-            unclaimed_flows: Mutex::new(HashMap::new()),
+            unclaimed_flows: Mutex::default(),
             excluded: Mutex::new(Vec::new()),
             looked_ns: AtomicU64::new(0),
             rivals_asked: Mutex::new(HashSet::new()),
@@ -440,20 +450,27 @@ impl ProcessSink {
             }
         }
         let mut known: Vec<(KnownSocket, Option<NetnsId>)> = Vec::new();
+        let mut plain_names = lock(&self.plain_names);
+        let mut named = FxHashMap::default();
         for watch in tracker.all_watches() {
             let sockets: Vec<&LiveSocket> = watch.sockets().collect();
-            let endpoints: Vec<_> = sockets
+            let (plain, inodes): (Vec<String>, Vec<u64>) = sockets
                 .iter()
                 .map(|s| {
-                    (
+                    let key = (
                         s.proto,
                         s.local,
                         s.remote.unwrap_or_else(|| unconnected(s.local)),
                         s.inode,
-                    )
+                    );
+                    let name = plain_names
+                        .remove(&key)
+                        .unwrap_or_else(|| names::socket_file_name(key.0, key.1, key.2));
+                    named.insert(key, name.clone());
+                    (name, s.inode)
                 })
-                .collect();
-            let names = names::unique_socket_names(&endpoints);
+                .unzip();
+            let names = names::unique_names(plain, &inodes);
             let rows = self.neighbour_rows(watch.pid(), &sockets);
             known.extend(sockets.iter().zip(names).filter_map(|(socket, name)| {
                 let target = FilterTarget {
@@ -491,6 +508,9 @@ impl ProcessSink {
                 ))
             }));
         }
+        // Only the names of the sockets held or lingering now are kept.
+        *plain_names = named;
+        drop(plain_names);
         if let Some(watcher) = &self.watcher {
             let pids = tracker
                 .all_watches()
@@ -1116,7 +1136,7 @@ impl ProcessSink {
         let openings = lock(&self.openings);
         let mut waiting = lock(&self.candidates);
         let mut kept = Waiting::default();
-        let mut blocked: HashSet<ForeignFlow> = HashSet::new();
+        let mut blocked: rustc_hash::FxHashSet<ForeignFlow> = rustc_hash::FxHashSet::default();
         for candidate in std::mem::take(&mut waiting.queue) {
             let key = foreign(&candidate.flow);
             if blocked.contains(&key) {

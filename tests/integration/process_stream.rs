@@ -349,6 +349,65 @@ fn a_process_that_opens_its_first_socket_later_has_each_packet_once() {
 }
 
 #[test]
+fn sockets_seen_before_their_connect_are_followed_once_connected_without_events() {
+    // Following /proc, the tracker looks into each new socket; one it
+    // looked into between the client's socket() and its connect() (a
+    // client preempted there, on a busy machine) must be looked into again
+    // once it is connected, or its flow is never the process's.
+    let mount = Mount::start(&["--no-kernel-events", "--all-processes"]);
+    let mut server = Peer::spawn();
+    let listener = server.cmd("tcp-listen 127.0.0.1:0");
+    let udp_server = server.cmd("udp-bind 127.0.0.1:0");
+    let mut target = Peer::spawn();
+    target.cmd("comm unsettled");
+    let tcp = target.cmd("tcp-socket");
+    let udp = target.cmd("udp-socket");
+    let (bytes, reader) = read_all_file(&mount, &target, "unsettled");
+    // A datagram of a socket made after the stream opened is in it only
+    // once the tracker looked at the fds, so it looked at the two
+    // unconnected sockets too.
+    let marker = target.cmd("udp-bind 127.0.0.1:0");
+    target.cmd(&format!("sendto {} {} marker", marker[0], udp_server[1]));
+    wait_until(WAIT, "the marker datagram in the stream", || {
+        payloads(&read_pcap(&bytes.lock().unwrap()).1).contains(&"marker".to_owned())
+    });
+
+    let client = target.cmd(&format!("tcp-connect-held {} {}", tcp[0], listener[1]));
+    let served = server.cmd(&format!("tcp-accept {}", listener[0]));
+    target.cmd(&format!("udp-connect {} {}", udp[0], udp_server[1]));
+    for round in 0..3 {
+        target.cmd(&format!("send {} late-tcp-{round}", client[0]));
+        server.cmd(&format!("recv {} 10", served[0]));
+        target.cmd(&format!("send {} late-udp-{round}", udp[0]));
+    }
+    target.cmd(&format!("close {}", client[0]));
+    server.cmd(&format!("close {}", served[0]));
+    std::thread::sleep(Duration::from_millis(100));
+    target.kill();
+    wait_until(WAIT, "EOF", || reader.is_finished());
+    reader.join().unwrap();
+
+    // read_pcap fails on a record that comes twice.
+    let packets = read_pcap(&bytes.lock().unwrap()).1;
+    let mut expected = vec!["marker".to_owned()];
+    for round in 0..3 {
+        expected.push(format!("late-tcp-{round}"));
+        expected.push(format!("late-udp-{round}"));
+    }
+    let mut got = payloads(&packets);
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    let flags = connection_flags(&packets, addr(&client[1]), addr(&client[2]));
+    assert_eq!(flags.first().map(String::as_str), Some("S"), "{flags:?}");
+    assert_eq!(
+        flags.iter().filter(|f| f.contains('F')).count(),
+        2,
+        "{flags:?}"
+    );
+}
+
+#[test]
 fn a_socket_left_in_the_daemons_namespace_stays_in_all() {
     // The process lives in a namespace of its own and holds a connection in
     // the daemon's (as after a connect, then unshare(CLONE_NEWNET)): its

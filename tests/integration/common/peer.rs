@@ -247,6 +247,48 @@ impl PeerState {
                     remote.to_string(),
                 ])
             }
+            // A TCP socket neither bound nor connected yet (as between a
+            // client's socket() and its connect()).
+            "tcp-socket" => {
+                let fd = socket::socket(
+                    AddressFamily::Inet,
+                    SockType::Stream,
+                    SockFlag::empty(),
+                    None,
+                )
+                .map_err(err)?;
+                Ok(vec![self.hold(Held::Fd(fd))])
+            }
+            // Connects a socket from `tcp-socket`; answers as `tcp-connect`.
+            "tcp-connect-held" => {
+                let id: usize = arg(0)?.parse().map_err(err)?;
+                let target: SocketAddr = arg(1)?.parse().map_err(err)?;
+                let Some(Held::Fd(fd)) = self.held.remove(&id) else {
+                    return Err("not a socket from tcp-socket".into());
+                };
+                socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(target)).map_err(err)?;
+                let stream = TcpStream::from(fd);
+                let (local, remote) = (
+                    stream.local_addr().map_err(err)?,
+                    stream.peer_addr().map_err(err)?,
+                );
+                Ok(vec![
+                    self.hold(Held::Stream(stream)),
+                    local.to_string(),
+                    remote.to_string(),
+                ])
+            }
+            // A UDP socket not bound yet (`udp-connect` binds it).
+            "udp-socket" => {
+                let fd = socket::socket(
+                    AddressFamily::Inet,
+                    SockType::Datagram,
+                    SockFlag::empty(),
+                    None,
+                )
+                .map_err(err)?;
+                Ok(vec![self.hold(Held::Udp(UdpSocket::from(fd)))])
+            }
             "tcp-accept" => {
                 let Held::Listener(listener) = self.get(arg(0)?)? else {
                     return Err("not a listener".into());
