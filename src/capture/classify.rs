@@ -315,15 +315,6 @@ impl Lifetime {
     fn covers(&self, at: SystemTime) -> bool {
         self.from <= at && self.until.is_none_or(|until| at <= until)
     }
-
-    /// The same for a connected socket whose connection opened at
-    /// `opened` (its SYN, where seen): the connection is its from that SYN,
-    /// however long the tracker took to first see it. (A busy tracker
-    /// first saw connections more than [`EARLY`] after their handshake,
-    /// which was then nobody's.)
-    fn covers_connection(&self, at: SystemTime, opened: Option<SystemTime>) -> bool {
-        opened.unwrap_or(self.from) <= at && self.until.is_none_or(|until| at <= until)
-    }
 }
 
 /// Which socket of which process a packet belongs to.
@@ -614,9 +605,7 @@ impl ProcessSockets {
         for (local, remote) in [(flow.src, flow.dst), (flow.dst, flow.src)] {
             if let Some(sockets) = self.connected.get(&(flow.transport, local, remote)) {
                 let found = sockets.iter().find(|(_, lifetime)| {
-                    let (opened, reopened) = openings.around(local, remote, lifetime.seen);
-                    lifetime.covers_connection(at, opened)
-                        && reopened.is_none_or(|reopened| at < reopened)
+                    lifetime.covers(at) && openings.within(local, remote, lifetime.seen, at)
                 });
                 if let Some((owner, _)) = found {
                     return Some(owner);
@@ -643,7 +632,7 @@ impl ProcessSockets {
         let (opened, before) = openings.around(local, remote, lifetime.seen);
         Connected::One {
             owner: owner.clone(),
-            from: opened.unwrap_or(lifetime.from),
+            from: opened.map_or(lifetime.from, |opened| opened.max(lifetime.from)),
             until: lifetime.until,
             before,
         }
@@ -1018,67 +1007,6 @@ mod tests {
             Some("lone")
         );
         assert_eq!(cache.owner(1, &both, &flows[1], ms(1500), &openings), None);
-    }
-
-    #[test]
-    fn a_connection_first_seen_late_is_its_sockets_from_its_syn() {
-        let base = SystemTime::now() - Duration::from_secs(5);
-        let ms = |n: u64| base + Duration::from_millis(n);
-        // A busy tracker first saw the connection 100 ms after its SYN
-        // (at 200 ms); a UDP socket of the same ends, as late.
-        let mut tcp_socket = known(
-            Transport::Tcp,
-            "127.0.0.1:40000",
-            Some("127.0.0.1:80"),
-            "late-tcp",
-            None,
-        );
-        tcp_socket.seen = ms(200);
-        let mut udp_socket = known(
-            Transport::Udp,
-            "127.0.0.1:40000",
-            Some("127.0.0.1:53"),
-            "late-udp",
-            None,
-        );
-        udp_socket.seen = ms(200);
-        let index = ProcessSockets::new(&[tcp_socket, udp_socket], Vec::new());
-        let flow = |transport, dst: &str, opening| Flow {
-            transport,
-            src: addr("127.0.0.1:40000"),
-            dst: addr(dst),
-            opening,
-        };
-        let (syn, data) = (
-            flow(Transport::Tcp, "127.0.0.1:80", true),
-            flow(Transport::Tcp, "127.0.0.1:80", false),
-        );
-        let datagram = flow(Transport::Udp, "127.0.0.1:53", false);
-        let mut openings = Openings::default();
-        openings.record(&syn, ms(100));
-        let mut cache = ConnectedCache::default();
-        let name = |owner: Option<Owner>| owner.map(|owner| owner.name.to_string());
-        for (flow, at, expected) in [
-            // Its handshake and first data, long before it was seen.
-            (&syn, ms(100), Some("late-tcp")),
-            (&data, ms(101), Some("late-tcp")),
-            // Before its SYN: another connection's on the same ends.
-            (&data, ms(99), None),
-            // A datagram has no SYN: only the usual margin before.
-            (&datagram, ms(101), None),
-            (&datagram, ms(190), Some("late-udp")),
-        ] {
-            assert_eq!(
-                name(index.connected_owner(flow, at, &openings).cloned()).as_deref(),
-                expected,
-                "{flow:?} at {at:?}"
-            );
-            assert_eq!(
-                name(cache.owner(1, &index, flow, at, &openings)).as_deref(),
-                expected,
-                "cached: {flow:?} at {at:?}"
-            );
-        }
     }
 
     #[test]
