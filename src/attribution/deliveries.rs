@@ -131,6 +131,24 @@ impl Deliveries {
         }
     }
 
+    /// Whether anything here is still needed: a probe waits for its
+    /// answer, or a socket whose address is known is one of `watched`
+    /// (the sockets the streams now watch).
+    pub fn needed_by(&self, watched: &rustc_hash::FxHashSet<u64>) -> bool {
+        !self.probes.is_empty() || self.known.keys().any(|inode| watched.contains(inode))
+    }
+
+    /// Forgets every socket's address and what it did: the sends and
+    /// receives are no longer read, so what sockets do from now on is not
+    /// known (a socket asked about later is probed again).
+    pub fn forget(&mut self) {
+        self.probes.clear();
+        self.known.clear();
+        self.inode_at.clear();
+        self.activity.clear();
+        self.users.clear();
+    }
+
     /// Whether socket `inode`'s address is known or asked for.
     pub fn probed(&self, inode: u64) -> bool {
         self.known.contains_key(&inode)
@@ -378,6 +396,7 @@ impl Deliveries {
 mod tests {
     use super::*;
     use crate::events::decode::Decoded;
+    use rustc_hash::FxHashSet;
 
     const OWN: u32 = 7;
 
@@ -462,6 +481,25 @@ mod tests {
         assert_eq!(deliveries.known_since(200), Some(at(2)));
         assert!(deliveries.probed(100));
         assert!(!deliveries.probed(300));
+    }
+
+    #[test]
+    fn what_is_known_is_needed_while_a_stream_watches_it_or_a_probe_waits() {
+        let watching = |inodes: &[u64]| inodes.iter().copied().collect::<FxHashSet<u64>>();
+        let mut deliveries = Deliveries::new(OWN);
+        assert!(!deliveries.needed_by(&watching(&[])));
+        // A probe waits for its answer: needed, whoever watches.
+        deliveries.asked(50, 100, at(0));
+        assert!(deliveries.needed_by(&watching(&[])));
+        deliveries.apply(&peek(1, 50, 0xa));
+        // Known: needed while a stream watches the socket.
+        assert!(deliveries.needed_by(&watching(&[100, 7])));
+        assert!(!deliveries.needed_by(&watching(&[7])));
+        // Forgotten: asked about again from scratch.
+        deliveries.forget();
+        assert!(!deliveries.probed(100));
+        assert_eq!(deliveries.users(100), None);
+        assert!(!deliveries.needed_by(&watching(&[100])));
     }
 
     #[test]

@@ -195,7 +195,18 @@ struct Narrowing {
     reviewed: Option<Instant>,
     /// The clause leaving them out, as the filters have it now.
     bystanders_clause: String,
+    /// Whether the send and receive lengths are read (see
+    /// [`Narrowing::socket_io`]).
+    socket_io: bool,
+    /// When it was last asked whether they are still needed.
+    socket_io_reviewed: Option<Instant>,
 }
+
+/// The tracepoints read only while a socket's kernel address is known or
+/// asked for: what they tell is of such sockets only.
+const SOCKET_IO: [Tracepoint; 2] = [Tracepoint::SendLength, Tracepoint::RecvLength];
+/// How often the reader asks whether they are still needed.
+const SOCKET_IO_REVIEW: Duration = Duration::from_secs(1);
 
 impl Narrowing {
     fn new(own_pid: u32) -> Narrowing {
@@ -211,7 +222,57 @@ impl Narrowing {
             bystanders: Bystanders::new(own_pid),
             reviewed: None,
             bystanders_clause: String::new(),
+            socket_io: false,
+            socket_io_reviewed: None,
         }
+    }
+
+    /// Turns the send and receive lengths on or off. They tell which
+    /// process used a socket whose kernel address is known (a UDP socket
+    /// of a stream's, and its rivals), and carry the probes' answers; every
+    /// send and receive on the machine hits them, so they are on only while
+    /// some address is known or asked for. Off, nothing is known of what
+    /// sockets did meanwhile: the caller forgets what it knew.
+    fn socket_io(&mut self, on: bool) {
+        if self.socket_io == on {
+            return;
+        }
+        let Some(handle) = self.handle.as_mut() else {
+            return;
+        };
+        for point in SOCKET_IO {
+            if !handle.reads(point) {
+                continue;
+            }
+            let filter = match point.kernel_filter() {
+                Some(base) if on => format!("{base}{}", self.bystanders_clause),
+                _ => NOTHING.to_owned(),
+            };
+            if let Err(err) = handle.set(point, &filter) {
+                debug!("kernel events: cannot filter {}: {err}", point.path());
+            }
+        }
+        debug!(
+            "kernel events: sends and receives {}",
+            if on {
+                "read (a socket's address is asked for)"
+            } else {
+                "no longer read (no stream asks about a socket's address)"
+            }
+        );
+        self.socket_io = on;
+    }
+
+    /// Whether to ask now if the send and receive lengths are still needed.
+    fn socket_io_review_due(&mut self) -> bool {
+        let due = self.socket_io
+            && self
+                .socket_io_reviewed
+                .is_none_or(|at| at.elapsed() >= SOCKET_IO_REVIEW);
+        if due {
+            self.socket_io_reviewed = Some(Instant::now());
+        }
+        due
     }
 
     /// Looks at the bystanders again where due (at once where the streams'
@@ -348,12 +409,10 @@ impl Narrowing {
         ];
         let clause = self.bystanders.filter_clause();
         if clause != self.bystanders_clause {
-            for point in [
-                Tracepoint::FibLookup,
-                Tracepoint::Fib6Lookup,
-                Tracepoint::SendLength,
-                Tracepoint::RecvLength,
-            ] {
+            let points = [Tracepoint::FibLookup, Tracepoint::Fib6Lookup]
+                .into_iter()
+                .chain(self.socket_io.then_some(SOCKET_IO).into_iter().flatten());
+            for point in points {
                 if let Some(base) = point.kernel_filter() {
                     filters.push((point, format!("{base}{clause}")));
                 }
@@ -403,6 +462,17 @@ impl Consumer for Shared {
             let mut narrowing = lock(&self.narrowing);
             narrowing.note(samples);
             narrowing.review_bystanders(&self.watched);
+            if narrowing.socket_io_review_due() {
+                let watched = lock(&self.watched).union();
+                let mut deliveries = self
+                    .deliveries
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if !deliveries.needed_by(&watched.inodes) {
+                    deliveries.forget();
+                    narrowing.socket_io(false);
+                }
+            }
             let wanted: Vec<u64> = lock(&self.wants_deliveries).iter().copied().collect();
             if !wanted.is_empty() || !narrowing.delivered.is_empty() {
                 let deliveries = self
@@ -541,11 +611,18 @@ impl Live {
         }
         let copy = probe::copy_of(pid, fd, inode)?;
         let tid = probe::thread_id();
-        self.shared
-            .deliveries
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .asked(tid, inode, SystemTime::now());
+        {
+            // The peek's answer comes as a receive: they are read from
+            // before it, and the probe is asked under the lock the reader
+            // turns them off under, so they stay on until it is answered.
+            let mut narrowing = lock(&self.shared.narrowing);
+            narrowing.socket_io(true);
+            self.shared
+                .deliveries
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .asked(tid, inode, SystemTime::now());
+        }
         if !probe::peek(&copy) {
             self.shared
                 .deliveries

@@ -69,6 +69,19 @@ impl Tracepoint {
         }
     }
 
+    /// Whether it is off until a consumer turns it on ([`FilterHandle::set`]
+    /// with a filter): nothing is wanted of it before. `sk_data_ready` until
+    /// a socket sharing its port is asked about; the send and receive
+    /// lengths until a socket's kernel address is asked for (every send and
+    /// receive on the machine, of every kind of socket, hits them, and an
+    /// enabled tracepoint builds its record before its filter drops it).
+    pub fn off_until_asked(self) -> bool {
+        matches!(
+            self,
+            Tracepoint::DataReady | Tracepoint::SendLength | Tracepoint::RecvLength
+        )
+    }
+
     /// Whether a consumer may change its filter while it is read.
     pub fn narrowed(self) -> bool {
         !matches!(self, Tracepoint::SetState | Tracepoint::ProcessFork)

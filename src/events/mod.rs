@@ -170,7 +170,7 @@ impl Reader {
         }
         let mut handle = FilterHandle { events };
         for point in &points {
-            if point.kernel_filter() == Some(decode::NOTHING) {
+            if point.off_until_asked() {
                 // Nothing is wanted yet: not even hit until it is.
                 handle
                     .set(*point, decode::NOTHING)

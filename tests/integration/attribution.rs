@@ -604,3 +604,78 @@ sys.stdin.readline()
         "the sharer ({sharer}) and the parent are always read: {left_out:?}"
     );
 }
+
+/// Every send and receive on the machine hits the socket I/O tracepoints,
+/// so they are read only while a stream asks about a socket's kernel
+/// address (a UDP socket's): not for a process with TCP sockets only, on
+/// for one with a UDP socket, off again once that stream has ended while
+/// another still runs. Both streams hold exactly their own packets.
+#[test]
+fn sends_and_receives_are_read_only_while_a_stream_asks_about_a_udp_socket() {
+    use crate::common::packets::payloads;
+    use crate::common::peer::Peer;
+    const ON: &str = "kernel events: sends and receives read";
+    const OFF: &str = "kernel events: sends and receives no longer read";
+    let mount = Mount::start(&[]);
+    let mut server = Peer::spawn();
+    server.cmd("comm sio-tcp");
+    let listener = server.cmd("tcp-listen 127.0.0.1:0");
+    let mut client = Peer::spawn();
+    let (tcp_bytes, tcp_reader) = open_stream(&mount, server.pid, "sio-tcp", "all");
+    let connection = client.cmd(&format!("tcp-connect {}", listener[1]));
+    let served = server.cmd(&format!("tcp-accept {}", listener[0]));
+    let exchange = |client: &mut Peer, server: &mut Peer, round: usize| {
+        client.cmd(&format!("send {} tcp-{round}", connection[0]));
+        server.cmd(&format!("recv {} 5", served[0]));
+        server.cmd(&format!("send {} ack-{round}", served[0]));
+        client.cmd(&format!("recv {} 5", connection[0]));
+    };
+    for round in 0..3 {
+        exchange(&mut client, &mut server, round);
+    }
+    wait_until(WAIT, "the exchanges in the TCP stream", || {
+        payloads(&read_pcap(&tcp_bytes.lock().unwrap()).1).len() == 6
+    });
+    assert!(!mount.log().contains(ON), "{}", mount.log());
+
+    let mut udp = Peer::spawn();
+    udp.cmd("comm sio-udp");
+    let socket = udp.cmd("udp-bind 127.0.0.1:0");
+    let (udp_bytes, udp_reader) = open_stream(&mount, udp.pid, "sio-udp", "all");
+    wait_until(WAIT, "the sends and receives read", || {
+        mount.log().contains(ON)
+    });
+    let sender = client.cmd("udp-bind 127.0.0.1:0");
+    client.cmd(&format!("sendto {} {} datagram", sender[0], socket[1]));
+    wait_until(WAIT, "the datagram in the UDP stream", || {
+        payloads(&read_pcap(&udp_bytes.lock().unwrap()).1) == ["datagram"]
+    });
+    udp.kill();
+    wait_until(WAIT, "the UDP stream's end", || udp_reader.is_finished());
+    udp_reader.join().unwrap();
+    wait_until(WAIT, "the sends and receives no longer read", || {
+        mount.log().contains(OFF)
+    });
+
+    for round in 3..6 {
+        exchange(&mut client, &mut server, round);
+    }
+    client.cmd(&format!("close {}", connection[0]));
+    server.cmd(&format!("close {}", served[0]));
+    std::thread::sleep(Duration::from_millis(100));
+    server.kill();
+    wait_until(WAIT, "the TCP stream's end", || tcp_reader.is_finished());
+    tcp_reader.join().unwrap();
+    // read_pcap fails on a record that comes twice.
+    let packets = read_pcap(&tcp_bytes.lock().unwrap()).1;
+    let expected: Vec<String> = (0..6)
+        .flat_map(|round| [format!("tcp-{round}"), format!("ack-{round}")])
+        .collect();
+    assert_eq!(payloads(&packets), expected);
+    let port: u16 = listener[1].rsplit(':').next().unwrap().parse().unwrap();
+    let by_client = connections(&packets, port);
+    assert_eq!(by_client.len(), 1, "{by_client:?}");
+    assert_whole(&by_client, "the one connection");
+    // Off stays off: the TCP stream alone never asked for them again.
+    assert_eq!(mount.log().matches(ON).count(), 1, "{}", mount.log());
+}
