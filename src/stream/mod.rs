@@ -131,6 +131,56 @@ const RECYCLED_BYTES: usize = 256 * 1024;
 struct Chunk {
     bytes: Vec<u8>,
     records: u64,
+    /// The latest records' offsets and stamps, in time order: where a
+    /// record stamped earlier than they are goes.
+    recent: VecDeque<(usize, Timestamp)>,
+}
+
+/// How many of the latest records a record stamped before them may still
+/// be put in front of. Two CPUs capturing at once write one ring: a packet
+/// stamped first may get its place after one stamped a few microseconds
+/// later (a container's `all` went back in time so, now and then).
+const REORDER_DEPTH: usize = 16;
+
+impl Chunk {
+    /// Appends the record `append` writes, stamped `at`, in front of the
+    /// latest records of this chunk stamped after it (up to
+    /// [`REORDER_DEPTH`] back): records come in time order where they
+    /// came out of order by a little.
+    fn append_in_order(&mut self, at: Timestamp, append: impl FnOnce(&mut Vec<u8>)) {
+        let key = |stamp: &Timestamp| (stamp.seconds, stamp.fraction);
+        let start = self.bytes.len();
+        append(&mut self.bytes);
+        let len = self.bytes.len() - start;
+        let later = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(_, stamp)| key(stamp) > key(&at))
+            .count();
+        if later == 0 {
+            self.recent.push_back((start, at));
+        } else {
+            let index = self.recent.len() - later;
+            let offset = self.recent[index].0;
+            self.bytes[offset..].rotate_right(len);
+            for entry in self.recent.iter_mut().skip(index) {
+                entry.0 += len;
+            }
+            self.recent.insert(index, (offset, at));
+        }
+        if self.recent.len() > REORDER_DEPTH {
+            self.recent.pop_front();
+        }
+        self.records += 1;
+    }
+
+    /// Appends bytes that are no record (a statistics block): nothing goes
+    /// in front of them.
+    fn append_other(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+        self.recent.clear();
+    }
 }
 
 struct ReadState {
@@ -747,20 +797,18 @@ impl Stream {
                 }
             }
         }
-        match self.format {
-            Format::Pcap => {
-                pcap::append_record(&mut building.bytes, timestamp, original_length, data)
-            }
+        let nanoseconds = self.nanoseconds.load(Ordering::Relaxed);
+        building.append_in_order(timestamp, |bytes| match self.format {
+            Format::Pcap => pcap::append_record(bytes, timestamp, original_length, data),
             Format::PcapNg => pcapng::append_packet(
-                &mut building.bytes,
+                bytes,
                 timestamp,
-                self.nanoseconds.load(Ordering::Relaxed),
+                nanoseconds,
                 original_length,
                 data,
                 comment,
             ),
-        }
-        building.records += 1;
+        });
         self.pushed.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(record_len, Ordering::SeqCst);
     }
@@ -808,7 +856,7 @@ impl PacketSink for Stream {
                 let full = std::mem::take(&mut *building);
                 let _ = self.chunks_in.send(full);
             }
-            building.bytes.extend_from_slice(&block);
+            building.append_other(&block);
             self.queued_bytes.fetch_add(block.len(), Ordering::SeqCst);
         }
         self.capture_ended.store(true, Ordering::SeqCst);
@@ -839,6 +887,51 @@ mod tests {
         let stream = Stream::start("test".into(), owner, queue_limit, Format::Pcap, None);
         lock(&stream.state).carry = pcap::global_header(113, 65535, true);
         stream
+    }
+
+    #[test]
+    fn records_a_little_out_of_order_are_put_in_time_order() {
+        let stamp = |fraction| Timestamp {
+            seconds: 7,
+            fraction,
+        };
+        let mut chunk = Chunk::default();
+        // Records of different lengths, named by their stamp.
+        let append = |chunk: &mut Chunk, fraction: u32, other: bool| {
+            let record = vec![fraction as u8; 1 + fraction as usize % 3];
+            if other {
+                chunk.append_other(&record);
+            } else {
+                chunk.append_in_order(stamp(fraction), |bytes| bytes.extend_from_slice(&record));
+            }
+        };
+        for fraction in [1, 3, 5, 2, 4, 9, 6] {
+            append(&mut chunk, fraction, false);
+        }
+        // A statistics block: nothing goes in front of it.
+        append(&mut chunk, 8, true);
+        append(&mut chunk, 7, false);
+        let order: Vec<u8> = chunk
+            .bytes
+            .iter()
+            .copied()
+            .fold(Vec::new(), |mut order, b| {
+                if order.last() != Some(&b) {
+                    order.push(b);
+                }
+                order
+            });
+        assert_eq!(order, [1, 2, 3, 4, 5, 6, 9, 8, 7]);
+        assert_eq!(chunk.records, 8);
+        // Only the latest REORDER_DEPTH records are reached back to.
+        let mut long = Chunk::default();
+        for fraction in 10..(10 + REORDER_DEPTH as u32 + 5) {
+            append(&mut long, fraction, false);
+        }
+        append(&mut long, 0, false);
+        let first_late = long.bytes.iter().position(|b| *b == 0).unwrap();
+        let before: usize = (10..15).map(|f: u32| 1 + f as usize % 3).sum();
+        assert_eq!(first_late, before);
     }
 
     /// A waiting read's answer, once the server thread has given it.
