@@ -304,6 +304,24 @@ fn connection_flags(packets: &[Seen], local: SocketAddr, remote: SocketAddr) -> 
         .collect()
 }
 
+/// Closes a connection at both ends (`client` held by `target`, `served`
+/// by `server`), lets its last packets be captured, then ends `target`
+/// and waits for its stream (read by `reader`) to end.
+fn close_and_end(
+    target: &mut Peer,
+    client: &str,
+    server: &mut Peer,
+    served: &str,
+    reader: std::thread::JoinHandle<Instant>,
+) {
+    target.cmd(&format!("close {client}"));
+    server.cmd(&format!("close {served}"));
+    std::thread::sleep(Duration::from_millis(100));
+    target.kill();
+    wait_until(WAIT, "EOF", || reader.is_finished());
+    reader.join().unwrap();
+}
+
 #[test]
 fn a_process_that_opens_its_first_socket_later_has_each_packet_once() {
     // Opened while the process holds no socket: its namespace is known only
@@ -321,12 +339,7 @@ fn a_process_that_opens_its_first_socket_later_has_each_packet_once() {
         target.cmd(&format!("send {} late-{round}", client[0]));
         server.cmd(&format!("recv {} 6", served[0]));
     }
-    target.cmd(&format!("close {}", client[0]));
-    server.cmd(&format!("close {}", served[0]));
-    std::thread::sleep(Duration::from_millis(100));
-    target.kill();
-    wait_until(WAIT, "EOF", || reader.is_finished());
-    reader.join().unwrap();
+    close_and_end(&mut target, &client[0], &mut server, &served[0], reader);
     // read_pcap fails on a record that comes twice.
     let packets = read_pcap(&bytes.lock().unwrap()).1;
     assert_eq!(
@@ -380,12 +393,7 @@ fn sockets_seen_before_their_connect_are_followed_once_connected_without_events(
         server.cmd(&format!("recv {} 10", served[0]));
         target.cmd(&format!("send {} late-udp-{round}", udp[0]));
     }
-    target.cmd(&format!("close {}", client[0]));
-    server.cmd(&format!("close {}", served[0]));
-    std::thread::sleep(Duration::from_millis(100));
-    target.kill();
-    wait_until(WAIT, "EOF", || reader.is_finished());
-    reader.join().unwrap();
+    close_and_end(&mut target, &client[0], &mut server, &served[0], reader);
 
     // read_pcap fails on a record that comes twice.
     let packets = read_pcap(&bytes.lock().unwrap()).1;

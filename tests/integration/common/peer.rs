@@ -195,6 +195,19 @@ impl PeerState {
         id.to_string()
     }
 
+    /// Holds a connected TCP socket; answers its id and its two ends.
+    fn hold_connected(&mut self, stream: TcpStream) -> Answer {
+        let (local, remote) = (
+            stream.local_addr().map_err(err)?,
+            stream.peer_addr().map_err(err)?,
+        );
+        Ok(vec![
+            self.hold(Held::Stream(stream)),
+            local.to_string(),
+            remote.to_string(),
+        ])
+    }
+
     fn get(&self, id: &str) -> Result<&Held, String> {
         let id: usize = id.parse().map_err(err)?;
         self.held.get(&id).ok_or_else(|| format!("no object {id}"))
@@ -237,26 +250,12 @@ impl PeerState {
             }
             "tcp-connect" => {
                 let stream = TcpStream::connect(arg(0)?).map_err(err)?;
-                let (local, remote) = (
-                    stream.local_addr().map_err(err)?,
-                    stream.peer_addr().map_err(err)?,
-                );
-                Ok(vec![
-                    self.hold(Held::Stream(stream)),
-                    local.to_string(),
-                    remote.to_string(),
-                ])
+                self.hold_connected(stream)
             }
             // A TCP socket neither bound nor connected yet (as between a
             // client's socket() and its connect()).
             "tcp-socket" => {
-                let fd = socket::socket(
-                    AddressFamily::Inet,
-                    SockType::Stream,
-                    SockFlag::empty(),
-                    None,
-                )
-                .map_err(err)?;
+                let fd = unbound(SockType::Stream)?;
                 Ok(vec![self.hold(Held::Fd(fd))])
             }
             // Connects a socket from `tcp-socket`; answers as `tcp-connect`.
@@ -267,39 +266,19 @@ impl PeerState {
                     return Err("not a socket from tcp-socket".into());
                 };
                 socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(target)).map_err(err)?;
-                let stream = TcpStream::from(fd);
-                let (local, remote) = (
-                    stream.local_addr().map_err(err)?,
-                    stream.peer_addr().map_err(err)?,
-                );
-                Ok(vec![
-                    self.hold(Held::Stream(stream)),
-                    local.to_string(),
-                    remote.to_string(),
-                ])
+                self.hold_connected(TcpStream::from(fd))
             }
             // A UDP socket not bound yet (`udp-connect` binds it).
             "udp-socket" => {
-                let fd = socket::socket(
-                    AddressFamily::Inet,
-                    SockType::Datagram,
-                    SockFlag::empty(),
-                    None,
-                )
-                .map_err(err)?;
+                let fd = unbound(SockType::Datagram)?;
                 Ok(vec![self.hold(Held::Udp(UdpSocket::from(fd)))])
             }
             "tcp-accept" => {
                 let Held::Listener(listener) = self.get(arg(0)?)? else {
                     return Err("not a listener".into());
                 };
-                let (stream, remote) = listener.accept().map_err(err)?;
-                let local = stream.local_addr().map_err(err)?;
-                Ok(vec![
-                    self.hold(Held::Stream(stream)),
-                    local.to_string(),
-                    remote.to_string(),
-                ])
+                let (stream, _) = listener.accept().map_err(err)?;
+                self.hold_connected(stream)
             }
             // Unix sockets: each answer ends with the socket's inode.
             "unix-pair" => {
@@ -647,6 +626,11 @@ impl PeerState {
 }
 
 /// A unix socket address: a path, or `@name` for an abstract name.
+/// An IPv4 socket of `kind`, neither bound nor connected.
+fn unbound(kind: SockType) -> Result<OwnedFd, String> {
+    socket::socket(AddressFamily::Inet, kind, SockFlag::empty(), None).map_err(err)
+}
+
 fn unix_address(text: &str) -> Result<std::os::unix::net::SocketAddr, String> {
     use std::os::linux::net::SocketAddrExt;
     match text.strip_prefix('@') {
