@@ -197,20 +197,10 @@ pub fn unix_file_name(path: Option<&str>, inode: u64) -> String {
     }
 }
 
-/// Names for a process's sockets, in the order given, unique within the
-/// directory: every socket whose plain name is shared by another gets the
-/// `~<inode>` suffix, so the result does not depend on the order.
-pub fn unique_socket_names(sockets: &[(Proto, SocketAddr, SocketAddr, u64)]) -> Vec<String> {
-    let plain: Vec<String> = sockets
-        .iter()
-        .map(|&(proto, local, remote, _)| socket_file_name(proto, local, remote))
-        .collect();
-    let inodes: Vec<u64> = sockets.iter().map(|&(_, _, _, inode)| inode).collect();
-    unique_names(plain, &inodes)
-}
-
-/// `plain` names made unique as [`unique_socket_names`] does, `inodes[i]`
-/// being the socket of `plain[i]`.
+/// A process's socket file names (`plain`, in the order given, `inodes[i]`
+/// being the socket of `plain[i]`) made unique within its directory: every
+/// socket whose plain name is shared by another gets the `~<inode>`
+/// suffix, so the result does not depend on the order.
 pub fn unique_names(plain: Vec<String>, inodes: &[u64]) -> Vec<String> {
     let mut sorted: Vec<&str> = plain.iter().map(String::as_str).collect();
     sorted.sort_unstable();
@@ -380,6 +370,15 @@ mod tests {
         }
         let with_inode: SocketFileName = "tcp_127.0.0.1:1_0.0.0.0:0~4242".parse().unwrap();
         assert_eq!(with_inode.inode, Some(4242));
+    }
+
+    fn unique_socket_names(sockets: &[(Proto, SocketAddr, SocketAddr, u64)]) -> Vec<String> {
+        let plain = sockets
+            .iter()
+            .map(|&(proto, local, remote, _)| socket_file_name(proto, local, remote))
+            .collect();
+        let inodes: Vec<u64> = sockets.iter().map(|&(_, _, _, inode)| inode).collect();
+        unique_names(plain, &inodes)
     }
 
     #[test]
