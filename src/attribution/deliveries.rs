@@ -41,6 +41,9 @@ pub const SKEW: Duration = Duration::from_micros(500);
 pub const WINDOW: Duration = Duration::from_millis(10);
 /// How long activity is kept (packets wait at most 2 s for a verdict).
 const KEPT: Duration = Duration::from_secs(3);
+/// How long a socket whose address was just learned counts as needed,
+/// whether or not a stream names it yet (see [`Deliveries::needed_by`]).
+const KNOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a probe waits for its event before it is given up.
 const PROBE_KEPT: Duration = Duration::from_secs(2);
 
@@ -133,9 +136,16 @@ impl Deliveries {
 
     /// Whether anything here is still needed: a probe waits for its
     /// answer, or a socket whose address is known is one of `watched`
-    /// (the sockets the streams now watch).
+    /// (the sockets the streams now watch) or was learned within
+    /// [`KNOWN_GRACE`] (a stream probes its sockets before it names them
+    /// as watched).
     pub fn needed_by(&self, watched: &rustc_hash::FxHashSet<u64>) -> bool {
-        !self.probes.is_empty() || self.known.keys().any(|inode| watched.contains(inode))
+        let recent = |known: &Known| !matches!(self.newest.duration_since(known.since), Ok(age) if age >= KNOWN_GRACE);
+        !self.probes.is_empty()
+            || self
+                .known
+                .iter()
+                .any(|(inode, known)| watched.contains(inode) || recent(known))
     }
 
     /// Forgets every socket's address and what it did: the sends and
@@ -492,8 +502,12 @@ mod tests {
         deliveries.asked(50, 100, at(0));
         assert!(deliveries.needed_by(&watching(&[])));
         deliveries.apply(&peek(1, 50, 0xa));
-        // Known: needed while a stream watches the socket.
+        // Known: needed while a stream watches the socket, and for a while
+        // after its address was learned (the stream names it just after).
         assert!(deliveries.needed_by(&watching(&[100, 7])));
+        assert!(deliveries.needed_by(&watching(&[7])));
+        deliveries.apply(&queued(1 + KNOWN_GRACE.as_micros() as u64, 0xb));
+        assert!(deliveries.needed_by(&watching(&[100])));
         assert!(!deliveries.needed_by(&watching(&[7])));
         // Forgotten: asked about again from scratch.
         deliveries.forget();
