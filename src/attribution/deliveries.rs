@@ -137,10 +137,13 @@ impl Deliveries {
     /// Whether anything here is still needed: a probe waits for its
     /// answer, or a socket whose address is known is one of `watched`
     /// (the sockets the streams now watch) or was learned within
-    /// [`KNOWN_GRACE`] (a stream probes its sockets before it names them
-    /// as watched).
-    pub fn needed_by(&self, watched: &rustc_hash::FxHashSet<u64>) -> bool {
-        let recent = |known: &Known| !matches!(self.newest.duration_since(known.since), Ok(age) if age >= KNOWN_GRACE);
+    /// [`KNOWN_GRACE`] before `now` (a stream probes its sockets before it
+    /// names them as watched).
+    pub fn needed_by(&self, watched: &rustc_hash::FxHashSet<u64>, now: SystemTime) -> bool {
+        let recent = |known: &Known| {
+            now.duration_since(known.since)
+                .map_or(true, |age| age < KNOWN_GRACE)
+        };
         !self.probes.is_empty()
             || self
                 .known
@@ -496,24 +499,24 @@ mod tests {
     #[test]
     fn what_is_known_is_needed_while_a_stream_watches_it_or_a_probe_waits() {
         let watching = |inodes: &[u64]| inodes.iter().copied().collect::<FxHashSet<u64>>();
+        let later = at(1) + KNOWN_GRACE;
         let mut deliveries = Deliveries::new(OWN);
-        assert!(!deliveries.needed_by(&watching(&[])));
+        assert!(!deliveries.needed_by(&watching(&[]), at(0)));
         // A probe waits for its answer: needed, whoever watches.
         deliveries.asked(50, 100, at(0));
-        assert!(deliveries.needed_by(&watching(&[])));
+        assert!(deliveries.needed_by(&watching(&[]), later));
         deliveries.apply(&peek(1, 50, 0xa));
         // Known: needed while a stream watches the socket, and for a while
-        // after its address was learned (the stream names it just after).
-        assert!(deliveries.needed_by(&watching(&[100, 7])));
-        assert!(deliveries.needed_by(&watching(&[7])));
-        deliveries.apply(&queued(1 + KNOWN_GRACE.as_micros() as u64, 0xb));
-        assert!(deliveries.needed_by(&watching(&[100])));
-        assert!(!deliveries.needed_by(&watching(&[7])));
+        // after its address was learned (the stream names it just after),
+        // however quiet the events are meanwhile.
+        assert!(deliveries.needed_by(&watching(&[100, 7]), later));
+        assert!(deliveries.needed_by(&watching(&[7]), at(2)));
+        assert!(!deliveries.needed_by(&watching(&[7]), later));
         // Forgotten: asked about again from scratch.
         deliveries.forget();
         assert!(!deliveries.probed(100));
         assert_eq!(deliveries.users(100), None);
-        assert!(!deliveries.needed_by(&watching(&[100])));
+        assert!(!deliveries.needed_by(&watching(&[100]), later));
     }
 
     #[test]

@@ -468,7 +468,7 @@ impl Consumer for Shared {
                     .deliveries
                     .write()
                     .unwrap_or_else(PoisonError::into_inner);
-                if !deliveries.needed_by(&watched.inodes) {
+                if !deliveries.needed_by(&watched.inodes, SystemTime::now()) {
                     deliveries.forget();
                     narrowing.socket_io(false);
                 }
