@@ -283,34 +283,56 @@ fn two_hundred_dns_lookups_of_one_process_are_all_in_its_all() {
     let _heavy = crate::common::heavy();
     let mount = Mount::start(&["--all-processes"]);
     let scratch = ScratchDir::new("dns");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut dnsmasq = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--address=/example.test/127.0.0.9",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--pid-file={}", scratch.0.join("pid").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq starts (apt-get install dnsmasq-base)");
-    wait_until(WAIT, "dnsmasq to answer", || {
-        Command::new("dig")
-            .args(["+short", "+tries=1", "+time=1", "-p", &port.to_string()])
-            .args(["@127.0.0.1", "ready.example.test"])
-            .output()
-            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("127.0.0.9"))
-    });
+    // A port free a moment ago may be taken before dnsmasq binds it (it
+    // then exits at once): another is tried.
+    let (mut dnsmasq, port) = (0..3)
+        .find_map(|_| {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut dnsmasq = Command::new("dnsmasq")
+                .args([
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                    "--listen-address=127.0.0.1",
+                    "--bind-interfaces",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--address=/example.test/127.0.0.9",
+                ])
+                .arg(format!("--port={port}"))
+                .arg(format!("--pid-file={}", scratch.0.join("pid").display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("dnsmasq starts (apt-get install dnsmasq-base)");
+            // Bounded, and never leaving a dnsmasq behind.
+            let deadline = std::time::Instant::now() + WAIT;
+            let answers = loop {
+                if dnsmasq.try_wait().ok().flatten().is_some() {
+                    break false;
+                }
+                let answered = Command::new("dig")
+                    .args(["+short", "+tries=1", "+time=1", "-p", &port.to_string()])
+                    .args(["@127.0.0.1", "ready.example.test"])
+                    .output()
+                    .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("127.0.0.9"));
+                if answered {
+                    break true;
+                }
+                if std::time::Instant::now() >= deadline {
+                    let _ = dnsmasq.kill();
+                    let _ = dnsmasq.wait();
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            answers.then_some((dnsmasq, port))
+        })
+        .expect("dnsmasq answers on one of three free ports");
+    let _dnsmasq_ends_with_the_test = crate::common::KillOnDrop(vec![dnsmasq.id()]);
     let queries = scratch.0.join("queries");
     let lines: String = (0..200)
         .map(|i| format!("@127.0.0.1 -p {port} +tries=1 +time=2 q{i}.example.test A\n"))
