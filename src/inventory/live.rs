@@ -143,23 +143,21 @@ impl ProcessWatch {
             });
             if known.is_none() || again {
                 looked_again += usize::from(again);
-                let socket = self.look_into(inode, fd).map(|(socket, namespace)| {
+                let looked = self.look_into(inode, fd).map(|(socket, namespace)| {
                     if let Some(namespace) = namespace {
                         self.namespaces.entry(namespace.id()).or_insert(namespace);
                     }
                     socket
                 });
-                let before = self.sockets.insert(inode, socket.clone()).flatten();
-                changed |= match (&before, &socket) {
-                    (Some(before), Some(now)) => before.view() != now.view(),
-                    (None, Some(_)) => true,
-                    (_, None) => before.is_some(),
-                };
-                // Still the same: first seen when first seen.
-                if let (Some(before), Some(Some(now))) = (before, self.sockets.get_mut(&inode))
-                    && before.view() == now.view()
-                {
-                    now.seen = before.seen;
+                match (self.sockets.get(&inode), looked) {
+                    // Looked into again and the same (it keeps when it was
+                    // first seen), or not to be looked into this time.
+                    (Some(Some(before)), Some(now)) if before.view() == now.view() => {}
+                    (Some(Some(_)), None) => {}
+                    (_, looked) => {
+                        changed |= looked.is_some();
+                        self.sockets.insert(inode, looked);
+                    }
                 }
             }
         }
