@@ -499,18 +499,21 @@ impl ConnectedCache {
     ) -> Option<Owner> {
         let key = (space, flow.transport, flow.src, flow.dst);
         let basis = (sockets.id, openings.generation);
-        let fresh = self
-            .entries
-            .get(&key)
-            .is_some_and(|cached| cached.basis == basis);
-        if !fresh {
-            if self.entries.len() >= CONNECTED_CACHE_ENTRIES {
-                self.entries.clear();
-            }
-            let answer = sockets.connected_answer(flow, openings);
-            self.entries.insert(key, Cached { basis, answer });
+        if self.entries.len() >= CONNECTED_CACHE_ENTRIES && !self.entries.contains_key(&key) {
+            self.entries.clear();
         }
-        match &self.entries.get(&key)?.answer {
+        // One lookup a packet: the key is hashed once.
+        let cached = self.entries.entry(key).or_insert_with(|| Cached {
+            basis,
+            answer: sockets.connected_answer(flow, openings),
+        });
+        if cached.basis != basis {
+            *cached = Cached {
+                basis,
+                answer: sockets.connected_answer(flow, openings),
+            };
+        }
+        match &cached.answer {
             Connected::Nobody => None,
             Connected::One {
                 owner,

@@ -121,10 +121,12 @@ enum Lifecycle {
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// How many spent chunk buffers a stream keeps for reuse.
-const SPARE_CHUNKS: usize = 1;
-/// The least buffer kept for reuse: one a busy stream's chunk grows
-/// through (64 KiB, then four times that).
-const RECYCLED_BYTES: usize = 256 * 1024;
+const SPARE_CHUNKS: usize = 2;
+/// The sizes a chunk's buffer grows through.
+const GROWTH_STEPS: [usize; 3] = [64 << 10, 256 << 10, CHUNK_BYTES];
+/// The least buffer kept for reuse: one the allocator maps of its own
+/// (see crate::memory), a busy stream's chunk of the second step or more.
+const RECYCLED_BYTES: usize = 256 << 10;
 
 /// Whole pcap records, queued together.
 #[derive(Default)]
@@ -188,6 +190,9 @@ struct ReadState {
     /// later the rest of a chunk a read could only take part of.
     carry: Vec<u8>,
     carry_from: usize,
+    /// The buffer replies are put together in, kept between reads: a
+    /// fresh one each read would be mapped and its pages faulted in anew.
+    scratch: Vec<u8>,
     pending: VecDeque<PendingRead>,
     next_read_id: u64,
     lifecycle: Lifecycle,
@@ -291,6 +296,7 @@ impl Stream {
             state: Mutex::new(ReadState {
                 carry: Vec::new(),
                 carry_from: 0,
+                scratch: Vec::new(),
                 pending: VecDeque::new(),
                 next_read_id: 0,
                 lifecycle: Lifecycle::Open {
@@ -379,14 +385,24 @@ impl Stream {
 
     fn serve(&self, state: &mut ReadState) {
         while let Some(size) = state.pending.front().map(|read| read.size) {
+            // What is carried answers the read alone: straight from it.
+            if state.carry.len() - state.carry_from >= size {
+                let from = state.carry_from;
+                if let Some(read) = state.pending.pop_front() {
+                    (read.respond)(Answer::Data(&state.carry[from..from + size]));
+                }
+                self.consume_carry(state, size);
+                continue;
+            }
             let bytes = self.take(state, size);
             if bytes.is_empty() && !self.finished(state) {
+                state.scratch = bytes;
                 break;
             }
             if let Some(read) = state.pending.pop_front() {
                 (read.respond)(Answer::Data(&bytes));
             }
-            self.recycle(bytes);
+            self.give_back(state, bytes, size);
         }
         self.has_pending
             .store(!state.pending.is_empty(), Ordering::SeqCst);
@@ -394,9 +410,11 @@ impl Stream {
 
     /// Up to `size` bytes: the carry first, then queued chunks, the last
     /// one split if it does not fit. A chunk that fits whole while nothing
-    /// is carried is handed over as it is, without a copy.
+    /// is carried is handed over as it is, without a copy; pieces are put
+    /// together in the reply buffer.
     fn take(&self, state: &mut ReadState, size: usize) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut state.scratch);
+        out.clear();
         loop {
             let room = size - out.len();
             if room == 0 {
@@ -406,23 +424,39 @@ impl Stream {
             if carried > 0 {
                 let part = room.min(carried);
                 out.extend_from_slice(&state.carry[state.carry_from..state.carry_from + part]);
-                state.carry_from += part;
-                if state.carry_from == state.carry.len() {
-                    self.recycle(std::mem::take(&mut state.carry));
-                    state.carry_from = 0;
-                }
+                self.consume_carry(state, part);
                 continue;
             }
             let Some(chunk) = self.next_chunk() else {
                 break;
             };
             if out.is_empty() && chunk.bytes.len() <= room {
-                out = chunk.bytes;
+                state.scratch = std::mem::replace(&mut out, chunk.bytes);
             } else {
                 state.carry = chunk.bytes;
             }
         }
         out
+    }
+
+    /// `bytes` of the carry have gone out.
+    fn consume_carry(&self, state: &mut ReadState, bytes: usize) {
+        state.carry_from += bytes;
+        if state.carry_from == state.carry.len() {
+            self.recycle(std::mem::take(&mut state.carry));
+            state.carry_from = 0;
+        }
+    }
+
+    /// A reply's buffer, sent: kept as the reply buffer where that has no
+    /// room for a read of `size`, else given back to the poller.
+    fn give_back(&self, state: &mut ReadState, bytes: Vec<u8>, size: usize) {
+        if state.scratch.capacity() < size && bytes.capacity() >= size {
+            let old = std::mem::replace(&mut state.scratch, bytes);
+            self.recycle(old);
+        } else {
+            self.recycle(bytes);
+        }
     }
 
     /// Keeps a spent buffer for the capture's poller to refill.
@@ -770,29 +804,31 @@ impl Stream {
             let full = std::mem::take(&mut *building);
             let _ = self.chunks_in.send(full);
         }
-        // Small at first (a quiet socket's chunk goes out with one record),
-        // growing fast to a whole chunk, reused where a reader gave one back.
+        // A buffer the reader gave back where there is one (its pages are
+        // in already: a new one's would be mapped and faulted in, each
+        // time); else small at first (a quiet socket's chunk goes out with
+        // one record), growing fast to a whole chunk.
         let filled = building.bytes.len();
         let needed = filled + record_len;
         if building.bytes.capacity() < needed {
-            let spare = if filled > 0 {
-                self.spare_out.try_recv().ok()
-            } else {
-                None
-            };
+            let spare = self
+                .spare_out
+                .try_recv()
+                .ok()
+                .filter(|spare| spare.capacity() >= needed);
             match spare {
                 Some(mut spare) => {
                     spare.extend_from_slice(&building.bytes);
                     building.bytes = spare;
                 }
                 None => {
-                    // Four times larger each time: a stream that keeps up
+                    // Four times larger each step: a stream that keeps up
                     // stays in small chunks, a busy one reaches a whole
-                    // chunk in two steps.
-                    let target = needed
-                        .max(64 * 1024)
-                        .max(4 * filled)
-                        .min(CHUNK_BYTES.max(needed));
+                    // chunk in two steps (of sizes a reader gives back).
+                    let target = GROWTH_STEPS
+                        .into_iter()
+                        .find(|&step| step >= needed)
+                        .unwrap_or(needed);
                     building.bytes.reserve_exact(target - filled);
                 }
             }
@@ -1046,6 +1082,53 @@ mod tests {
         }
         assert_eq!(total, count * 1016);
         assert_eq!(stream.delivered.load(Ordering::Relaxed), count as u64);
+    }
+
+    #[test]
+    fn a_busy_stream_refills_the_buffers_its_reader_gave_back() {
+        let stream = stream(8 << 20);
+        assert_eq!(taken(&read(&stream, 24)).unwrap().len(), 24);
+        let mut sent = Vec::new();
+        let mut received = Vec::new();
+        for round in 0..4u8 {
+            // More than the first step: the chunk grows to the second.
+            for index in 0..100u8 {
+                let payload = [round.wrapping_mul(100).wrapping_add(index); 1000];
+                packet(&stream, &payload);
+                sent.extend_from_slice(&payload);
+            }
+            // Read in pieces smaller than the chunk: straight from what is
+            // carried, then put together.
+            let due = received.len() + 100 * (16 + 1000);
+            while received.len() < due {
+                let size = (due - received.len()).min(40_000) as u32;
+                received.extend_from_slice(&taken(&read(&stream, size)).unwrap());
+            }
+            if round > 0 {
+                // The next chunk starts in a buffer given back: nothing new
+                // is allocated (and faulted in) for it.
+                packet(&stream, &[0; 1]);
+                sent.extend_from_slice(&[0; 1]);
+                assert!(
+                    lock(&stream.building).bytes.capacity() >= GROWTH_STEPS[1],
+                    "round {round}: a spent buffer was not reused"
+                );
+                received.extend_from_slice(&taken(&read(&stream, 17)).unwrap());
+            }
+        }
+        // Every record once, in order: headers of 16 bytes, then the bytes.
+        let payloads: Vec<u8> = {
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < received.len() {
+                let length =
+                    u32::from_le_bytes(received[at + 8..at + 12].try_into().unwrap()) as usize;
+                out.extend_from_slice(&received[at + 16..at + 16 + length]);
+                at += 16 + length;
+            }
+            out
+        };
+        assert_eq!(payloads, sent);
     }
 
     #[test]

@@ -642,12 +642,18 @@ impl ProcessSink {
 
     /// A capture timestamp as wall-clock time.
     fn wall_time(&self, timestamp: Timestamp) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.unix_nanos(timestamp))
+    }
+
+    /// A capture timestamp in nanoseconds since the epoch.
+    fn unix_nanos(&self, timestamp: Timestamp) -> u64 {
+        let fraction = u64::from(timestamp.fraction);
         let fraction = if self.stream.nanoseconds.load(Ordering::Relaxed) {
-            Duration::from_nanos(u64::from(timestamp.fraction))
+            fraction
         } else {
-            Duration::from_micros(u64::from(timestamp.fraction))
+            fraction * 1_000
         };
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(timestamp.seconds)) + fraction
+        u64::from(timestamp.seconds) * 1_000_000_000 + fraction
     }
 
     /// Whose this packet is (see the module docs for the order in which
@@ -1298,18 +1304,16 @@ impl ProcessSink {
             return;
         };
         self.seen.fetch_add(1, Ordering::Relaxed);
-        let at = self.wall_time(timestamp);
-        let nanos = at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
-            });
+        let nanos = self.unix_nanos(timestamp);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
         self.newest_packet_ns.fetch_max(nanos, Ordering::Relaxed);
         let verdict = {
             let mut openings = lock(&self.openings);
             openings.record(&flow, at);
             // Behind a waiting packet of its flow, it waits too.
-            let behind = {
+            // (Nothing waits while no bytes do: the queue's lock is left
+            // alone for most packets.)
+            let behind = self.candidate_bytes.load(Ordering::Relaxed) > 0 && {
                 let waiting = lock(&self.candidates);
                 !waiting.queue.is_empty() && waiting.flows.contains_key(&foreign(&flow))
             };
