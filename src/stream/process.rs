@@ -211,7 +211,7 @@ pub struct ProcessSink {
     linktype: AtomicI32,
     local_networks: Mutex<Vec<LocalNetwork>>,
     /// The members' sockets, by the namespace they live in.
-    sockets: RwLock<HashMap<NetnsId, ProcessSockets>>,
+    sockets: RwLock<FxHashMap<NetnsId, ProcessSockets>>,
     /// The namespace of the first capture (the process's own), where
     /// sockets of no known namespace are taken to live.
     first: NetnsId,
@@ -349,7 +349,7 @@ impl ProcessSink {
             members: RwLock::new(HashMap::from([(root, member)])),
             linktype: AtomicI32::new(-1),
             local_networks: Mutex::new(Vec::new()),
-            sockets: RwLock::new(HashMap::new()),
+            sockets: RwLock::new(FxHashMap::default()),
             first: spec.first,
             reorder: Mutex::new(Reorder::default()),
             copies: Mutex::new(Copies::default()),
@@ -539,7 +539,7 @@ impl ProcessSink {
                 .or_default()
                 .push(socket);
         }
-        let index: HashMap<NetnsId, ProcessSockets> = by_namespace
+        let index: FxHashMap<NetnsId, ProcessSockets> = by_namespace
             .into_iter()
             .map(|(netns, sockets)| (netns, ProcessSockets::new(&sockets, locals.clone())))
             .collect();
