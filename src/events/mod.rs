@@ -35,9 +35,15 @@ use perf::{Record, Ring};
 
 /// Where tracefs is looked for, in order.
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-/// How long the reader sleeps between looks when the rings are quiet
-/// (about a capture block's timeout: packets wait no longer for events).
+/// How long the reader sleeps between looks while events come (less than
+/// a capture block's timeout: packets wait little for events).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// The same once a look found the rings empty: a capture block's timeout
+/// (a busy service's steady traffic, its busy sockets' reads left out in
+/// the kernel, makes no events; waking every 2 ms for none was a tenth of
+/// the daemon's time beside it). Events still wake the reader at once
+/// when a ring fills to its watermark.
+const QUIET_POLL_INTERVAL: Duration = crate::capture::source::LIVE_DELAY;
 
 /// Tracepoints a reader cannot do without; the others add recall.
 const REQUIRED: [Tracepoint; 2] = [Tracepoint::FibLookup, Tracepoint::SetState];
@@ -224,6 +230,7 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
     // (monotonic ns, pid, tid, event), not yet handed over.
     let mut pending: Vec<(u64, u32, u32, Decoded)> = Vec::new();
     let mut ready: Vec<Sample> = Vec::new();
+    let mut quiet = false;
     while !stop.load(Ordering::SeqCst) {
         {
             use rustix::event::{PollFd, PollFlags, Timespec, poll};
@@ -231,14 +238,20 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
                 .iter()
                 .map(|ring| PollFd::new(ring.poll_fd(), PollFlags::IN))
                 .collect();
+            let interval = if quiet {
+                QUIET_POLL_INTERVAL
+            } else {
+                POLL_INTERVAL
+            };
             let timeout = Timespec {
                 tv_sec: 0,
-                tv_nsec: POLL_INTERVAL.as_nanos() as i64,
+                tv_nsec: interval.as_nanos() as i64,
             };
             let _ = poll(&mut fds, Some(&timeout));
         }
         let clock = Clock::now();
         let mut lost = 0;
+        let mut records = 0usize;
         for ring in &mut rings {
             ring.drain(|record| match perf::parse_record(record) {
                 Some(Record::Sample {
@@ -247,6 +260,7 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
                     time,
                     raw,
                 }) => {
+                    records += 1;
                     if let Some(decoded) = decoder.decode(raw) {
                         pending.push((time, pid, tid, decoded));
                     }
@@ -258,6 +272,7 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
         if lost > 0 {
             consumer.lost(lost);
         }
+        quiet = records == 0 && lost == 0 && pending.is_empty();
         pending.sort_by_key(|(time, _, _, _)| *time);
         let count = pending.partition_point(|(time, _, _, _)| *time <= clock.monotonic_ns);
         ready.clear();
