@@ -185,8 +185,9 @@ impl Growth {
             return;
         };
         // The filter the stream has now (it narrows as it goes).
-        if let Some(filter) = control.filter() {
-            request.filter = CaptureFilter::Exact(filter);
+        let opened_with = control.filter();
+        if let Some(filter) = &opened_with {
+            request.filter = CaptureFilter::Exact(filter.clone());
         }
         let label = request.label.clone();
         // From now on the first capture's packets are remembered: the grown
@@ -216,6 +217,14 @@ impl Growth {
                 );
                 if let Some(control) = growth.control.get() {
                     control.join(&opened.control);
+                    // A filter set while the grown capture opened reached
+                    // only the first: set it on both.
+                    let latest = control.filter();
+                    if latest != opened_with
+                        && let Some(latest) = latest
+                    {
+                        control.set_filter(latest);
+                    }
                     // The first capture's block being filled is handed
                     // over only when its timeout fires: it stops once that
                     // has, meanwhile both capture.

@@ -31,7 +31,8 @@ use crate::inventory::Netns;
 /// (the grown ring of 8 MiB) at 8 ms, 256 ms; a busy flow fills its blocks
 /// long before their timeout, and the ring holds 8 MiB of it. A stream
 /// opens with a ring of [`SPROUT_RING`] and grows to its full size once
-/// packets come ([`super::growth`]): an idle stream's ring is 1 MiB.
+/// packets come ([`super::growth`]): an idle stream's ring is 1 MiB
+/// ([`grows`] says which).
 pub const LIVE_DELAY: Duration = Duration::from_millis(8);
 /// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
 const BLOCK_BYTES: usize = 256 << 10;
@@ -71,12 +72,20 @@ fn full_ring(request: &CaptureRequest, settings: &CaptureSettings) -> usize {
     }
 }
 
-/// Whether a capture starts small and grows: a socket file's, whose full
-/// ring is larger. An `all` or `tree` capture takes in its whole
-/// namespace's traffic, and is rarely idle long: it starts full.
+/// Whether a capture starts small and grows: any whose full ring is
+/// larger, so that an idle stream holds a megabyte of kernel ring, not its
+/// full size (an idle `all` held 8 MiB). An `all` or `tree` capture takes
+/// in its namespace's traffic, so it grows as soon as the namespace has
+/// some, its process's or not. Not a prompt capture's (following /proc):
+/// its 2 ms blocks would let the small ring ride out only 8 ms of a
+/// stalled daemon before the full one takes over, and it starts full.
 pub fn grows(request: &CaptureRequest, settings: &CaptureSettings) -> bool {
-    matches!(request.filter, CaptureFilter::Socket(..))
-        && full_ring(request, settings) > SPROUT_RING
+    let small_first = match request.filter {
+        CaptureFilter::Socket(..) => true,
+        CaptureFilter::TcpAndUdp | CaptureFilter::Everything => !request.prompt,
+        CaptureFilter::Exact(_) => false,
+    };
+    small_first && full_ring(request, settings) > SPROUT_RING
 }
 
 /// A capture's ring size and block timeout (pure).

@@ -963,11 +963,11 @@ fn stalled_daemon(stop: Duration) {
             .contains("trickle/all: flows attributed from kernel events")
     );
 
-    // The socket file's ring starts small and grows once packets come;
-    // `all`'s is full from the start. Both hand packets over within 8 ms.
+    // Both rings start small (the namespace is quiet) and grow once
+    // packets come. Both hand packets over within 8 ms.
     assert!(
         mount.log().contains(
-            "trickle/all: capture running, a 8192 KiB ring, packets handed over within 8ms"
+            "trickle/all: capture running, a 1024 KiB ring, packets handed over within 8ms"
         )
     );
     assert!(mount.log().lines().any(|line| line.contains("trickle/udp_")
@@ -980,11 +980,18 @@ fn stalled_daemon(stop: Duration) {
         // Into the trickle's second of three, once both rings have grown.
         std::thread::sleep(Duration::from_millis(1000));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let grown = |line: &str| {
+            line.contains(
+                "traffic came: the capture grew to a 8192 KiB ring, packets handed over within 8ms",
+            )
+        };
         assert!(
-            text.contains(
-                "traffic came: the capture grew to a 8192 KiB ring, packets handed over within 8ms"
-            ),
-            "the socket file's ring grew with the traffic:\n{text}"
+            text.lines()
+                .any(|line| line.contains("trickle/udp_") && grown(line))
+                && text
+                    .lines()
+                    .any(|line| line.contains("trickle/all:") && grown(line)),
+            "the socket file's and all's rings grew with the traffic:\n{text}"
         );
         kill(daemon, Signal::SIGSTOP).unwrap();
         std::thread::sleep(stop);
@@ -1116,4 +1123,78 @@ fn a_burst_of_closed_streams_is_summed_up_in_the_log() {
             .ends_with("32 more streams closed within a second: 0 packets delivered, none missed"),
         "{summary}"
     );
+}
+
+/// Idle `all` and `tree` streams (a process in a quiet namespace) hold a
+/// small kernel ring each, not their full one (an idle `all` held 8 MiB);
+/// once the namespace has traffic their rings grow, and each stream has
+/// its process's datagrams once, in order.
+#[test]
+fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
+    let netns = Netns::new("idle");
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn_in_netns(&netns.name);
+    peer.cmd("comm idle-one");
+    let receiver = peer.cmd("udp-bind 127.0.0.1:0");
+    let sender = peer.cmd("udp-bind 127.0.0.1:0");
+    let dir = mount.dir(peer.pid, "idle-one");
+    wait_until(WAIT, "the process's directory", || dir.join("all").exists());
+    let baseline = vm_rss_kib(mount.pid());
+    const EACH: usize = 8;
+    let mut streams = Vec::new();
+    for name in ["all", "tree"] {
+        for _ in 0..EACH {
+            streams.push(crate::common::read_to_eof(&dir.join(name)));
+        }
+    }
+    let running = |log: &str, ring: &str| {
+        ["all", "tree"].iter().all(|name| {
+            log.lines()
+                .filter(|line| {
+                    line.contains(&format!(
+                        "idle-one/{name}: capture running, a {ring} KiB ring"
+                    ))
+                })
+                .count()
+                == EACH
+        })
+    };
+    wait_until(WAIT, "every stream's capture", || {
+        running(&mount.log(), "1024")
+    });
+    let held = vm_rss_kib(mount.pid()).saturating_sub(baseline);
+    let streams_held = 2 * EACH as u64;
+    // A megabyte of ring each, and a little more (the full rings were 8).
+    assert!(
+        held < streams_held * 1536,
+        "{streams_held} idle streams grew the daemon by {held} KiB"
+    );
+
+    let count = 50;
+    for index in 0..count {
+        peer.cmd(&format!(
+            "sendto {} {} idle-{index}",
+            sender[0], receiver[1]
+        ));
+    }
+    wait_until(WAIT, "every ring to grow", || {
+        let log = mount.log();
+        ["all", "tree"].iter().all(|name| {
+            log.lines()
+                .filter(|line| {
+                    line.contains(&format!(
+                        "idle-one/{name}: traffic came: the capture grew to a 8192 KiB ring"
+                    ))
+                })
+                .count()
+                == EACH
+        })
+    });
+    peer.cmd("exit");
+    let expected: Vec<String> = (0..count).map(|index| format!("idle-{index}")).collect();
+    for (bytes, reader) in streams {
+        reader.join().unwrap();
+        let packets = read_pcap(&bytes.lock().unwrap()).1;
+        assert_eq!(payloads(&packets), expected);
+    }
 }
