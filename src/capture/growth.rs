@@ -15,7 +15,7 @@
 //! both captures' counts.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use log::debug;
@@ -47,6 +47,7 @@ pub fn start(
     };
     request.stage = RingStage::Sprout;
     let growth = Arc::new(Growth {
+        label: request.label.clone(),
         sink,
         recipe: Mutex::new(Some((recipe, settings.clone()))),
         control: OnceLock::new(),
@@ -55,6 +56,7 @@ pub fn start(
         grown: AtomicBool::new(false),
         first_last: AtomicU64::new(0),
         nanoseconds: AtomicBool::new(true),
+        linktype: AtomicI32::new(0),
     });
     let front: Arc<dyn PacketSink> = Arc::new(Front {
         growth: Arc::clone(&growth),
@@ -67,12 +69,15 @@ pub fn start(
             growth
                 .nanoseconds
                 .store(opened.nanosecond_timestamps, Ordering::Relaxed);
+            growth.linktype.store(opened.linktype, Ordering::Relaxed);
         }
         on_ready(outcome);
     })
 }
 
 struct Growth {
+    /// The stream's, for log lines.
+    label: String,
     sink: Arc<dyn PacketSink>,
     /// How to open the grown capture; taken once it is asked for.
     recipe: Mutex<Option<(CaptureRequest, CaptureSettings)>>,
@@ -89,6 +94,8 @@ struct Growth {
     first_last: AtomicU64,
     /// Whether stamps are in nanoseconds (as the first capture said).
     nanoseconds: AtomicBool,
+    /// The first capture's link type (both captures have the same).
+    linktype: AtomicI32,
 }
 
 /// A packet the grown capture took before the first had ended.
@@ -121,19 +128,35 @@ struct State {
 /// What makes two captures' packets one: their length and bytes (the
 /// headers and the payload's first bytes), stamped less than
 /// [`SAME_PACKET`] apart.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PacketKey(u32, u64);
 
 /// How far apart two packet sockets stamp their copies of one packet.
 const SAME_PACKET: u64 = 2_000_000;
 
-fn key(original_length: u32, data: &[u8]) -> PacketKey {
+fn key(linktype: i32, original_length: u32, data: &[u8]) -> PacketKey {
+    // A Linux cooked header's link-layer address field has eight bytes;
+    // the kernel writes only the address's own (six of them for Ethernet
+    // and loopback) and the rest is whatever the ring held there before:
+    // two captures of one packet differ in them once a ring has wrapped
+    // around. Left out of the key.
+    let unwritten = match linktype {
+        LINKTYPE_LINUX_SLL => 6..14,
+        LINKTYPE_LINUX_SLL2 => 12..20,
+        _ => 0..0,
+    };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in data.iter().take(128) {
+    for (index, byte) in data.iter().enumerate().take(128) {
+        if unwritten.contains(&index) {
+            continue;
+        }
         hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
     }
     PacketKey(original_length, hash)
 }
+
+const LINKTYPE_LINUX_SLL: i32 = 113;
+const LINKTYPE_LINUX_SLL2: i32 = 276;
 
 /// A stamp in nanoseconds (or microseconds: both captures of a stream
 /// stamp alike).
@@ -247,6 +270,10 @@ impl Growth {
         self.nanoseconds.load(Ordering::Relaxed)
     }
 
+    fn linktype(&self) -> i32 {
+        self.linktype.load(Ordering::Relaxed)
+    }
+
     /// The first capture's block timeout.
     fn first_timeout(&self) -> std::time::Duration {
         *self
@@ -255,11 +282,8 @@ impl Growth {
             .unwrap_or(&super::source::LIVE_DELAY)
     }
 
-    fn label(&self) -> String {
-        lock(&self.recipe)
-            .as_ref()
-            .map(|(request, _)| request.label.clone())
-            .unwrap_or_default()
+    fn label(&self) -> &str {
+        &self.label
     }
 }
 
@@ -301,7 +325,7 @@ impl PacketSink for Front {
             if state.overlapping {
                 state
                     .delivered
-                    .entry(key(original_length, data))
+                    .entry(key(growth.linktype(), original_length, data))
                     .or_default()
                     .push(units(timestamp, growth.nanoseconds()));
             }
@@ -327,7 +351,7 @@ impl PacketSink for Front {
                 data: data.to_vec(),
             });
         } else if !state.delivered_before(
-            key(original_length, data),
+            key(growth.linktype(), original_length, data),
             units(timestamp, growth.nanoseconds()),
             growth.nanoseconds(),
         ) {
@@ -365,7 +389,7 @@ impl PacketSink for Front {
             let nanoseconds = growth.nanoseconds();
             for held in std::mem::take(&mut state.held) {
                 let copy = state.delivered_before(
-                    key(held.original_length, &held.data),
+                    key(growth.linktype(), held.original_length, &held.data),
                     units(held.timestamp, nanoseconds),
                     nanoseconds,
                 );
@@ -401,5 +425,57 @@ impl PacketSink for Front {
                     .saturating_add(first.dropped_by_interface),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, key};
+
+    /// A loopback packet as two rings hand it over: the cooked header's
+    /// unwritten address bytes differ (one ring had wrapped around).
+    #[test]
+    fn two_captures_of_a_packet_have_one_key_whatever_the_unwritten_address_bytes() {
+        let ip = [0x45, 0, 0, 0x34, 0xda, 0xe4, 0x40, 0, 0x40, 6];
+        let sll = |pkttype: u8, leftover: [u8; 2]| {
+            let mut frame = vec![0, pkttype, 3, 4, 0, 6, 0, 0, 0, 0, 0, 0];
+            frame.extend_from_slice(&leftover);
+            frame.extend_from_slice(&[8, 0]);
+            frame.extend_from_slice(&ip);
+            frame
+        };
+        let fresh = sll(0, [0, 0]);
+        let reused = sll(0, [0xc1, 0x90]);
+        assert_eq!(
+            key(LINKTYPE_LINUX_SLL, 52, &fresh),
+            key(LINKTYPE_LINUX_SLL, 52, &reused)
+        );
+        // The written fields still tell packets apart: its way (incoming
+        // or outgoing), and of course its bytes.
+        assert_ne!(
+            key(LINKTYPE_LINUX_SLL, 52, &fresh),
+            key(LINKTYPE_LINUX_SLL, 52, &sll(4, [0, 0]))
+        );
+        let mut other = fresh.clone();
+        *other.last_mut().unwrap() = 17;
+        assert_ne!(
+            key(LINKTYPE_LINUX_SLL, 52, &fresh),
+            key(LINKTYPE_LINUX_SLL, 52, &other)
+        );
+
+        // SLL2: protocol, reserved, ifindex, hatype, pkttype, halen, then
+        // the eight address bytes.
+        let sll2 = |leftover: [u8; 2]| {
+            let mut frame = vec![8, 0, 0, 0, 0, 0, 0, 1, 3, 4, 0, 6, 0, 0, 0, 0, 0, 0];
+            frame.extend_from_slice(&leftover);
+            frame.extend_from_slice(&ip);
+            frame
+        };
+        assert_eq!(
+            key(LINKTYPE_LINUX_SLL2, 52, &sll2([0, 0])),
+            key(LINKTYPE_LINUX_SLL2, 52, &sll2([0xdc, 0xb0]))
+        );
+        // Other link types keep every byte.
+        assert_ne!(key(1, 52, &fresh), key(1, 52, &reused));
     }
 }
