@@ -14,8 +14,9 @@
 //! - An idle process's `all` (one, and ten) beside a UDP flood of about
 //!   100,000 packets a second between two other processes: the daemon's
 //!   CPU over the window.
-//! - Memory: 1,000 idle socket-file streams, and the daemon's RSS five
-//!   seconds after the last closed.
+//! - Memory: 1,000 idle socket-file streams, and 100 idle `all` streams of
+//!   a process alone in its namespace; the daemon's RSS five seconds after
+//!   the last closed.
 
 use std::io::{Read, Write};
 use std::net::UdpSocket;
@@ -466,12 +467,56 @@ fn idle_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
         .path
         .join(format!("{}_bench", std::process::id()))
         .join(format!("udp_{local}_0.0.0.0:0"));
-    wait_for_path(&path, Duration::from_secs(10))?;
+    idle_opens(daemon, &path, 1000)
+}
+
+/// 100 idle `all` streams of a process alone in a network namespace of its
+/// own (no packet there: its rings stay small), as [`idle_streams`].
+fn idle_all_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
+    let netns = format!("nsfs-bench-idle-{}", std::process::id());
+    let ip = |args: &[&str]| -> Result<(), Error> {
+        let status = Command::new("ip").args(args).status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("ip {args:?} failed").into())
+        }
+    };
+    let _ = Command::new("ip")
+        .args(["netns", "del", &netns])
+        .stderr(Stdio::null())
+        .status();
+    ip(&["netns", "add", &netns])?;
+    let held = Command::new("ip")
+        .args(["netns", "exec", &netns, "python3", "-c"])
+        .arg(
+            "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+             s.bind(('127.0.0.1', 0)); sys.stdin.read()",
+        )
+        .stdin(Stdio::piped())
+        .spawn();
+    let outcome = held.map_err(Error::from).and_then(|child| {
+        let child = KillOnDrop(child);
+        let path = daemon
+            .path
+            .join(format!("{}_python3", child.0.id()))
+            .join("all");
+        idle_opens(daemon, &path, 100)
+    });
+    let _ = ip(&["netns", "del", &netns]);
+    outcome
+}
+
+/// `count` opens of `path`, each with its header read and nothing since:
+/// KiB of the daemon's RSS per stream, and its RSS (KiB) before and five
+/// seconds after the last closed.
+fn idle_opens(daemon: &Mount, path: &Path, count: usize) -> Result<(f64, u64, u64), Error> {
+    wait_for_path(path, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
     let before = rss(daemon);
     let mut files = Vec::new();
-    for _ in 0..1000 {
-        let mut file = std::fs::File::open(&path)?;
+    for _ in 0..count {
+        let mut file = std::fs::File::open(path)?;
         let mut header = [0u8; 24];
         file.read_exact(&mut header)?;
         files.push(file);
@@ -481,7 +526,21 @@ fn idle_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
     drop(files);
     std::thread::sleep(Duration::from_secs(5));
     let after = rss(daemon);
-    Ok((open.saturating_sub(before) as f64 / 1000.0, before, after))
+    Ok((
+        open.saturating_sub(before) as f64 / count as f64,
+        before,
+        after,
+    ))
+}
+
+/// A child killed and reaped however the measurement ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs the section; prints its tables.
@@ -566,14 +625,25 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
         let (cores, sent) = beside_a_flood(daemon, streams, rate)?;
         println!("| {streams} | {:.0} | {cores:.3} |", sent as f64 / 5.0);
     }
-    let (per_stream, before, after) = idle_streams(daemon)?;
-    println!("\nMemory: 1,000 idle socket-file streams (opened, header read, nothing since)\n");
-    println!("| KiB per idle stream | daemon RSS before, MiB | 5 s after the last closed, MiB |");
-    println!("|---:|---:|---:|");
+    println!("\nMemory of idle streams (opened, header read, nothing since)\n");
     println!(
-        "| {per_stream:.0} | {:.1} | {:.1} |\n",
-        before as f64 / 1024.0,
-        after as f64 / 1024.0
+        "| streams | KiB per idle stream | daemon RSS before, MiB | 5 s after the last closed, MiB |"
     );
+    println!("|---|---:|---:|---:|");
+    for (what, measured) in [
+        ("1,000 of a socket file", idle_streams(daemon)?),
+        (
+            "100 `all` of a process alone in its namespace",
+            idle_all_streams(daemon)?,
+        ),
+    ] {
+        let (per_stream, before, after) = measured;
+        println!(
+            "| {what} | {per_stream:.0} | {:.1} | {:.1} |",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+    }
+    println!();
     Ok(())
 }
