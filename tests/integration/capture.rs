@@ -1147,20 +1147,16 @@ fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
             streams.push(crate::common::read_to_eof(&dir.join(name)));
         }
     }
-    let running = |log: &str, ring: &str| {
+    // Whether every stream of both kinds logged `what` (after its name).
+    let each_said = |what: &str| {
+        let log = mount.log();
         ["all", "tree"].iter().all(|name| {
-            log.lines()
-                .filter(|line| {
-                    line.contains(&format!(
-                        "idle-one/{name}: capture running, a {ring} KiB ring"
-                    ))
-                })
-                .count()
-                == EACH
+            let said = format!("idle-one/{name}: {what}");
+            log.lines().filter(|line| line.contains(&said)).count() == EACH
         })
     };
     wait_until(WAIT, "every stream's capture", || {
-        running(&mount.log(), "1024")
+        each_said("capture running, a 1024 KiB ring")
     });
     let held = vm_rss_kib(mount.pid()).saturating_sub(baseline);
     let streams_held = 2 * EACH as u64;
@@ -1178,17 +1174,7 @@ fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
         ));
     }
     wait_until(WAIT, "every ring to grow", || {
-        let log = mount.log();
-        ["all", "tree"].iter().all(|name| {
-            log.lines()
-                .filter(|line| {
-                    line.contains(&format!(
-                        "idle-one/{name}: traffic came: the capture grew to a 8192 KiB ring"
-                    ))
-                })
-                .count()
-                == EACH
-        })
+        each_said("traffic came: the capture grew to a 8192 KiB ring")
     });
     peer.cmd("exit");
     let expected: Vec<String> = (0..count).map(|index| format!("idle-{index}")).collect();
