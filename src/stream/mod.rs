@@ -124,8 +124,9 @@ const CHUNK_BYTES: usize = 1 << 20;
 const SPARE_CHUNKS: usize = 2;
 /// The sizes a chunk's buffer grows through.
 const GROWTH_STEPS: [usize; 3] = [64 << 10, 256 << 10, CHUNK_BYTES];
-/// The least buffer kept for reuse: one the allocator maps of its own
-/// (see crate::memory), a busy stream's chunk of the second step or more.
+/// The least buffer kept for reuse: a busy stream's chunk of the second
+/// step or more (mapped by the allocator of its own, see crate::memory,
+/// and faulted in page by page when made anew).
 const RECYCLED_BYTES: usize = 256 << 10;
 
 /// Whole pcap records, queued together.
