@@ -27,10 +27,11 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
-use pcap::{Active, Capture};
 use rustix::event::{EventfdFlags, epoll, eventfd};
 
-use super::source::{CaptureError, CaptureRequest, CaptureSettings, Opened, PacketSink, Timestamp};
+use super::source::{
+    CaptureError, CaptureRequest, CaptureSettings, Opened, PacketSink, Source, Timestamp,
+};
 
 /// At most this many blocks are dispatched from one capture before the
 /// poller looks at its other captures (epoll is level-triggered: the rest
@@ -62,7 +63,7 @@ enum Command {
 
 /// A capture a poller serves.
 struct Running {
-    capture: Capture<Active>,
+    capture: Source,
     sink: Arc<dyn PacketSink>,
     label: String,
     /// The capture's link type (a new filter is made for it).
@@ -201,7 +202,7 @@ const GATHERING: std::time::Duration = std::time::Duration::from_millis(5);
 /// would hold their rings for half a minute. Closes waiting together share
 /// their grace periods, so what is queued is closed at once, each on a
 /// thread of its own that ends with its close (at most [`CLOSED_AT_ONCE`]).
-fn close_spent(to_close: &Receiver<Capture<Active>>) {
+fn close_spent(to_close: &Receiver<Source>) {
     while let Ok(first) = to_close.recv() {
         // Streams closing together end their captures one by one: what
         // comes within a few milliseconds is closed together.
@@ -273,7 +274,7 @@ pub fn threads_per_kind() -> usize {
 
 impl Service {
     pub fn start() -> std::io::Result<Service> {
-        let (spent, to_close) = crossbeam_channel::unbounded::<Capture<Active>>();
+        let (spent, to_close) = crossbeam_channel::unbounded::<Source>();
         let closer = thread::Builder::new()
             .name("capture-closer".into())
             .spawn(move || close_spent(&to_close))?;
@@ -296,6 +297,7 @@ impl Service {
                 commands: received,
                 captures: HashMap::new(),
                 paused: HashMap::new(),
+                queue_buffer: Vec::new(),
                 load: Arc::clone(&load),
                 spent: spent.clone(),
             };
@@ -346,16 +348,7 @@ fn open_each(jobs: &Receiver<OpenJob>, pollers: &[PollerHandle]) {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
     for job in jobs {
         let label = job.request.label.clone();
-        let opened =
-            super::source::open(job.request, &job.settings).and_then(|(capture, details)| {
-                capture
-                    .setnonblock()
-                    .map(|capture| (capture, details))
-                    .map_err(|err| {
-                        CaptureError::Failed(format!("cannot read without blocking: {err}"))
-                    })
-            });
-        let (capture, details) = match opened {
+        let (capture, details) = match super::source::open(job.request, &job.settings) {
             Ok(opened) => opened,
             Err(err) => {
                 (job.on_ready)(Err(err));
@@ -398,8 +391,11 @@ struct Poller {
     captures: HashMap<u64, Running>,
     /// Captures adopted and not yet resumed.
     paused: HashMap<u64, Running>,
+    /// Where a queue capture's packets are read into, one at a time
+    /// (grown at its first packet; one for all the poller's queues).
+    queue_buffer: Vec<u8>,
     load: Arc<AtomicUsize>,
-    spent: Sender<Capture<Active>>,
+    spent: Sender<Source>,
 }
 
 impl Poller {
@@ -475,11 +471,8 @@ impl Poller {
                     let running = self.captures.get_mut(&id).or(self.paused.get_mut(&id));
                     if let Some(running) = running {
                         debug!("{}: filter now {filter}", running.label);
-                        if let Err(err) = super::source::replace_filter(
-                            &mut running.capture,
-                            &filter,
-                            running.linktype,
-                        ) {
+                        if let Err(err) = running.capture.replace_filter(&filter, running.linktype)
+                        {
                             warn!("{}: filter {filter:?} refused: {err}", running.label);
                         }
                     }
@@ -490,35 +483,24 @@ impl Poller {
         true
     }
 
-    /// Dispatches the blocks the kernel has handed over for capture `id`.
+    /// Dispatches the blocks the kernel has handed over for capture `id`
+    /// (a queue's packets, for a queue capture).
     fn serve(&mut self, id: u64) {
         let Some(running) = self.captures.get_mut(&id) else {
             return;
         };
-        let mut handed = false;
-        let mut failed = None;
-        for _ in 0..BLOCKS_PER_TURN {
-            let sink = running.sink.as_ref();
-            match running.capture.dispatch(None, |packet| {
-                let timestamp = Timestamp {
-                    seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
-                    fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
-                };
-                sink.packet(timestamp, packet.header.len, packet.data);
-            }) {
-                Ok(0) => break,
-                Ok(_) => handed = true,
-                Err(err) => {
-                    failed = Some(err);
-                    break;
-                }
-            }
-        }
+        let sink = running.sink.as_ref();
+        let (handed, failed) = match &mut running.capture {
+            Source::Ring(capture) => dispatch_blocks(capture, sink),
+            Source::Queue(queue) => match queue.read(&mut self.queue_buffer, sink) {
+                Ok(read) => (read > 0, None),
+                Err(err) => (false, Some(err.to_string())),
+            },
+        };
         if handed {
             running.sink.batch_end();
         }
-        if let Some(err) = failed {
-            let message = err.to_string();
+        if let Some(message) = failed {
             let message = if message.trim().is_empty() {
                 "libpcap gave no reason".to_owned()
             } else {
@@ -536,15 +518,7 @@ impl Poller {
     /// hands the handle to the closer.
     fn end(&mut self, mut running: Running) {
         self.load.fetch_sub(1, Ordering::Relaxed);
-        let stats = running
-            .capture
-            .stats()
-            .map(|stat| super::source::CaptureStats {
-                received: stat.received,
-                dropped_by_kernel: stat.dropped,
-                dropped_by_interface: stat.if_dropped,
-            })
-            .unwrap_or_default();
+        let stats = running.capture.stats();
         running.sink.ended(stats);
         // Closed here only if the closer has gone (at the very end).
         let _ = self.spent.send(running.capture);
@@ -563,4 +537,27 @@ impl Poller {
             self.end(running);
         }
     }
+}
+
+/// Dispatches up to [`BLOCKS_PER_TURN`] blocks a ring has handed over to
+/// `sink`: whether any packet came, and why reading failed, if it did.
+fn dispatch_blocks(
+    capture: &mut pcap::Capture<pcap::Active>,
+    sink: &dyn PacketSink,
+) -> (bool, Option<String>) {
+    let mut handed = false;
+    for _ in 0..BLOCKS_PER_TURN {
+        match capture.dispatch(None, |packet| {
+            let timestamp = Timestamp {
+                seconds: u32::try_from(packet.header.ts.tv_sec).unwrap_or(0),
+                fraction: u32::try_from(packet.header.ts.tv_usec).unwrap_or(0),
+            };
+            sink.packet(timestamp, packet.header.len, packet.data);
+        }) {
+            Ok(0) => break,
+            Ok(_) => handed = true,
+            Err(err) => return (handed, Some(err.to_string())),
+        }
+    }
+    (handed, None)
 }

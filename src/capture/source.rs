@@ -6,13 +6,14 @@
 //! running capture only through its [`CaptureControl`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use log::debug;
 use pcap::{Active, Capture, Precision};
 
 use super::filter::{FilterTarget, LocalNetwork, Taken, bpf_filter_for, without_taken};
+use super::queue::QueueCapture;
 pub use super::service::{CaptureControl, start};
 use crate::inventory::Netns;
 
@@ -224,15 +225,24 @@ pub struct Opened {
     pub control: CaptureControl,
     /// The namespace's own addresses, as the capture found them there.
     pub local_networks: Vec<LocalNetwork>,
-    /// The longest the kernel holds a packet before handing it over.
+    /// The longest the kernel holds a packet before handing it over (a
+    /// queue's: the ring's that takes over from it).
     pub block_timeout: Duration,
-    /// The kernel ring's size, in bytes.
+    /// The kernel ring's size, in bytes: 0 for a queue without a ring
+    /// ([`super::queue`]).
     pub ring_bytes: usize,
 }
 
 impl Opened {
     /// The capture's ring and delay, as a log line says them.
     pub fn describe(&self) -> String {
+        if self.ring_bytes == 0 {
+            return format!(
+                "no ring until its first packets (a queue of up to {} KiB hands each over at once), then packets handed over within {:?}",
+                super::queue::QUEUE_BYTES >> 10,
+                self.block_timeout
+            );
+        }
         format!(
             "a {} KiB ring, packets handed over within {:?}",
             self.ring_bytes >> 10,
@@ -280,21 +290,120 @@ impl Details {
     }
 }
 
-/// Opens the handle in the request's namespace, which the calling thread
+/// An open capture, as a poller reads it: libpcap's, with its ring, or a
+/// stream's first one on the `any` device, a packet socket without a ring
+/// ([`super::queue`]).
+pub(super) enum Source {
+    Ring(Capture<Active>),
+    Queue(QueueCapture),
+}
+
+impl AsFd for Source {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Source::Ring(capture) => capture.as_fd(),
+            Source::Queue(queue) => queue.as_fd(),
+        }
+    }
+}
+
+impl Source {
+    /// The kernel's counts, as the capture ends.
+    pub(super) fn stats(&mut self) -> CaptureStats {
+        match self {
+            Source::Ring(capture) => capture
+                .stats()
+                .map(|stat| CaptureStats {
+                    received: stat.received,
+                    dropped_by_kernel: stat.dropped,
+                    dropped_by_interface: stat.if_dropped,
+                })
+                .unwrap_or_default(),
+            Source::Queue(queue) => queue.stats(),
+        }
+    }
+
+    /// Replaces a running capture's filter ([`replace_filter`]).
+    pub(super) fn replace_filter(
+        &mut self,
+        filter: &str,
+        linktype: i32,
+    ) -> Result<(), pcap::Error> {
+        match self {
+            Source::Ring(capture) => replace_filter(capture, filter, linktype),
+            Source::Queue(queue) => {
+                let program = queue_program(filter)?.ok_or_else(|| {
+                    pcap::Error::PcapError("the kernel cannot run this filter".into())
+                })?;
+                queue
+                    .set_program(&program)
+                    .map_err(|err| pcap::Error::PcapError(err.to_string()))
+            }
+        }
+    }
+}
+
+/// The kernel program a queue capture runs for `filter`: the cooked
+/// capture's ([`kernel_program`]), or `None` where the kernel cannot run
+/// it.
+fn queue_program(filter: &str) -> Result<Option<Vec<Instruction>>, pcap::Error> {
+    let cooked = Capture::dead(pcap::Linktype(LINKTYPE_LINUX_SLL))?;
+    kernel_program(&cooked, filter, LINKTYPE_LINUX_SLL)
+}
+
+/// Opens the capture in the request's namespace, which the calling thread
 /// enters (and stays in): the capture, with its link type, whether
-/// timestamps are in nanoseconds, and the namespace's own addresses.
+/// timestamps are in nanoseconds, and the namespace's own addresses. A
+/// stream's first capture on the `any` device is a queue without a ring:
+/// an idle stream holds no ring at all.
 pub(super) fn open(
     request: CaptureRequest,
     settings: &CaptureSettings,
-) -> Result<(Capture<Active>, Details), CaptureError> {
+) -> Result<(Source, Details), CaptureError> {
     request.netns.enter().map_err(|err| {
         CaptureError::Namespace(format!(
             "cannot enter network namespace {}: {err}",
             request.netns.id()
         ))
     })?;
-    let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
+    let local_networks = local_networks();
+    let filter = match &request.filter {
+        CaptureFilter::Socket(target, taken) => bpf_filter_for(target, &local_networks)
+            .map(|filter| without_taken(filter, taken))
+            .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
+        CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
+        CaptureFilter::Exact(filter) => filter.clone(),
+        CaptureFilter::Everything => String::new(),
+    };
+    debug!("{}: capture filter: {filter:?}", request.label);
     let (ring, timeout) = geometry(&request, settings);
+    if request.stage == RingStage::Sprout && settings.interface == "any" {
+        let program = queue_program(&filter)
+            .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
+        // A filter the kernel cannot run (none of ours) gets a ring.
+        if let Some(program) = program {
+            let queue = QueueCapture::open(&program, settings.snaplen).map_err(|err| {
+                let text = format!("cannot open a packet socket: {err}");
+                if err.kind() == std::io::ErrorKind::PermissionDenied {
+                    CaptureError::Permission(text)
+                } else {
+                    CaptureError::Failed(text)
+                }
+            })?;
+            let details = Details {
+                linktype: LINKTYPE_LINUX_SLL,
+                snaplen: settings.snaplen,
+                nanosecond_timestamps: true,
+                local_networks,
+                // The grown capture's: the stream's packets come within it
+                // once the queue has handed over to the ring.
+                block_timeout: timeout,
+                ring_bytes: 0,
+            };
+            return Ok((Source::Queue(queue), details));
+        }
+    }
+    let snaplen = i32::try_from(settings.snaplen).unwrap_or(i32::MAX);
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let inactive = || {
         Capture::from_device(settings.interface.as_str())
@@ -320,19 +429,12 @@ pub(super) fn open(
             }
         },
     };
-    let local_networks = local_networks();
-    let filter = match &request.filter {
-        CaptureFilter::Socket(target, taken) => bpf_filter_for(target, &local_networks)
-            .map(|filter| without_taken(filter, taken))
-            .map_err(|unsupported| CaptureError::Failed(unsupported.0))?,
-        CaptureFilter::TcpAndUdp => "tcp or udp".to_owned(),
-        CaptureFilter::Exact(filter) => filter.clone(),
-        CaptureFilter::Everything => String::new(),
-    };
-    debug!("{}: capture filter: {filter:?}", request.label);
     let linktype = capture.get_datalink().0;
     attach_filter(&mut capture, &filter, linktype)
         .map_err(|err| CaptureError::Failed(format!("filter {filter:?} refused: {err}")))?;
+    let capture = capture
+        .setnonblock()
+        .map_err(|err| CaptureError::Failed(format!("cannot read without blocking: {err}")))?;
     let details = Details {
         linktype,
         snaplen: settings.snaplen,
@@ -341,7 +443,7 @@ pub(super) fn open(
         block_timeout: timeout,
         ring_bytes: ring,
     };
-    Ok((capture, details))
+    Ok((Source::Ring(capture), details))
 }
 
 /// Sets a new capture's filter, in its kernel. On the `any` device (Linux
@@ -402,8 +504,8 @@ const LINKTYPE_LINUX_SLL: i32 = 113;
 /// on a device with real link headers, rewritten for the kernel's fields
 /// (and leaving out loopback's outgoing copies) on the cooked `any`;
 /// `None` where libpcap's program cannot run there.
-fn kernel_program(
-    capture: &Capture<Active>,
+fn kernel_program<T: pcap::Activated + ?Sized>(
+    capture: &Capture<T>,
     filter: &str,
     linktype: i32,
 ) -> Result<Option<Vec<Instruction>>, pcap::Error> {
@@ -483,7 +585,10 @@ pub fn cooked_for_kernel(program: &[Instruction]) -> Option<Vec<Instruction>> {
 }
 
 /// Attaches a classic BPF program to a socket (SO_ATTACH_FILTER).
-fn attach_socket_filter(fd: std::os::fd::RawFd, program: &[Instruction]) -> std::io::Result<()> {
+pub(super) fn attach_socket_filter(
+    fd: std::os::fd::RawFd,
+    program: &[Instruction],
+) -> std::io::Result<()> {
     let mut filter: Vec<nix::libc::sock_filter> = program
         .iter()
         .map(|&(code, jt, jf, k)| nix::libc::sock_filter { code, jt, jf, k })

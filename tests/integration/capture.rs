@@ -17,6 +17,7 @@ use crate::common::mount::Mount;
 use crate::common::netns::Netns;
 use crate::common::packets::{Seen, payloads, read_pcap, read_pcap_file};
 use crate::common::peer::Peer;
+use crate::common::tcpdump::Tcpdump;
 use crate::common::{wait_for, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -963,15 +964,20 @@ fn stalled_daemon(stop: Duration) {
             .contains("trickle/all: flows attributed from kernel events")
     );
 
-    // Both rings start small (the namespace is quiet) and grow once
-    // packets come. Both hand packets over within 8 ms.
+    // Both start without a ring (the namespace is quiet) and get one once
+    // packets come, which hands packets over within 8 ms.
+    let ringless = "capture running, no ring until its first packets (a queue of up to 4096 KiB hands each over at once), then packets handed over within 8ms";
     assert!(
-        mount.log().contains(
-            "trickle/all: capture running, a 1024 KiB ring, packets handed over within 8ms"
-        )
+        mount.log().contains(&format!("trickle/all: {ringless}")),
+        "{}",
+        mount.log()
     );
-    assert!(mount.log().lines().any(|line| line.contains("trickle/udp_")
-        && line.contains("capture running, a 1024 KiB ring, packets handed over within 8ms")));
+    assert!(
+        mount
+            .log()
+            .lines()
+            .any(|line| line.contains("trickle/udp_") && line.contains(ringless))
+    );
 
     let count = 3000;
     let daemon = Pid::from_raw(mount.pid() as i32);
@@ -1076,15 +1082,26 @@ fn max_delay_sets_how_long_the_kernel_holds_a_packet() {
     let (sender, file) = udp_socket(&mount, &mut peer, "live-view");
     let receiver = peer.cmd("udp-bind 127.0.0.1:0");
     let stream = Reader::open(&file);
+    let said = |what: &str| {
+        mount
+            .log()
+            .lines()
+            .any(|line| line.contains("live-view/udp_127.0.0.1:") && line.contains(what))
+    };
     wait_until(WAIT, "the capture's geometry in the log", || {
-        mount.log().lines().any(|line| {
-            line.contains("live-view/udp_127.0.0.1:")
-                && line.contains("capture running, a 1024 KiB ring, packets handed over within 2ms")
-        })
+        said("capture running, no ring until its first packets")
+            && said("then packets handed over within 2ms")
     });
     peer.cmd(&format!("sendto {} {} live", sender[0], receiver[1]));
     let packets = stream.wait_packets("the datagram", |packets| !packets.is_empty());
     assert_eq!(payloads(&packets), ["live"]);
+    // The ring that takes over hands its packets over within 2 ms too.
+    wait_until(WAIT, "the ring", || {
+        said("the capture grew to a 8192 KiB ring, packets handed over within 2ms")
+    });
+    peer.cmd(&format!("sendto {} {} still-live", sender[0], receiver[1]));
+    let packets = stream.wait_packets("the second datagram", |packets| packets.len() == 2);
+    assert_eq!(payloads(&packets), ["live", "still-live"]);
 }
 
 /// A tool that opens and closes many streams at once (the extcap's list,
@@ -1125,12 +1142,14 @@ fn a_burst_of_closed_streams_is_summed_up_in_the_log() {
     );
 }
 
-/// Idle `all` and `tree` streams (a process in a quiet namespace) hold a
-/// small kernel ring each, not their full one (an idle `all` held 8 MiB);
-/// once the namespace has traffic their rings grow, and each stream has
-/// its process's datagrams once, in order.
+/// Idle streams of every kind (socket files, `all` and `tree` of a process
+/// in a quiet namespace) hold no kernel ring, only a packet socket's
+/// queue, empty while nothing comes: a few KiB of the daemon each (the
+/// smallest ring was a megabyte, an idle `all` held 8). Once the
+/// namespace has traffic each gets its ring, and each stream has its
+/// process's datagrams once, in order.
 #[test]
-fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
+fn idle_streams_hold_no_ring_until_traffic_comes() {
     let netns = Netns::new("idle");
     let mount = Mount::start(&[]);
     let mut peer = Peer::spawn_in_netns(&netns.name);
@@ -1138,31 +1157,34 @@ fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
     let receiver = peer.cmd("udp-bind 127.0.0.1:0");
     let sender = peer.cmd("udp-bind 127.0.0.1:0");
     let dir = mount.dir(peer.pid, "idle-one");
-    wait_until(WAIT, "the process's directory", || dir.join("all").exists());
+    let socket_file = format!("udp_{}_0.0.0.0:0", receiver[1]);
+    wait_until(WAIT, "the process's directory", || {
+        dir.join("all").exists() && dir.join(&socket_file).exists()
+    });
     let baseline = vm_rss_kib(mount.pid());
     const EACH: usize = 8;
+    let names = ["all", "tree", socket_file.as_str()];
     let mut streams = Vec::new();
-    for name in ["all", "tree"] {
+    for name in names {
         for _ in 0..EACH {
             streams.push(crate::common::read_to_eof(&dir.join(name)));
         }
     }
-    // Whether every stream of both kinds logged `what` (after its name).
+    // Whether every stream of each kind logged `what` (after its name).
     let each_said = |what: &str| {
         let log = mount.log();
-        ["all", "tree"].iter().all(|name| {
+        names.iter().all(|name| {
             let said = format!("idle-one/{name}: {what}");
             log.lines().filter(|line| line.contains(&said)).count() == EACH
         })
     };
     wait_until(WAIT, "every stream's capture", || {
-        each_said("capture running, a 1024 KiB ring")
+        each_said("capture running, no ring until its first packets")
     });
     let held = vm_rss_kib(mount.pid()).saturating_sub(baseline);
-    let streams_held = 2 * EACH as u64;
-    // A megabyte of ring each, and a little more (the full rings were 8).
+    let streams_held = (names.len() * EACH) as u64;
     assert!(
-        held < streams_held * 1536,
+        held < streams_held * 64,
         "{streams_held} idle streams grew the daemon by {held} KiB"
     );
 
@@ -1182,5 +1204,78 @@ fn idle_all_and_tree_streams_hold_a_small_ring_until_traffic_comes() {
         reader.join().unwrap();
         let packets = read_pcap(&bytes.lock().unwrap()).1;
         assert_eq!(payloads(&packets), expected);
+    }
+}
+
+/// Every record of a capture file: stamp (ns), length, bytes.
+fn raw_records(path: &Path) -> (i32, Vec<(i64, u32, Vec<u8>)>) {
+    let mut capture = pcap::Capture::from_file_with_precision(path, pcap::Precision::Nano)
+        .expect("a valid pcap file");
+    let linktype = capture.get_datalink().0;
+    let mut records = Vec::new();
+    while let Ok(packet) = capture.next_packet() {
+        let stamp = packet.header.ts.tv_sec * 1_000_000_000 + packet.header.ts.tv_usec;
+        records.push((stamp, packet.header.len, packet.data.to_vec()));
+    }
+    (linktype, records)
+}
+
+/// A stream's first packets come from a packet socket without a ring (an
+/// idle stream holds none) until its ring opens; either way each record
+/// is the one libpcap makes: byte for byte tcpdump's on `any` with cooked
+/// v1 headers (but for the address bytes the kernel leaves unwritten),
+/// with the same length and a stamp within a millisecond, each once.
+#[test]
+fn the_packets_before_the_ring_are_the_records_tcpdump_has() {
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm first-records");
+    let (receiver, file) = udp_socket(&mount, &mut peer, "first-records");
+    let sender = peer.cmd("udp-bind 127.0.0.1:0");
+    let port = receiver[1].rsplit(':').next().unwrap().to_owned();
+    let mut tcpdump = Tcpdump::start_cooked_v1(&format!("udp port {port}"));
+    let stream = Reader::open(&file);
+    wait_until(WAIT, "the ringless capture", || {
+        mount
+            .log()
+            .contains("capture running, no ring until its first packets")
+    });
+    let count = 300;
+    peer.cmd(&format!(
+        "udp-burst {} {} {count} first",
+        sender[0], receiver[1]
+    ));
+    stream.wait_packets("the burst", |packets| packets.len() == count);
+    wait_until(WAIT, "the ring", || {
+        mount.log().contains("first-records/udp_127.0.0.1:")
+            && mount.log().contains("the capture grew to")
+    });
+    let truth_path = tcpdump.stop_to_file();
+    let (truth_type, truth) = raw_records(&truth_path);
+    let scratch = crate::common::ScratchDir::new("first-records");
+    let ours_path = scratch.0.join("stream.pcap");
+    std::fs::write(&ours_path, &*stream.bytes.lock().unwrap()).unwrap();
+    let (ours_type, ours) = raw_records(&ours_path);
+    assert_eq!((ours_type, truth_type), (113, 113));
+    assert_eq!(ours.len(), count);
+    assert_eq!(truth.len(), count, "tcpdump saw the burst");
+    // Bytes 6..14: the eight-byte address field, of which loopback's
+    // address has six (written, zero) and two the kernel leaves as its
+    // ring or buffer held them.
+    let comparable = |data: &[u8]| [&data[..6], &data[14..]].concat();
+    for (index, ((stamp, length, data), (truth_stamp, truth_length, truth_data))) in
+        ours.iter().zip(&truth).enumerate()
+    {
+        assert_eq!(length, truth_length, "record {index}");
+        assert_eq!(
+            comparable(data),
+            comparable(truth_data),
+            "record {index}: ours {data:02x?}, tcpdump's {truth_data:02x?}"
+        );
+        assert_eq!(&data[6..12], &[0; 6], "record {index}: loopback's address");
+        assert!(
+            stamp.abs_diff(*truth_stamp) < 1_000_000,
+            "record {index}: stamped {stamp}, tcpdump {truth_stamp}"
+        );
     }
 }

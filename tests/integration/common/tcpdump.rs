@@ -22,19 +22,28 @@ impl Tcpdump {
     /// waits in an unfilled block when it stops.
     pub fn start(netns: Option<&str>, interface: &str, filter: &str) -> Tcpdump {
         match netns {
-            Some(netns) => Self::start_through(&["ip", "netns", "exec", netns], interface, filter),
-            None => Self::start_through(&[], interface, filter),
+            Some(netns) => {
+                Self::start_through(&["ip", "netns", "exec", netns], interface, filter, &[])
+            }
+            None => Self::start_through(&[], interface, filter, &[]),
         }
+    }
+
+    /// As [`Tcpdump::start`] on the daemon's namespace, with Linux cooked
+    /// v1 headers on `any` (the daemon's link type there; tcpdump's own is
+    /// v2).
+    pub fn start_cooked_v1(filter: &str) -> Tcpdump {
+        Self::start_through(&[], "any", filter, &["-y", "LINUX_SLL"])
     }
 
     /// The same inside process `pid`'s network namespace (a container's),
     /// as `nsenter -t PID -n tcpdump` does.
     pub fn start_in_netns_of(pid: u32, interface: &str, filter: &str) -> Tcpdump {
         let pid = pid.to_string();
-        Self::start_through(&["nsenter", "-t", &pid, "-n"], interface, filter)
+        Self::start_through(&["nsenter", "-t", &pid, "-n"], interface, filter, &[])
     }
 
-    fn start_through(wrapper: &[&str], interface: &str, filter: &str) -> Tcpdump {
+    fn start_through(wrapper: &[&str], interface: &str, filter: &str, extra: &[&str]) -> Tcpdump {
         let scratch = ScratchDir::new("truth");
         let path = scratch.0.join("truth.pcap");
         let mut command = match wrapper.split_first() {
@@ -55,8 +64,9 @@ impl Tcpdump {
                 "65536",
                 "--immediate-mode",
                 "-U",
-                "-w",
             ])
+            .args(extra)
+            .arg("-w")
             .arg(&path)
             .args(filter.split_whitespace())
             .stdout(Stdio::null())
