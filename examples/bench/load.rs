@@ -458,9 +458,8 @@ fn rss(daemon: &Mount) -> u64 {
     daemon.rss_kib().0
 }
 
-/// 1,000 idle socket-file streams: KiB per stream, and the daemon's RSS
-/// five seconds after the last closed, against before.
-fn idle_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
+/// 1,000 idle socket-file streams ([`IdleCost`]).
+fn idle_streams(daemon: &Mount) -> Result<IdleCost, Error> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     let local = socket.local_addr()?;
     let path = daemon
@@ -471,8 +470,8 @@ fn idle_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
 }
 
 /// 100 idle `all` streams of a process alone in a network namespace of its
-/// own (no packet there: its rings stay small), as [`idle_streams`].
-fn idle_all_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
+/// own (no packet there: they get no ring), as [`idle_streams`].
+fn idle_all_streams(daemon: &Mount) -> Result<IdleCost, Error> {
     let netns = format!("nsfs-bench-idle-{}", std::process::id());
     let ip = |args: &[&str]| -> Result<(), Error> {
         let status = Command::new("ip").args(args).status()?;
@@ -507,13 +506,36 @@ fn idle_all_streams(daemon: &Mount) -> Result<(f64, u64, u64), Error> {
     outcome
 }
 
-/// `count` opens of `path`, each with its header read and nothing since:
-/// KiB of the daemon's RSS per stream, and its RSS (KiB) before and five
+/// What `count` idle streams cost: KiB of the daemon's RSS and of the
+/// kernel's slab per stream, and the daemon's RSS (KiB) before and five
 /// seconds after the last closed.
-fn idle_opens(daemon: &Mount, path: &Path, count: usize) -> Result<(f64, u64, u64), Error> {
+struct IdleCost {
+    rss_per_stream: f64,
+    slab_per_stream: f64,
+    before: u64,
+    after: u64,
+}
+
+/// The kernel's slab memory (KiB): where a packet socket and its filter
+/// live (a ring is mapped into the daemon and counts in its RSS).
+fn slab_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("Slab:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `count` opens of `path`, each with its header read and nothing since.
+fn idle_opens(daemon: &Mount, path: &Path, count: usize) -> Result<IdleCost, Error> {
     wait_for_path(path, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
     let before = rss(daemon);
+    let slab_before = slab_kib();
     let mut files = Vec::new();
     for _ in 0..count {
         let mut file = std::fs::File::open(path)?;
@@ -523,14 +545,16 @@ fn idle_opens(daemon: &Mount, path: &Path, count: usize) -> Result<(f64, u64, u6
     }
     std::thread::sleep(Duration::from_secs(1));
     let open = rss(daemon);
+    let slab_open = slab_kib();
     drop(files);
     std::thread::sleep(Duration::from_secs(5));
     let after = rss(daemon);
-    Ok((
-        open.saturating_sub(before) as f64 / count as f64,
+    Ok(IdleCost {
+        rss_per_stream: open.saturating_sub(before) as f64 / count as f64,
+        slab_per_stream: slab_open.saturating_sub(slab_before) as f64 / count as f64,
         before,
         after,
-    ))
+    })
 }
 
 /// A child killed and reaped however the measurement ends.
@@ -627,9 +651,9 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
     }
     println!("\nMemory of idle streams (opened, header read, nothing since)\n");
     println!(
-        "| streams | KiB per idle stream | daemon RSS before, MiB | 5 s after the last closed, MiB |"
+        "| streams | KiB of the daemon per idle stream | KiB of kernel slab per idle stream | daemon RSS before, MiB | 5 s after the last closed, MiB |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
     for (what, measured) in [
         ("1,000 of a socket file", idle_streams(daemon)?),
         (
@@ -637,11 +661,12 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
             idle_all_streams(daemon)?,
         ),
     ] {
-        let (per_stream, before, after) = measured;
         println!(
-            "| {what} | {per_stream:.0} | {:.1} | {:.1} |",
-            before as f64 / 1024.0,
-            after as f64 / 1024.0
+            "| {what} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            measured.rss_per_stream,
+            measured.slab_per_stream,
+            measured.before as f64 / 1024.0,
+            measured.after as f64 / 1024.0
         );
     }
     println!();
