@@ -17,6 +17,7 @@
 //! queue and then return EOF.
 
 pub mod closings;
+pub mod mailbox;
 pub mod neighbours;
 pub mod ordering;
 pub mod pcap;
@@ -740,7 +741,7 @@ impl Stream {
 }
 
 /// What [`PacketSink::batch_end`] reaches: the running servers, if any.
-static SERVERS: Mutex<Option<Sender<Weak<Stream>>>> = Mutex::new(None);
+static SERVERS: Mutex<Option<Arc<mailbox::Mailbox<Weak<Stream>>>>> = Mutex::new(None);
 
 /// The daemon's stream servers: a few threads that answer the waiting
 /// reads of every stream when its capture has handed over packets. Off the
@@ -752,15 +753,15 @@ pub struct Servers {
 
 impl Servers {
     pub fn start() -> std::io::Result<Servers> {
-        let (queue, queued) = crossbeam_channel::unbounded::<Weak<Stream>>();
+        let queue = Arc::new(mailbox::Mailbox::<Weak<Stream>>::default());
         let mut threads = Vec::new();
         for index in 0..crate::capture::service::threads_per_kind() {
-            let queued = queued.clone();
+            let queued = Arc::clone(&queue);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("stream-server-{index}"))
                     .spawn(move || {
-                        for stream in queued {
+                        while let Some(stream) = queued.recv() {
                             if let Some(stream) = stream.upgrade() {
                                 stream.rung.store(false, Ordering::SeqCst);
                                 stream.serve_pending();
@@ -775,7 +776,9 @@ impl Servers {
 
     /// Answers what is queued, then ends the threads.
     pub fn stop(self) {
-        lock(&SERVERS).take();
+        if let Some(queue) = lock(&SERVERS).take() {
+            queue.close();
+        }
         for thread in self.threads {
             let _ = thread.join();
         }
@@ -861,7 +864,7 @@ impl PacketSink for Stream {
             let servers = lock(&SERVERS);
             let queued = servers
                 .as_ref()
-                .is_some_and(|queue| queue.send(self.me.clone()).is_ok());
+                .is_some_and(|queue| queue.send(self.me.clone()));
             drop(servers);
             if !queued {
                 // No servers (unit tests, or the daemon's very end).

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use super::mailbox::{Mailbox, Received};
 
 /// One stream's tracker, stepped by a tracker thread.
 pub trait Followed: Send {
@@ -39,7 +39,7 @@ enum Message {
 #[derive(Clone)]
 pub struct Poke {
     id: u64,
-    queue: Sender<Message>,
+    queue: Arc<Mailbox<Message>>,
     /// Set while a poke is queued: a burst of packets queues one.
     queued: Arc<AtomicBool>,
 }
@@ -47,14 +47,14 @@ pub struct Poke {
 impl Poke {
     pub fn poke(&self) {
         if !self.queued.swap(true, Ordering::SeqCst) {
-            let _ = self.queue.send(Message::Poke(self.id));
+            self.queue.send(Message::Poke(self.id));
         }
     }
 }
 
 struct Pool {
-    threads: Vec<(Sender<Message>, Arc<AtomicUsize>)>,
-    background: Sender<Box<dyn FnOnce() + Send>>,
+    threads: Vec<(Arc<Mailbox<Message>>, Arc<AtomicUsize>)>,
+    background: Arc<Mailbox<Box<dyn FnOnce() + Send>>>,
 }
 
 /// What [`follow`] and [`in_background`] reach: the running threads.
@@ -80,12 +80,12 @@ pub fn follow(followed: Box<dyn Followed>) -> std::io::Result<Poke> {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let queued = Arc::new(AtomicBool::new(false));
     load.fetch_add(1, Ordering::Relaxed);
-    queue
-        .send(Message::Follow(id, followed, Arc::clone(&queued)))
-        .map_err(|_| not_running())?;
+    if !queue.send(Message::Follow(id, followed, Arc::clone(&queued))) {
+        return Err(not_running());
+    }
     Ok(Poke {
         id,
-        queue: queue.clone(),
+        queue: Arc::clone(queue),
         queued,
     })
 }
@@ -93,17 +93,18 @@ pub fn follow(followed: Box<dyn Followed>) -> std::io::Result<Poke> {
 /// Runs `job` on the background thread, after the jobs before it.
 pub fn in_background(job: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
     let pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-    pool.as_ref()
-        .ok_or_else(not_running)?
-        .background
-        .send(job)
-        .map_err(|_| not_running())
+    if pool.as_ref().ok_or_else(not_running)?.background.send(job) {
+        Ok(())
+    } else {
+        Err(not_running())
+    }
 }
 
 /// The running threads.
 pub struct Trackers {
     threads: Vec<JoinHandle<()>>,
-    queues: Vec<Sender<Message>>,
+    queues: Vec<Arc<Mailbox<Message>>>,
+    background: Arc<Mailbox<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Trackers {
@@ -111,7 +112,8 @@ impl Trackers {
         let mut threads = Vec::new();
         let mut queues = Vec::new();
         for index in 0..crate::capture::service::threads_per_kind() {
-            let (queue, received) = crossbeam_channel::unbounded();
+            let queue = Arc::new(Mailbox::default());
+            let received = Arc::clone(&queue);
             let load = Arc::new(AtomicUsize::new(0));
             let thread_load = Arc::clone(&load);
             threads.push(
@@ -121,34 +123,38 @@ impl Trackers {
             );
             queues.push((queue, load));
         }
-        let (background, jobs) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+        let background = Arc::new(Mailbox::<Box<dyn FnOnce() + Send>>::default());
+        let jobs = Arc::clone(&background);
         threads.push(
             thread::Builder::new()
                 .name("tables".into())
                 .spawn(move || {
-                    for job in jobs {
+                    while let Some(job) = jobs.recv() {
                         job();
                     }
                 })?,
         );
-        let senders = queues.iter().map(|(queue, _)| queue.clone()).collect();
+        let senders = queues.iter().map(|(queue, _)| Arc::clone(queue)).collect();
         *POOL.lock().unwrap_or_else(PoisonError::into_inner) = Some(Pool {
             threads: queues,
-            background,
+            background: Arc::clone(&background),
         });
         Ok(Trackers {
             threads,
             queues: senders,
+            background,
         })
     }
 
     /// Ends the threads: the trackers still followed are dropped.
     pub fn stop(self) {
-        // The background thread ends with the pool's sender; a tracker
-        // thread is told (a stream's Poke may outlive the pool).
+        // The background thread ends once its queue is closed and done; a
+        // tracker thread is told (a stream's Poke may outlive the pool).
         POOL.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.background.close();
         for queue in &self.queues {
-            let _ = queue.send(Message::Shutdown);
+            queue.send(Message::Shutdown);
+            queue.close();
         }
         for thread in self.threads {
             let _ = thread.join();
@@ -163,20 +169,15 @@ struct Entry {
 }
 
 /// A tracker thread: steps each followed tracker when due or poked.
-fn run(messages: &Receiver<Message>, load: &AtomicUsize) {
+fn run(messages: &Mailbox<Message>, load: &AtomicUsize) {
     let mut entries: HashMap<u64, Entry> = HashMap::new();
     // Stale entries (a stream stepped early by a poke) are skipped.
     let mut schedule: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     loop {
-        let message = match schedule.peek() {
-            Some(Reverse((due, _))) => {
-                messages.recv_timeout(due.saturating_duration_since(Instant::now()))
-            }
-            None => messages.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        let message = messages.recv_until(schedule.peek().map(|Reverse((due, _))| *due));
         let mut now_due = Vec::new();
         match message {
-            Ok(Message::Follow(id, followed, queued)) => {
+            Received::Item(Message::Follow(id, followed, queued)) => {
                 entries.insert(
                     id,
                     Entry {
@@ -187,9 +188,9 @@ fn run(messages: &Receiver<Message>, load: &AtomicUsize) {
                 );
                 now_due.push(id);
             }
-            Ok(Message::Poke(id)) => now_due.push(id),
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(Message::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+            Received::Item(Message::Poke(id)) => now_due.push(id),
+            Received::TimedOut => {}
+            Received::Item(Message::Shutdown) | Received::Closed => return,
         }
         let now = Instant::now();
         while let Some(&Reverse((due, id))) = schedule.peek() {
