@@ -14,8 +14,11 @@
 //! capture, which takes over at the first packets, continues the same
 //! stream and its copies of the packets both took are known as such.
 //!
-//! Read per packet (a system call each, where a ring hands over blocks):
-//! fine for the few packets before the ring grows, not for a busy flow.
+//! Its packets wait in the queue as long as a ring's would wait in its
+//! block (the block timeout: [`super::service`] reads a queue that long
+//! after its first packet came), and are then read one system call each,
+//! where a ring hands over blocks: fine for the few packets before the
+//! ring grows, not for a busy flow.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -31,9 +34,8 @@ use super::source::{CaptureStats, Instruction, PacketSink, Timestamp, attach_soc
 /// grown ring opens (a 1 MiB ring holds fifteen of those).
 pub const QUEUE_BYTES: usize = 4 << 20;
 
-/// The most packets read from one queue before the poller looks at its
-/// other captures (epoll is level-triggered: the rest follows).
-const PACKETS_PER_TURN: usize = 256;
+/// The most packets one read of a queue hands over.
+pub const PACKETS_PER_TURN: usize = 256;
 
 /// A Linux cooked (v1) header's length.
 const SLL_HDR_LEN: usize = 16;

@@ -68,6 +68,20 @@ struct Running {
     label: String,
     /// The capture's link type (a new filter is made for it).
     linktype: i32,
+    /// How long a queue capture's packets wait in its queue from the first
+    /// one's arrival: a ring's block timeout (see [`Poller::ready`]).
+    hold: std::time::Duration,
+}
+
+impl Running {
+    /// What the poller waits for on its socket: a queue capture is
+    /// disarmed from its first packet until the poller reads it.
+    fn wanted(&self) -> epoll::EventFlags {
+        match self.capture {
+            Source::Ring(_) => epoll::EventFlags::IN,
+            Source::Queue(_) => epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+        }
+    }
 }
 
 /// The sending side of one poller.
@@ -297,6 +311,7 @@ impl Service {
                 commands: received,
                 captures: HashMap::new(),
                 paused: HashMap::new(),
+                held: Vec::new(),
                 queue_buffer: Vec::new(),
                 load: Arc::clone(&load),
                 spent: spent.clone(),
@@ -368,6 +383,7 @@ fn open_each(jobs: &Receiver<OpenJob>, pollers: &[PollerHandle]) {
             id,
             Box::new(Running {
                 linktype: details.linktype(),
+                hold: details.block_timeout(),
                 capture,
                 sink: job.sink,
                 label,
@@ -391,6 +407,8 @@ struct Poller {
     captures: HashMap<u64, Running>,
     /// Captures adopted and not yet resumed.
     paused: HashMap<u64, Running>,
+    /// Queue captures whose packets wait until then (their hold).
+    held: Vec<(std::time::Instant, u64)>,
     /// Where a queue capture's packets are read into, one at a time
     /// (grown at its first packet; one for all the poller's queues).
     queue_buffer: Vec<u8>,
@@ -403,10 +421,17 @@ impl Poller {
         let mut events = Vec::with_capacity(64);
         loop {
             events.clear();
+            let timeout = self.held.iter().map(|(due, _)| *due).min().map(|due| {
+                let left = due.saturating_duration_since(std::time::Instant::now());
+                rustix::event::Timespec {
+                    tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                }
+            });
             match epoll::wait(
                 &self.epoll,
                 rustix::buffer::spare_capacity(&mut events),
-                None,
+                timeout.as_ref(),
             ) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
@@ -426,7 +451,56 @@ impl Poller {
                         return;
                     }
                 } else {
-                    self.serve(token);
+                    self.ready(token);
+                }
+            }
+            self.release_held();
+        }
+    }
+
+    /// The kernel has packets for capture `id`. A ring's are read now: the
+    /// kernel handed over a block, full or timed out. A queue's wait, in
+    /// the queue, as long as a ring's block would (its timeout), then are
+    /// read together: the sorting of a process's stream takes packets
+    /// that come that late (the events of their flows are read by then),
+    /// and one wake-up serves a burst.
+    fn ready(&mut self, id: u64) {
+        let Some(running) = self.captures.get(&id) else {
+            return;
+        };
+        match running.capture {
+            Source::Ring(_) => self.serve(id),
+            Source::Queue(_) => {
+                let due = std::time::Instant::now() + running.hold;
+                self.held.push((due, id));
+            }
+        }
+    }
+
+    /// Reads the queues whose hold is over, and waits for their next
+    /// packets.
+    fn release_held(&mut self) {
+        let now = std::time::Instant::now();
+        let mut index = 0;
+        while index < self.held.len() {
+            if self.held[index].0 > now {
+                index += 1;
+                continue;
+            }
+            let (_, id) = self.held.swap_remove(index);
+            self.serve(id);
+            if let Some(running) = self.captures.get(&id)
+                && let Err(err) = epoll::modify(
+                    &self.epoll,
+                    running.capture.as_fd(),
+                    epoll::EventData::new_u64(id),
+                    running.wanted(),
+                )
+            {
+                warn!("{}: cannot wait for its packets: {err}", running.label);
+                if let Some(running) = self.captures.remove(&id) {
+                    let _ = epoll::delete(&self.epoll, running.capture.as_fd());
+                    self.end(running);
                 }
             }
         }
@@ -447,7 +521,7 @@ impl Poller {
                         &self.epoll,
                         running.capture.as_fd(),
                         epoll::EventData::new_u64(id),
-                        epoll::EventFlags::IN,
+                        running.wanted(),
                     ) {
                         warn!("{}: cannot wait for its packets: {err}", running.label);
                         self.end(running);
@@ -461,6 +535,7 @@ impl Poller {
                     } else if self.captures.contains_key(&id) {
                         // What the kernel already handed over is the stream's.
                         self.serve(id);
+                        self.held.retain(|(_, held)| *held != id);
                         if let Some(running) = self.captures.remove(&id) {
                             let _ = epoll::delete(&self.epoll, running.capture.as_fd());
                             self.end(running);
@@ -492,10 +567,7 @@ impl Poller {
         let sink = running.sink.as_ref();
         let (handed, failed) = match &mut running.capture {
             Source::Ring(capture) => dispatch_blocks(capture, sink),
-            Source::Queue(queue) => match queue.read(&mut self.queue_buffer, sink) {
-                Ok(read) => (read > 0, None),
-                Err(err) => (false, Some(err.to_string())),
-            },
+            Source::Queue(queue) => read_queue(queue, &mut self.queue_buffer, sink),
         };
         if handed {
             running.sink.batch_end();
@@ -561,3 +633,31 @@ fn dispatch_blocks(
     }
     (handed, None)
 }
+
+/// Reads what waits in a queue capture (at most [`QUEUE_TURNS`] turns: a
+/// queue filled faster than it is read waits for the next hold): whether
+/// any packet came, and why reading failed, if it did.
+fn read_queue(
+    queue: &super::queue::QueueCapture,
+    buffer: &mut Vec<u8>,
+    sink: &dyn PacketSink,
+) -> (bool, Option<String>) {
+    let mut handed = false;
+    for _ in 0..QUEUE_TURNS {
+        match queue.read(buffer, sink) {
+            Ok(0) => break,
+            Ok(read) => {
+                handed = true;
+                if read < super::queue::PACKETS_PER_TURN {
+                    break;
+                }
+            }
+            Err(err) => return (handed, Some(err.to_string())),
+        }
+    }
+    (handed, None)
+}
+
+/// The most turns of [`super::queue::PACKETS_PER_TURN`] packets read from a
+/// queue at once.
+const QUEUE_TURNS: usize = 16;

@@ -238,7 +238,7 @@ impl Opened {
     pub fn describe(&self) -> String {
         if self.ring_bytes == 0 {
             return format!(
-                "no ring until its first packets (a queue of up to {} KiB hands each over at once), then packets handed over within {:?}",
+                "no ring until its first packets (a queue of up to {} KiB), packets handed over within {:?}",
                 super::queue::QUEUE_BYTES >> 10,
                 self.block_timeout
             );
@@ -275,6 +275,10 @@ pub(super) struct Details {
 impl Details {
     pub(super) fn linktype(&self) -> i32 {
         self.linktype
+    }
+
+    pub(super) fn block_timeout(&self) -> Duration {
+        self.block_timeout
     }
 
     pub(super) fn with_control(self, control: CaptureControl) -> Opened {
@@ -395,8 +399,8 @@ pub(super) fn open(
                 snaplen: settings.snaplen,
                 nanosecond_timestamps: true,
                 local_networks,
-                // The grown capture's: the stream's packets come within it
-                // once the queue has handed over to the ring.
+                // As a ring's: the poller reads the queue that long after
+                // its first packet, and the grown ring hands over within it.
                 block_timeout: timeout,
                 ring_bytes: 0,
             };

@@ -965,8 +965,8 @@ fn stalled_daemon(stop: Duration) {
     );
 
     // Both start without a ring (the namespace is quiet) and get one once
-    // packets come, which hands packets over within 8 ms.
-    let ringless = "capture running, no ring until its first packets (a queue of up to 4096 KiB hands each over at once), then packets handed over within 8ms";
+    // packets come; both hand packets over within 8 ms.
+    let ringless = "capture running, no ring until its first packets (a queue of up to 4096 KiB), packets handed over within 8ms";
     assert!(
         mount.log().contains(&format!("trickle/all: {ringless}")),
         "{}",
@@ -1090,7 +1090,7 @@ fn max_delay_sets_how_long_the_kernel_holds_a_packet() {
     };
     wait_until(WAIT, "the capture's geometry in the log", || {
         said("capture running, no ring until its first packets")
-            && said("then packets handed over within 2ms")
+            && said("(a queue of up to 4096 KiB), packets handed over within 2ms")
     });
     peer.cmd(&format!("sendto {} {} live", sender[0], receiver[1]));
     let packets = stream.wait_packets("the datagram", |packets| !packets.is_empty());
