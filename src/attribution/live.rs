@@ -591,6 +591,14 @@ impl Live {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Makes the reader look now: a packet waits for the events up to its
+    /// time (the reader otherwise sleeps long while no event comes).
+    pub fn hurry(&self) {
+        if let Some(reader) = &self.reader {
+            reader.hurry().hurry();
+        }
+    }
+
     /// How many events were lost since the reader started.
     pub fn lost(&self) -> u64 {
         self.shared.lost.load(Ordering::Relaxed)

@@ -38,12 +38,15 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// How long the reader sleeps between looks while events come (less than
 /// a capture block's timeout: packets wait little for events).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
-/// The same once a look found the rings empty: a capture block's timeout
-/// (a busy service's steady traffic, its busy sockets' reads left out in
-/// the kernel, makes no events; waking every 2 ms for none was a tenth of
-/// the daemon's time beside it). Events still wake the reader at once
-/// when a ring fills to its watermark.
-const QUIET_POLL_INTERVAL: Duration = crate::capture::source::LIVE_DELAY;
+/// The same once a look found the rings empty. A busy service's steady
+/// traffic, its busy sockets' reads left out in the kernel, makes no
+/// events, and each wake-up of the reader is a switch away from the
+/// service on a small machine (every 2 ms, then every 8 ms, the reader's
+/// were most of the daemon's beside redis-benchmark). What waits for events
+/// does not wait for this: a packet that needs the events read up to its
+/// time hurries the reader ([`Hurry`]), and a ring filling to its
+/// watermark wakes it.
+const QUIET_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Tracepoints a reader cannot do without; the others add recall.
 const REQUIRED: [Tracepoint; 2] = [Tracepoint::FibLookup, Tracepoint::SetState];
@@ -71,6 +74,42 @@ pub trait Consumer: Send + Sync + 'static {
 pub struct Reader {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    hurry: Hurry,
+}
+
+/// Makes the reader look at its rings now rather than when due: for a
+/// packet that waits for the events up to its time.
+#[derive(Clone)]
+pub struct Hurry {
+    wake: Arc<OwnedFd>,
+    /// Set while a wake-up is on its way: a burst of waiting packets
+    /// writes the eventfd once.
+    asked: Arc<AtomicBool>,
+}
+
+impl Hurry {
+    fn new() -> std::io::Result<Hurry> {
+        use rustix::event::{EventfdFlags, eventfd};
+        Ok(Hurry {
+            wake: Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?),
+            asked: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn hurry(&self) {
+        if !self.asked.swap(true, Ordering::AcqRel) {
+            // An eventfd's counter only saturates after 2^64 - 2 writes.
+            let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// The reader woke: a later packet asks again.
+    fn answered(&self) {
+        if self.asked.swap(false, Ordering::AcqRel) {
+            let mut counter = [0u8; 8];
+            let _ = rustix::io::read(&*self.wake, &mut counter);
+        }
+    }
 }
 
 /// Changes which events of a tracepoint reach the rings, while the reader
@@ -185,9 +224,11 @@ impl Reader {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let reader_stop = Arc::clone(&stop);
+        let hurry = Hurry::new().map_err(|err| format!("cannot make an eventfd: {err}"))?;
+        let reader_hurry = hurry.clone();
         let thread = std::thread::Builder::new()
             .name("kernel-events".into())
-            .spawn(move || read(rings, &decoder, &*consumer, &reader_stop))
+            .spawn(move || read(rings, &decoder, &*consumer, &reader_stop, &reader_hurry))
             .map_err(|err| format!("cannot start a thread: {err}"))?;
         info!(
             "kernel events: {} tracepoints on {} CPUs from {}",
@@ -199,9 +240,17 @@ impl Reader {
             Reader {
                 stop,
                 thread: Some(thread),
+                hurry,
             },
             handle,
         ))
+    }
+}
+
+impl Reader {
+    /// What makes the reader look now.
+    pub fn hurry(&self) -> &Hurry {
+        &self.hurry
     }
 }
 
@@ -226,7 +275,13 @@ impl Drop for Reader {
 /// So the events of every ring are merged and handed over by time, up to
 /// the moment the drain began: any event older than that was already in
 /// its ring; newer ones wait for the next round.
-fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: &AtomicBool) {
+fn read(
+    mut rings: Vec<Ring>,
+    decoder: &Decoder,
+    consumer: &dyn Consumer,
+    stop: &AtomicBool,
+    hurry: &Hurry,
+) {
     // (monotonic ns, pid, tid, event), not yet handed over.
     let mut pending: Vec<(u64, u32, u32, Decoded)> = Vec::new();
     let mut ready: Vec<Sample> = Vec::new();
@@ -238,6 +293,7 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
                 .iter()
                 .map(|ring| PollFd::new(ring.poll_fd(), PollFlags::IN))
                 .collect();
+            fds.push(PollFd::new(&*hurry.wake, PollFlags::IN));
             let interval = if quiet {
                 QUIET_POLL_INTERVAL
             } else {
@@ -249,6 +305,8 @@ fn read(mut rings: Vec<Ring>, decoder: &Decoder, consumer: &dyn Consumer, stop: 
             };
             let _ = poll(&mut fds, Some(&timeout));
         }
+        // Before the drain: a packet that asks from now on gets another.
+        hurry.answered();
         let clock = Clock::now();
         let mut lost = 0;
         let mut records = 0usize;

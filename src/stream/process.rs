@@ -1358,6 +1358,9 @@ impl ProcessSink {
                 if let Some(poke) = self.poke.get() {
                     poke.poke();
                 }
+                if let Some(events) = &self.events {
+                    events.hurry();
+                }
             }
         }
     }
@@ -1660,6 +1663,12 @@ impl Following {
         } else if !lock(&sink.candidates).queue.is_empty() {
             sink.sort_candidates();
             sink.stream.batch_end();
+        }
+        if let Some(events) = &sink.events
+            && !lock(&sink.candidates).queue.is_empty()
+        {
+            // What still waits may wait for events not read yet.
+            events.hurry();
         }
         sink.narrow();
         sink.release_held(false);

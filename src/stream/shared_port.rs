@@ -201,7 +201,13 @@ impl SharedPortGate {
                 None => Delivery::Undecided,
             };
             let delivery = match delivery {
-                Delivery::Pending if next.queued.elapsed() < LONGEST_WAIT => break,
+                Delivery::Pending if next.queued.elapsed() < LONGEST_WAIT => {
+                    // It waits for events the reader has yet to read.
+                    if let Some(events) = &events {
+                        events.hurry();
+                    }
+                    break;
+                }
                 other => other,
             };
             let Some(datagram) = waiting.pop_front() else {
