@@ -29,6 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use rustix::event::{EventfdFlags, epoll, eventfd};
 
+use super::queue::HeldBlock;
 use super::source::{
     CaptureError, CaptureRequest, CaptureSettings, Opened, PacketSink, Source, Timestamp,
 };
@@ -68,20 +69,11 @@ struct Running {
     label: String,
     /// The capture's link type (a new filter is made for it).
     linktype: i32,
-    /// How long a queue capture's packets wait in its queue from the first
-    /// one's arrival: a ring's block timeout (see [`Poller::ready`]).
+    /// How long a queue capture's packets are held from the first one's
+    /// arrival: a ring's block timeout.
     hold: std::time::Duration,
-}
-
-impl Running {
-    /// What the poller waits for on its socket: a queue capture is
-    /// disarmed from its first packet until the poller reads it.
-    fn wanted(&self) -> epoll::EventFlags {
-        match self.capture {
-            Source::Ring(_) => epoll::EventFlags::IN,
-            Source::Queue(_) => epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
-        }
-    }
+    /// A queue capture's packets read and held ([`HeldBlock`]).
+    block: HeldBlock,
 }
 
 /// The sending side of one poller.
@@ -384,6 +376,7 @@ fn open_each(jobs: &Receiver<OpenJob>, pollers: &[PollerHandle]) {
             Box::new(Running {
                 linktype: details.linktype(),
                 hold: details.block_timeout(),
+                block: HeldBlock::default(),
                 capture,
                 sink: job.sink,
                 label,
@@ -451,34 +444,28 @@ impl Poller {
                         return;
                     }
                 } else {
-                    self.ready(token);
+                    self.serve(token, false);
+                    self.hold(token);
                 }
             }
             self.release_held();
         }
     }
 
-    /// The kernel has packets for capture `id`. A ring's are read now: the
-    /// kernel handed over a block, full or timed out. A queue's wait, in
-    /// the queue, as long as a ring's block would (its timeout), then are
-    /// read together: the sorting of a process's stream takes packets
-    /// that come that late (the events of their flows are read by then),
-    /// and one wake-up serves a burst.
-    fn ready(&mut self, id: u64) {
+    /// Remembers when capture `id`'s held packets are due, if it holds any
+    /// and that is not known yet.
+    fn hold(&mut self, id: u64) {
         let Some(running) = self.captures.get(&id) else {
             return;
         };
-        match running.capture {
-            Source::Ring(_) => self.serve(id),
-            Source::Queue(_) => {
-                let due = std::time::Instant::now() + running.hold;
-                self.held.push((due, id));
-            }
+        if let Some(due) = running.block.due(running.hold)
+            && !self.held.iter().any(|(_, held)| *held == id)
+        {
+            self.held.push((due, id));
         }
     }
 
-    /// Reads the queues whose hold is over, and waits for their next
-    /// packets.
+    /// Hands over the held packets that are due.
     fn release_held(&mut self) {
         let now = std::time::Instant::now();
         let mut index = 0;
@@ -488,21 +475,7 @@ impl Poller {
                 continue;
             }
             let (_, id) = self.held.swap_remove(index);
-            self.serve(id);
-            if let Some(running) = self.captures.get(&id)
-                && let Err(err) = epoll::modify(
-                    &self.epoll,
-                    running.capture.as_fd(),
-                    epoll::EventData::new_u64(id),
-                    running.wanted(),
-                )
-            {
-                warn!("{}: cannot wait for its packets: {err}", running.label);
-                if let Some(running) = self.captures.remove(&id) {
-                    let _ = epoll::delete(&self.epoll, running.capture.as_fd());
-                    self.end(running);
-                }
-            }
+            self.serve(id, true);
         }
     }
 
@@ -521,7 +494,7 @@ impl Poller {
                         &self.epoll,
                         running.capture.as_fd(),
                         epoll::EventData::new_u64(id),
-                        running.wanted(),
+                        epoll::EventFlags::IN,
                     ) {
                         warn!("{}: cannot wait for its packets: {err}", running.label);
                         self.end(running);
@@ -534,7 +507,7 @@ impl Poller {
                         self.end(running);
                     } else if self.captures.contains_key(&id) {
                         // What the kernel already handed over is the stream's.
-                        self.serve(id);
+                        self.serve(id, true);
                         self.held.retain(|(_, held)| *held != id);
                         if let Some(running) = self.captures.remove(&id) {
                             let _ = epoll::delete(&self.epoll, running.capture.as_fd());
@@ -558,19 +531,33 @@ impl Poller {
         true
     }
 
-    /// Dispatches the blocks the kernel has handed over for capture `id`
-    /// (a queue's packets, for a queue capture).
-    fn serve(&mut self, id: u64) {
+    /// Dispatches the blocks the kernel has handed over for capture `id`.
+    /// A queue capture's packets are read and held ([`HeldBlock`]): handed
+    /// over once they fill a block, or with `flush` (their hold is over, or
+    /// the capture ends).
+    fn serve(&mut self, id: u64, flush: bool) {
         let Some(running) = self.captures.get_mut(&id) else {
             return;
         };
         let sink = running.sink.as_ref();
         let (handed, failed) = match &mut running.capture {
             Source::Ring(capture) => dispatch_blocks(capture, sink),
-            Source::Queue(queue) => read_queue(queue, &mut self.queue_buffer, sink),
+            Source::Queue(queue) => {
+                let (_, failed) = read_queue(queue, &mut self.queue_buffer, &mut running.block);
+                let handed = if flush || running.block.full() || failed.is_some() {
+                    running.block.hand_over(sink)
+                } else {
+                    false
+                };
+                (handed, failed)
+            }
         };
         if handed {
             running.sink.batch_end();
+            if running.block.is_empty() {
+                // Its held packets went out: no hold of theirs is due.
+                self.held.retain(|(_, held)| *held != id);
+            }
         }
         if let Some(message) = failed {
             let message = if message.trim().is_empty() {
@@ -599,7 +586,7 @@ impl Poller {
     fn end_all(&mut self) {
         let ids: Vec<u64> = self.captures.keys().copied().collect();
         for id in ids {
-            self.serve(id);
+            self.serve(id, true);
             if let Some(running) = self.captures.remove(&id) {
                 self.end(running);
             }
@@ -634,17 +621,26 @@ fn dispatch_blocks(
     (handed, None)
 }
 
-/// Reads what waits in a queue capture (at most [`QUEUE_TURNS`] turns: a
-/// queue filled faster than it is read waits for the next hold): whether
-/// any packet came, and why reading failed, if it did.
+/// Reads what waits in a queue capture into `block` (at most
+/// [`QUEUE_TURNS`] turns: epoll is level-triggered, the rest follows):
+/// whether any packet came, and why reading failed, if it did.
 fn read_queue(
     queue: &super::queue::QueueCapture,
     buffer: &mut Vec<u8>,
-    sink: &dyn PacketSink,
+    block: &mut HeldBlock,
 ) -> (bool, Option<String>) {
     let mut handed = false;
+    let now = std::time::Instant::now();
     for _ in 0..QUEUE_TURNS {
-        match queue.read(buffer, sink) {
+        if block.full() {
+            // The rest waits in the kernel until this block is handed over.
+            break;
+        }
+        let mut take = |timestamp: Timestamp, original_length: u32, data: &[u8]| {
+            block.push(timestamp, original_length, data, now);
+            !block.full()
+        };
+        match queue.read(buffer, &mut take) {
             Ok(0) => break,
             Ok(read) => {
                 handed = true;
