@@ -2,8 +2,10 @@
 //!
 //! A stream's kernel ring is memory the kernel commits when the capture
 //! opens, whether a packet ever comes or not. A stream opened on a quiet
-//! socket (most are) gets a small ring ([`RingStage::Sprout`]); once its
-//! capture has handed over packets, a capture with the full ring
+//! socket (most are) starts without a ring ([`RingStage::Sprout`]: a
+//! packet socket and its queue, [`super::queue`], on the `any` device; a
+//! ring of four blocks on another); once its first capture has handed over
+//! packets, a capture with the full ring
 //! ([`RingStage::Grown`]: what rides out a stalled daemon) is opened with
 //! the same filter in the same namespace, and the small one is stopped.
 //! Both capture what passes in between: the new capture's copy of a packet

@@ -31,13 +31,14 @@ use crate::inventory::Netns;
 /// timeouts of a stalled daemon (stopped, starved, swapping): 32 blocks
 /// (the grown ring of 8 MiB) at 8 ms, 256 ms; a busy flow fills its blocks
 /// long before their timeout, and the ring holds 8 MiB of it. A stream
-/// opens with a ring of [`SPROUT_RING`] and grows to its full size once
-/// packets come ([`super::growth`]): an idle stream's ring is 1 MiB
-/// ([`grows`] says which).
+/// opens without a ring on the `any` device ([`super::queue`]), with one
+/// of [`SPROUT_RING`] on another, and gets its full ring once packets come
+/// ([`super::growth`]; [`grows`] says which streams do).
 pub const LIVE_DELAY: Duration = Duration::from_millis(8);
 /// libpcap's TPACKET_V3 block: room for one packet of its largest snaplen.
 const BLOCK_BYTES: usize = 256 << 10;
-/// A stream's ring until its first packets: four blocks, the fewest the
+/// A stream's ring until its first packets, where it cannot start
+/// without one (a device other than `any`): four blocks, the fewest the
 /// kernel fills without losing packets it has room for. Before it takes a
 /// packet, the kernel checks without a lock whether the block a quarter of
 /// the ring ahead is free (`__packet_rcv_has_room`); with fewer than four
