@@ -543,7 +543,7 @@ impl Poller {
         let (handed, failed) = match &mut running.capture {
             Source::Ring(capture) => dispatch_blocks(capture, sink),
             Source::Queue(queue) => {
-                let (_, failed) = read_queue(queue, &mut self.queue_buffer, &mut running.block);
+                let failed = read_queue(queue, &mut self.queue_buffer, &mut running.block);
                 let handed = if flush || running.block.full() || failed.is_some() {
                     running.block.hand_over(sink)
                 } else {
@@ -623,13 +623,12 @@ fn dispatch_blocks(
 
 /// Reads what waits in a queue capture into `block` (at most
 /// [`QUEUE_TURNS`] turns: epoll is level-triggered, the rest follows):
-/// whether any packet came, and why reading failed, if it did.
+/// why reading failed, if it did.
 fn read_queue(
     queue: &super::queue::QueueCapture,
     buffer: &mut Vec<u8>,
     block: &mut HeldBlock,
-) -> (bool, Option<String>) {
-    let mut handed = false;
+) -> Option<String> {
     let now = std::time::Instant::now();
     for _ in 0..QUEUE_TURNS {
         if block.full() {
@@ -641,17 +640,12 @@ fn read_queue(
             !block.full()
         };
         match queue.read(buffer, &mut take) {
-            Ok(0) => break,
-            Ok(read) => {
-                handed = true;
-                if read < super::queue::PACKETS_PER_TURN {
-                    break;
-                }
-            }
-            Err(err) => return (handed, Some(err.to_string())),
+            Ok(read) if read < super::queue::PACKETS_PER_TURN => break,
+            Ok(_) => {}
+            Err(err) => return Some(err.to_string()),
         }
     }
-    (handed, None)
+    None
 }
 
 /// The most turns of [`super::queue::PACKETS_PER_TURN`] packets read from a

@@ -1220,11 +1220,47 @@ fn raw_records(path: &Path) -> (i32, Vec<(i64, u32, Vec<u8>)>) {
     (linktype, records)
 }
 
+/// The stream's records against tcpdump's of the same traffic, taken at
+/// the same time: as many, in the same order, each byte for byte (but for
+/// the address bytes the kernel leaves unwritten), with the same length and
+/// a stamp within a millisecond.
+fn assert_records_are_tcpdumps(stream: &Reader, tcpdump: &mut Tcpdump, count: usize) {
+    let truth_path = tcpdump.stop_to_file();
+    let (truth_type, truth) = raw_records(&truth_path);
+    let scratch = crate::common::ScratchDir::new("first-records");
+    let ours_path = scratch.0.join("stream.pcap");
+    std::fs::write(&ours_path, &*stream.bytes.lock().unwrap()).unwrap();
+    let (ours_type, ours) = raw_records(&ours_path);
+    assert_eq!((ours_type, truth_type), (113, 113));
+    assert_eq!(truth.len(), count, "tcpdump saw the traffic");
+    assert_eq!(ours.len(), count);
+    // Bytes 6..14: the eight-byte address field, of which loopback's
+    // address has six (written, zero) and two the kernel leaves as its
+    // ring or buffer held them.
+    let comparable = |data: &[u8]| [&data[..6], &data[14..]].concat();
+    for (index, ((stamp, length, data), (truth_stamp, truth_length, truth_data))) in
+        ours.iter().zip(&truth).enumerate()
+    {
+        assert_eq!(length, truth_length, "record {index}");
+        assert_eq!(
+            comparable(data),
+            comparable(truth_data),
+            "record {index}: ours {data:02x?}, tcpdump's {truth_data:02x?}"
+        );
+        assert_eq!(&data[6..12], &[0; 6], "record {index}: loopback's address");
+        assert!(
+            stamp.abs_diff(*truth_stamp) < 1_000_000,
+            "record {index}: stamped {stamp}, tcpdump {truth_stamp}"
+        );
+    }
+}
+
 /// A stream's first packets come from a packet socket without a ring (an
 /// idle stream holds none) until its ring opens; either way each record
-/// is the one libpcap makes: byte for byte tcpdump's on `any` with cooked
-/// v1 headers (but for the address bytes the kernel leaves unwritten),
-/// with the same length and a stamp within a millisecond, each once.
+/// is the one libpcap makes: tcpdump's on `any` with cooked v1 headers, as
+/// [`assert_records_are_tcpdumps`] compares them, each once. A burst of
+/// datagrams received, and a TCP connection to a listener from its SYN to
+/// its last ACK.
 #[test]
 fn the_packets_before_the_ring_are_the_records_tcpdump_has() {
     let mount = Mount::start(&[]);
@@ -1250,32 +1286,36 @@ fn the_packets_before_the_ring_are_the_records_tcpdump_has() {
         mount.log().contains("first-records/udp_127.0.0.1:")
             && mount.log().contains("the capture grew to")
     });
-    let truth_path = tcpdump.stop_to_file();
-    let (truth_type, truth) = raw_records(&truth_path);
-    let scratch = crate::common::ScratchDir::new("first-records");
-    let ours_path = scratch.0.join("stream.pcap");
-    std::fs::write(&ours_path, &*stream.bytes.lock().unwrap()).unwrap();
-    let (ours_type, ours) = raw_records(&ours_path);
-    assert_eq!((ours_type, truth_type), (113, 113));
-    assert_eq!(ours.len(), count);
-    assert_eq!(truth.len(), count, "tcpdump saw the burst");
-    // Bytes 6..14: the eight-byte address field, of which loopback's
-    // address has six (written, zero) and two the kernel leaves as its
-    // ring or buffer held them.
-    let comparable = |data: &[u8]| [&data[..6], &data[14..]].concat();
-    for (index, ((stamp, length, data), (truth_stamp, truth_length, truth_data))) in
-        ours.iter().zip(&truth).enumerate()
-    {
-        assert_eq!(length, truth_length, "record {index}");
-        assert_eq!(
-            comparable(data),
-            comparable(truth_data),
-            "record {index}: ours {data:02x?}, tcpdump's {truth_data:02x?}"
-        );
-        assert_eq!(&data[6..12], &[0; 6], "record {index}: loopback's address");
-        assert!(
-            stamp.abs_diff(*truth_stamp) < 1_000_000,
-            "record {index}: stamped {stamp}, tcpdump {truth_stamp}"
-        );
-    }
+    assert_records_are_tcpdumps(&stream, &mut tcpdump, count);
+
+    // A listener's stream, open before its first connection.
+    let listener = peer.cmd("tcp-listen 127.0.0.1:0");
+    let port = listener[1].rsplit(':').next().unwrap().to_owned();
+    let listener_file = socket_file(
+        &mount,
+        &peer,
+        "first-records",
+        &format!("tcp_{}_0.0.0.0:0", listener[1]),
+    );
+    let mut tcpdump = Tcpdump::start_cooked_v1(&format!("tcp port {port}"));
+    let stream = Reader::open(&listener_file);
+    let client = peer.cmd(&format!("tcp-connect {}", listener[1]));
+    let server = peer.cmd(&format!("tcp-accept {}", listener[0]));
+    peer.cmd(&format!("send {} ping", client[0]));
+    peer.cmd(&format!("recv {} 4", server[0]));
+    peer.cmd(&format!("send {} pong", server[0]));
+    peer.cmd(&format!("recv {} 4", client[0]));
+    peer.cmd(&format!("close {}", client[0]));
+    peer.cmd(&format!("close {}", server[0]));
+    // SYN, SYN-ACK, ACK; two data segments and their ACKs; FIN-ACK and ACK
+    // each way (the second FIN may carry the first's ACK).
+    let packets = stream.wait_packets("the connection's last ACK", |packets| {
+        packets.iter().filter(|p| p.tcp_flags.contains('F')).count() == 2
+            && packets.last().is_some_and(|p| p.tcp_flags == ".")
+    });
+    assert_eq!(packets.first().unwrap().tcp_flags, "S", "{packets:#?}");
+    assert_eq!(payloads(&packets), ["ping", "pong"]);
+    assert_no_duplicates(&packets);
+    // tcpdump has exactly these: none more, none other.
+    assert_records_are_tcpdumps(&stream, &mut tcpdump, packets.len());
 }
