@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::{Error, Helper, children_cpu_seconds, wait_for_path};
 use testkit::Mount;
+use testkit::process::Reaped;
 
 /// `bench load-client <port> <requests>`: holds a socket (so that it is a
 /// directory of the mount), says "ready", and on "go" runs redis-benchmark
@@ -133,9 +134,9 @@ struct Round {
     lost_events: u64,
 }
 
-/// A redis-server of the round's own.
+/// A redis-server of the round's own, killed and reaped when dropped.
 struct Redis {
-    child: Child,
+    child: Reaped,
     port: u16,
 }
 
@@ -144,12 +145,14 @@ impl Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let child = Reaped(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -158,13 +161,6 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Redis { child, port })
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -495,7 +491,7 @@ fn idle_all_streams(daemon: &Mount) -> Result<IdleCost, Error> {
         .stdin(Stdio::piped())
         .spawn();
     let outcome = held.map_err(Error::from).and_then(|child| {
-        let child = KillOnDrop(child);
+        let child = Reaped(child);
         let path = daemon
             .path
             .join(format!("{}_python3", child.0.id()))
@@ -557,19 +553,20 @@ fn idle_opens(daemon: &Mount, path: &Path, count: usize) -> Result<IdleCost, Err
     })
 }
 
-/// A child killed and reaped however the measurement ends.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The first and third quartiles of `values` (the nearest ranks): where
+/// the middle half of the rounds fell.
+fn middle_half(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |quarter: usize| {
+        let last = sorted.len().saturating_sub(1);
+        sorted.get((last * quarter + 2) / 4).copied().unwrap_or(0.0)
+    };
+    (at(1), at(3))
 }
 
 /// Runs the section; prints its tables.
-pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error> {
-    let rounds = if quick { 2 } else { 5 };
+pub fn measure(daemon: &Mount, scratch: &Path, quick: bool, rounds: usize) -> Result<(), Error> {
     let requests = if quick { 100_000 } else { 200_000 };
     let order = [
         Watch::Nothing,
@@ -594,9 +591,9 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
          capturing; CPU is the daemon's and its readers' (`cat`), or tcpdump's.\n"
     );
     println!(
-        "| watched by | requests/s (median) | ratio to nothing (median) | daemon CPU s | reader CPU s | kernel events lost |"
+        "| watched by | requests/s (median) | ratio to nothing (median) | ratio, middle half of rounds | daemon CPU s | reader CPU s | kernel events lost |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -619,8 +616,9 @@ pub fn measure(daemon: &Mount, scratch: &Path, quick: bool) -> Result<(), Error>
                 Some(this / base)
             })
             .collect();
+        let (low, high) = middle_half(&ratios);
         println!(
-            "| {} | {:.0} | {:.3} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.3} | {low:.3} to {high:.3} | {:.2} | {:.2} | {} |",
             watch.label(),
             median(of.iter().map(|round| round.rate).collect()),
             median(ratios),

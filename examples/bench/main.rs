@@ -1084,6 +1084,12 @@ struct Args {
     /// Fail the run where the accuracy of `all` and `tree` falls short.
     #[arg(long)]
     check: bool,
+    /// Rounds of the load section (each runs the five ways of watching
+    /// once); 9 by default, 2 with --quick. A round's requests a second
+    /// move by a tenth on this kind of machine: the median of many rounds
+    /// is what compares.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
     /// Keep the daemons' debug logs in this directory (`daemon.log`, and
     /// `following-proc.log` for the accuracy section's second daemon), to
     /// look into what a run missed.
@@ -1186,15 +1192,7 @@ fn main() -> Result<(), Error> {
         .collect();
     raise_fd_limit();
     let scratch = testkit::ScratchDir::new("bench");
-    run(
-        &args.netstatfs,
-        &daemon_args,
-        &scratch.0,
-        args.quick,
-        &args.only,
-        args.check,
-        args.keep_logs.as_deref(),
-    )
+    run(&args, &daemon_args, &scratch.0)
 }
 
 /// Copies a daemon's log to `dir/name`, where logs are kept.
@@ -1213,15 +1211,12 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(
-    binary: &Path,
-    daemon_args: &[String],
-    scratch: &Path,
-    quick: bool,
-    only: &[Section],
-    check: bool,
-    keep_logs: Option<&Path>,
-) -> Result<(), Error> {
+fn run(args: &Args, daemon_args: &[String], scratch: &Path) -> Result<(), Error> {
+    let (binary, quick, only, check) = (&args.netstatfs, args.quick, &args.only, args.check);
+    let keep_logs = args.keep_logs.as_deref();
+    let load_rounds = args
+        .rounds
+        .map_or(if quick { 2 } else { 9 }, |rounds| rounds as usize);
     let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let ttl = Duration::from_millis(500);
     let mut options = vec!["--cache-ttl".to_owned(), "500ms".to_owned()];
@@ -1503,7 +1498,7 @@ fn run(
         println!();
     }
     if wanted(Section::Load) {
-        load::measure(&daemon, scratch, quick)?;
+        load::measure(&daemon, scratch, quick, load_rounds)?;
     }
 
     if wanted(Section::Accuracy) {

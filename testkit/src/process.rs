@@ -42,3 +42,37 @@ pub fn threads(pid: u32) -> u64 {
         .and_then(|count| count.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// A child process killed and reaped however the test or measurement that
+/// started it ends (a panic, an error): no process and no zombie is left.
+pub struct Reaped(pub std::process::Child);
+
+impl Reaped {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills processes that are not the caller's children (a script's, a
+/// shim's) however the test ends; their parent reaps them.
+pub struct KillOnDrop(pub Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}

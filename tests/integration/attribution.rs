@@ -396,15 +396,7 @@ fn a_shell_that_execs_redis_cli_has_its_one_connection_once_and_nothing_else() {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server starts (apt-get install redis-server)");
-    /// A child killed and reaped however the test ends.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let server = Killed(server);
+    let server = testkit::process::Reaped(server);
     let cli = |args: &str| format!("redis-cli -h 127.0.0.1 -p {port} {args}");
     wait_until(WAIT, "redis to answer", || {
         Command::new("sh")
@@ -414,7 +406,7 @@ fn a_shell_that_execs_redis_cli_has_its_one_connection_once_and_nothing_else() {
     });
     let go = scratch.0.join("go");
     let pings = cli("-r 100 -i 0.02 ping");
-    let mut target = Killed(
+    let mut target = testkit::process::Reaped(
         Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -426,7 +418,7 @@ fn a_shell_that_execs_redis_cli_has_its_one_connection_once_and_nothing_else() {
             .unwrap(),
     );
     let (bytes, reader) = open_stream(&mount, target.0.id(), "sh", "all");
-    let neighbour = Killed(
+    let neighbour = testkit::process::Reaped(
         Command::new("sh")
             .args(["-c", &format!("exec {pings}")])
             .stdout(Stdio::null())

@@ -19,6 +19,9 @@ pub mod users;
 use std::path::Path;
 use std::time::Instant;
 
+/// Processes a test started outside [`peer::Peer`] (a script's children),
+/// killed however the test ends.
+pub use testkit::process::KillOnDrop;
 pub use testkit::{ScratchDir, mounted_at, wait_for, wait_until};
 
 /// Held by tests that saturate this 2-core machine (hundreds of streams,
@@ -115,21 +118,4 @@ pub fn open_stream(
     let reading = read_to_eof(&path);
     wait_until(STREAM_WAIT, &label, || mount.log().contains(&label));
     reading
-}
-
-/// Kills processes a test started outside [`peer::Peer`] (a script's
-/// children) however the test ends.
-pub struct KillOnDrop(pub Vec<u32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if let Ok(pid) = i32::try_from(*pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
 }
