@@ -4,6 +4,8 @@
 //! - [`format`] (pure): a tracepoint's `format` file → field offsets.
 //! - [`decode`] (pure): a raw record → an [`decode::Event`].
 //! - [`perf`]: the rings (the only unsafe, system-call side).
+//! - [`merge`] (pure): the rings' events in one time order, and the time
+//!   up to which that order is final.
 //! - [`Reader`]: one thread that drains the rings and hands every
 //!   [`Sample`], in time order, to a [`Consumer`]; dropping the reader joins
 //!   the thread and closes the perf descriptors, which disables the
@@ -18,6 +20,7 @@
 
 pub mod decode;
 pub mod format;
+pub mod merge;
 pub mod perf;
 
 use std::os::fd::OwnedFd;
@@ -31,6 +34,7 @@ use log::{debug, info};
 
 use decode::{Decoded, Decoder, Tracepoint};
 use format::Layout;
+use merge::Merge;
 use perf::{Record, Ring};
 
 /// Where tracefs is looked for, in order.
@@ -265,16 +269,7 @@ impl Drop for Reader {
 }
 
 /// The reader: drains every ring, hands over what it decodes in time
-/// order, sleeps on poll.
-///
-/// Each CPU has its ring, so one drain sees each CPU's events in order but
-/// not the CPUs' interleaving; and the kernel reuses a closed socket's
-/// address at once. Applied ring by ring, an old connection's last state
-/// change from one CPU could land after a new socket's events from the
-/// other at the same address, and be credited to the new socket's process.
-/// So the events of every ring are merged and handed over by time, up to
-/// the moment the drain began: any event older than that was already in
-/// its ring; newer ones wait for the next round.
+/// order ([`merge`]), sleeps on poll.
 fn read(
     mut rings: Vec<Ring>,
     decoder: &Decoder,
@@ -282,10 +277,12 @@ fn read(
     stop: &AtomicBool,
     hurry: &Hurry,
 ) {
-    // (monotonic ns, pid, tid, event), not yet handed over.
-    let mut pending: Vec<(u64, u32, u32, Decoded)> = Vec::new();
+    // By monotonic ns: (pid, tid, event), not yet handed over.
+    let mut pending: Merge<(u32, u32, Decoded)> = Merge::default();
+    let mut merged = Vec::new();
     let mut ready: Vec<Sample> = Vec::new();
     let mut quiet = false;
+    let mut late_told = (0, None);
     while !stop.load(Ordering::SeqCst) {
         {
             use rustix::event::{PollFd, PollFlags, Timespec, poll};
@@ -320,7 +317,7 @@ fn read(
                 }) => {
                     records += 1;
                     if let Some(decoded) = decoder.decode(raw) {
-                        pending.push((time, pid, tid, decoded));
+                        pending.push(time, (pid, tid, decoded));
                     }
                 }
                 Some(Record::Lost(count)) => lost += count,
@@ -331,22 +328,39 @@ fn read(
             consumer.lost(lost);
         }
         quiet = records == 0 && lost == 0 && pending.is_empty();
-        pending.sort_by_key(|(time, _, _, _)| *time);
-        let count = pending.partition_point(|(time, _, _, _)| *time <= clock.monotonic_ns);
+        let covered = pending.take(clock.monotonic_ns, &mut merged);
         ready.clear();
-        ready.extend(
-            pending
-                .drain(..count)
-                .map(|(time, pid, tid, decoded)| Sample {
-                    at: clock.wall(time),
-                    pid,
-                    tid,
-                    decoded,
-                }),
-        );
-        // Every event before the drain began was in its ring by then.
-        consumer.apply(&ready, clock.wall);
+        ready.extend(merged.drain(..).map(|(time, (pid, tid, decoded))| Sample {
+            at: clock.wall(time),
+            pid,
+            tid,
+            decoded,
+        }));
+        consumer.apply(&ready, clock.wall(covered));
+        tell_late(&pending, &mut late_told);
     }
+}
+
+/// Says, at most once a minute, that events came after the time they were
+/// stamped at had been taken as covered: a packet decided meanwhile may
+/// have missed what they said. `told` is how many were told of, and when.
+fn tell_late<T>(pending: &Merge<T>, told: &mut (u64, Option<std::time::Instant>)) {
+    let (late, most_late_ns) = pending.late();
+    if late == told.0
+        || told
+            .1
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+    {
+        return;
+    }
+    info!(
+        "kernel events: {} events reached the reader after their time had been taken as \
+         covered ({late} since the start, at most {:.1} us late): a flow decided meanwhile may \
+         have gone to the wrong process",
+        late - told.0,
+        most_late_ns as f64 / 1_000.0
+    );
+    *told = (late, Some(std::time::Instant::now()));
 }
 
 /// Turns the events' CLOCK_MONOTONIC times into wall-clock times, as
