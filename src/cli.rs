@@ -87,14 +87,17 @@ pub struct Cli {
 
     /// Bytes of the kernel's packet ring per stream once packets come (what
     /// absorbs a burst, or a stalled daemon, before the daemon picks it
-    /// up), e.g. 8MiB, 32MiB. A stream starts with 1 MiB until then.
+    /// up), e.g. 8MiB, 32MiB. Until then a stream holds no ring on the
+    /// `any` device (a packet socket's queue) and 1 MiB on another.
     #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub kernel_buffer: usize,
 
     /// The longest the kernel holds a packet before handing it to a stream
     /// (its block timeout; 8ms by default, for a live view). The ring rides
     /// out a stalled daemon for this times its 256 KiB blocks at a trickle
-    /// (256 ms for 8 MiB); a longer delay rides out longer.
+    /// (256 ms for 8 MiB); a longer delay rides out longer, a shorter one
+    /// less (1ms: 32 ms, which a busy small machine overruns; give it a
+    /// larger --kernel-buffer).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub max_delay: Option<Duration>,
 
