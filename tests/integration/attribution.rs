@@ -373,6 +373,129 @@ fn two_hundred_dns_lookups_of_one_process_are_all_in_its_all() {
     );
 }
 
+/// Under load: redis-benchmark at full speed against a real redis-server,
+/// with the server's `all` and the `tree` of the shell that runs the
+/// benchmark both read. Each holds every packet tcpdump saw on the port,
+/// each once (twenty connections opened, used and closed, SYN to last
+/// ACK); each stream's closing line says it missed none, and no kernel
+/// event was lost. (What it costs the server is the benchmark's:
+/// BENCHMARKS.md "Under load".)
+#[test]
+fn under_load_the_servers_all_and_the_benchmarks_tree_hold_every_packet() {
+    use crate::common::tcpdump::Tcpdump;
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&["--all-processes"]);
+    let scratch = ScratchDir::new("load");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = testkit::process::Reaped(
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .arg("--dir")
+            .arg(&scratch.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)"),
+    );
+    wait_until(WAIT, "redis to answer", || {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
+    });
+    let go = scratch.0.join("go");
+    // The benchmark runs as the shell's child (the shell waits for it and
+    // says so: it is not exec'd, its `tree` has a member that comes later).
+    let mut shell = testkit::process::Reaped(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while [ ! -e {go} ]; do sleep 0.02; done; \
+                 redis-benchmark -h 127.0.0.1 -p {port} -n 50000 -c 20 -t set,get -q; \
+                 echo benchmarked",
+                go = go.display()
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (all_bytes, all_reader) = open_stream(&mount, server.id(), "redis-server", "all");
+    let (tree_bytes, tree_reader) = open_stream(&mount, shell.id(), "sh", "tree");
+    let truth = Tcpdump::start(None, "lo", &format!("tcp port {port}"));
+    std::fs::write(&go, b"").unwrap();
+    let status = wait_for(Duration::from_secs(60), "the benchmark", || {
+        shell.0.try_wait().unwrap()
+    });
+    assert!(status.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut shell.0.stdout.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("benchmarked"), "{said}");
+    wait_until(WAIT, "the tree's end after the shell exited", || {
+        tree_reader.is_finished()
+    });
+    tree_reader.join().unwrap();
+    let server_pid = server.id();
+    drop(server);
+    wait_until(WAIT, "the server's all to end", || all_reader.is_finished());
+    all_reader.join().unwrap();
+    let truth = truth.stop();
+    let count = |packets: &[Seen]| {
+        let mut counts: HashMap<Seen, usize> = HashMap::new();
+        for packet in packets {
+            *counts.entry(packet.clone()).or_default() += 1;
+        }
+        counts
+    };
+    let expected = count(&truth);
+    let connections_seen = connections(&truth, port);
+    let opened: usize = connections_seen.values().map(Vec::len).sum();
+    assert!(
+        opened >= 2 * 20,
+        "tcpdump saw {opened} connections, not each test's 20"
+    );
+    assert_whole(&connections_seen, "tcpdump's");
+    // read_pcap fails on a record that comes twice.
+    for (what, bytes) in [("all", &all_bytes), ("tree", &tree_bytes)] {
+        let packets = read_pcap(&bytes.lock().unwrap()).1;
+        let got = count(&packets);
+        let missing: usize = expected
+            .iter()
+            .map(|(packet, n)| n.saturating_sub(got.get(packet).copied().unwrap_or(0)))
+            .sum();
+        let extra: usize = got
+            .iter()
+            .map(|(packet, n)| n.saturating_sub(expected.get(packet).copied().unwrap_or(0)))
+            .sum();
+        assert_eq!(
+            (missing, extra, packets.len()),
+            (0, 0, truth.len()),
+            "{what}: of tcpdump's {} packets, {missing} missing and {extra} not tcpdump's",
+            truth.len()
+        );
+    }
+    let log = mount.log();
+    for label in [
+        format!("{server_pid}_redis-server/all"),
+        format!("{}_sh/tree", shell.id()),
+    ] {
+        let closing = log
+            .lines()
+            .find(|line| line.contains(&format!("{label}: stream closed")))
+            .unwrap_or_else(|| panic!("no closing line of {label}:\n{log}"));
+        assert!(closing.ends_with("none missed"), "{closing}");
+    }
+    assert!(
+        !log.lines()
+            .any(|line| line.contains("kernel events:") && line.contains(" lost ")),
+        "kernel events were lost:\n{log}"
+    );
+}
+
 /// The issue's churning target: a shell that execs `redis-cli -r 100 -i
 /// 0.02 ping` while its `all` is read, beside another redis-cli doing the
 /// same to the same server. The stream has the target's one connection,

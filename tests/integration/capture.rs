@@ -758,6 +758,62 @@ fn a_stalled_reader_does_not_grow_the_daemon() {
     assert!(dropped > 0, "the queue dropped what did not fit: {line}");
 }
 
+/// Memory follows use: streams that carried a flood give their memory
+/// back once they close (their rings unmapped, their chunks freed and
+/// trimmed). The daemon grows while they run, and its RSS comes back
+/// within twice what it was before they opened. (How soon, and the cost of
+/// idle streams, are the benchmark's: BENCHMARKS.md "Under load".)
+#[test]
+fn busy_streams_give_their_memory_back_once_they_close() {
+    let _heavy = crate::common::heavy();
+    let mount = Mount::start(&[]);
+    let mut peer = Peer::spawn();
+    peer.cmd("comm busy-memory");
+    let (client, server, path) = tcp_connection(&mount, &mut peer, "busy-memory");
+    let baseline = vm_rss_kib(mount.pid());
+    const STREAMS: usize = 16;
+    let readers: Vec<testkit::process::Reaped> = (0..STREAMS)
+        .map(|_| {
+            testkit::process::Reaped(
+                Command::new("cat")
+                    .arg(&path)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let running = |what: &str| {
+        mount
+            .log()
+            .lines()
+            .filter(|line| line.contains("busy-memory/tcp_") && line.contains(what))
+            .count()
+    };
+    wait_until(WAIT, "every reader's capture", || {
+        running("capture running") == STREAMS
+    });
+    let volume = 64 << 20;
+    peer.cmd(&format!("pump {} {volume}", client[0]));
+    peer.cmd(&format!("drain {} {volume}", server[0]));
+    wait_until(WAIT, "every stream's ring", || {
+        running("the capture grew") == STREAMS
+    });
+    let busy = vm_rss_kib(mount.pid());
+    assert!(
+        busy > baseline + 16 * 1024,
+        "{STREAMS} busy streams grew the daemon from {baseline} KiB only to {busy} KiB: \
+         nothing to give back"
+    );
+    // Killed and reaped: every stream closes.
+    drop(readers);
+    wait_until(
+        WAIT,
+        &format!("the daemon's RSS back within twice its {baseline} KiB (busy: {busy} KiB)"),
+        || vm_rss_kib(mount.pid()) <= 2 * baseline,
+    );
+}
+
 #[test]
 fn a_hundred_waiting_readers_do_not_stall_the_mount() {
     let _heavy = crate::common::heavy();
