@@ -449,8 +449,13 @@ fn a_socket_left_in_the_daemons_namespace_stays_in_all() {
         "the peer lives in a namespace of its own"
     );
     let (bytes, reader) = read_all_file(&mount, &target, "moved-away");
-    wait_until(WAIT, "a capture in the daemon's namespace", || {
-        mount.log().contains("moved-away/all (netns ")
+    // Running, not only asked for: what is sent before its packet socket
+    // is bound is no capture's.
+    wait_until(WAIT, "a capture running in the daemon's namespace", || {
+        mount
+            .log()
+            .lines()
+            .any(|line| line.contains("moved-away/all (netns ") && line.contains("capture running"))
     });
     for round in 0..20 {
         target.cmd(&format!("send {} home-{round:02}", client[0]));
