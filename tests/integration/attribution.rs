@@ -508,6 +508,9 @@ fn lost_kernel_events_are_told_and_attribution_recovers_within_a_second() {
     use crate::common::tcpdump::Tcpdump;
     use std::io::{BufRead, Write};
     let _heavy = crate::common::heavy();
+    // In a namespace of its own: the flood's thousands of TIME_WAIT sockets
+    // go with it, not into the tables the next tests' daemons read.
+    let netns = crate::common::netns::Netns::new("loss");
     let mount = Mount::start(&[]);
     let script = r#"
 import socket, sys, threading, time
@@ -545,8 +548,15 @@ for line in sys.stdin:
         print("done", flush=True)
 "#;
     let mut target = testkit::process::Reaped(
-        Command::new("/usr/bin/python3")
-            .args(["-c", script])
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns.name,
+                "/usr/bin/python3",
+                "-c",
+                script,
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -556,7 +566,7 @@ for line in sys.stdin:
     let mut lines = std::io::BufReader::new(target.0.stdout.take().unwrap()).lines();
     let port: u16 = lines.next().unwrap().unwrap().parse().unwrap();
     let (bytes, reader) = open_stream(&mount, target.id(), "loss-target", "all");
-    let truth = Tcpdump::start(None, "lo", &format!("tcp port {port}"));
+    let truth = Tcpdump::start(Some(&netns.name), "lo", &format!("tcp port {port}"));
     writeln!(input, "flood 2.5").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let daemon = nix::unistd::Pid::from_raw(mount.pid() as i32);
