@@ -373,6 +373,35 @@ fn two_hundred_dns_lookups_of_one_process_are_all_in_its_all() {
     );
 }
 
+/// A redis-server of the test's own on a free loopback port, its files in
+/// `dir`, answering PING: the server (killed and reaped when dropped) and
+/// its port.
+fn redis_server(dir: &std::path::Path) -> (testkit::process::Reaped, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = testkit::process::Reaped(
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)"),
+    );
+    wait_until(WAIT, "redis to answer", || {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
+    });
+    (server, port)
+}
+
 /// Under load: redis-benchmark at full speed against a real redis-server,
 /// with the server's `all` and the `tree` of the shell that runs the
 /// benchmark both read. Each holds every packet tcpdump saw on the port,
@@ -386,28 +415,7 @@ fn under_load_the_servers_all_and_the_benchmarks_tree_hold_every_packet() {
     let _heavy = crate::common::heavy();
     let mount = Mount::start(&["--all-processes"]);
     let scratch = ScratchDir::new("load");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = testkit::process::Reaped(
-        Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--port", &port.to_string()])
-            .arg("--dir")
-            .arg(&scratch.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts (apt-get install redis-server)"),
-    );
-    wait_until(WAIT, "redis to answer", || {
-        Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "ping"])
-            .output()
-            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
-    });
+    let (server, port) = redis_server(&scratch.0);
     let go = scratch.0.join("go");
     // The benchmark runs as the shell's child (the shell waits for it and
     // says so: it is not exec'd, its `tree` has a member that comes later).
@@ -669,28 +677,8 @@ fn a_shell_that_execs_redis_cli_has_its_one_connection_once_and_nothing_else() {
     let _heavy = crate::common::heavy();
     let mount = Mount::start(&["--all-processes"]);
     let scratch = ScratchDir::new("redis");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--port", &port.to_string()])
-        .arg("--dir")
-        .arg(&scratch.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server starts (apt-get install redis-server)");
-    let server = testkit::process::Reaped(server);
+    let (server, port) = redis_server(&scratch.0);
     let cli = |args: &str| format!("redis-cli -h 127.0.0.1 -p {port} {args}");
-    wait_until(WAIT, "redis to answer", || {
-        Command::new("sh")
-            .args(["-c", &cli("ping")])
-            .output()
-            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
-    });
     let go = scratch.0.join("go");
     let pings = cli("-r 100 -i 0.02 ping");
     let mut target = testkit::process::Reaped(
